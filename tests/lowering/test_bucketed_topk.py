@@ -1,0 +1,221 @@
+"""The op and approx_topk: torch.topk's semantics where promised, recall where approximate."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from topk_compiler import approx_topk, expected_recall, guaranteed_recall, measured_recall
+from topk_compiler.lowering.order_keys import order_keys
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def run_op(x, k, dim=-1, largest=True, sorted=True, recall_target=0.9, layout="interleaved",
+           num_buckets=0, per_bucket_k=0, rewrite="always", seed=0):
+    """The op as the backend calls it, approximating wherever it can (rewrite="always")."""
+    return torch.ops.topk_compiler.bucketed_topk(
+        x, k, dim, largest, sorted, recall_target, num_buckets, per_bucket_k, layout, seed, rewrite, 0)
+
+
+def assert_equal(a, b):
+    """Exactly equal, NaN matching NaN (torch.topk itself may return a NaN with other payload bits)."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def check_invariants(x, k, dim, largest, sorted_, values, indices):
+    dim = dim % max(x.dim(), 1)
+    expected_shape = list(x.shape)
+    expected_shape[dim] = k
+    assert list(values.shape) == expected_shape and list(indices.shape) == expected_shape
+    assert indices.dtype == torch.int64 and values.dtype == x.dtype
+    assert values.is_contiguous() and indices.is_contiguous()
+    n = x.shape[dim]
+    assert ((indices >= 0) & (indices < n)).all()
+    assert_equal(values, x.gather(dim, indices))
+    if k > 1:
+        flat = indices.movedim(dim, -1).reshape(-1, k)
+        assert (flat.sort(-1).values.diff(dim=-1) > 0).all(), "indices repeat within a row"
+    if sorted_ and k > 1:
+        keys = order_keys(values.movedim(dim, -1) + 0.0, largest)  # + 0.0: -0.0 ties with 0.0
+        assert (keys[..., :-1] >= keys[..., 1:]).all(), "not in torch.topk order"
+
+
+@st.composite
+def topk_inputs(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = [draw(st.integers(1, 6)) for _ in range(ndim)]
+    dim = draw(st.integers(-ndim, ndim - 1))
+    shape[dim] = draw(st.integers(1, 3000))
+    k = draw(st.integers(0, shape[dim]))
+    dtype = draw(st.sampled_from(FLOATS))
+    special = draw(st.sampled_from(["none", "nan", "inf", "ties"]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    x = torch.randn(shape, dtype=torch.float64, generator=gen)
+    if special == "nan":
+        x[torch.rand(shape, generator=gen) < 0.05] = float("nan")
+    elif special == "inf":
+        x[torch.rand(shape, generator=gen) < 0.05] = float("inf")
+        x[torch.rand(shape, generator=gen) < 0.05] = float("-inf")
+    elif special == "ties":
+        x = x.round()
+    if draw(st.booleans()):  # non-contiguous: a transposed copy
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    return x.to(dtype), k, dim, draw(st.booleans()), draw(st.booleans())
+
+
+@given(topk_inputs(), st.sampled_from([0.5, 0.9, 0.99]), st.sampled_from(["interleaved", "contiguous", "shuffled"]))
+def test_invariants_hold_for_any_input(device, inputs, recall_target, layout):
+    x, k, dim, largest, sorted_ = inputs
+    x = x.to(device)
+    values, indices = run_op(x, k, dim, largest, sorted_, recall_target, layout)
+    check_invariants(x, k, dim, largest, sorted_, values, indices)
+
+
+@given(topk_inputs())
+def test_recall_target_one_is_exact(device, inputs):
+    x, k, dim, largest, sorted_ = inputs
+    x = x.to(device)
+    values, indices = run_op(x, k, dim, largest, sorted_, recall_target=1.0)
+    check_invariants(x, k, dim, largest, sorted_, values, indices)
+    expected = torch.topk(x, k, dim, largest, sorted=True).values
+    assert_equal(values.sort(dim, descending=largest).values if not sorted_ else values,
+                     expected.sort(dim, descending=largest).values if not sorted_ else expected)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("recall_target", [0.8, 0.9, 0.95, 0.99])
+def test_measured_recall_meets_target_on_random_inputs(device, dtype, recall_target):
+    x = torch.randn(512, 4096, device=device).to(dtype)
+    for k in (16, 128, 512):
+        _, indices = run_op(x, k, recall_target=recall_target)
+        assert measured_recall(x, indices, k) >= recall_target - 0.02
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_fixed_bucketing_matches_recall_model(device, largest):
+    x = torch.randn(1000, 2048, device=device)
+    _, indices = run_op(x, 128, largest=largest, num_buckets=256, per_bucket_k=1)
+    assert abs(measured_recall(x, indices, 128, largest=largest) - expected_recall(2048, 128, 256, 1)) < 0.02
+
+
+def periodic_rows(rows, n, period, device):
+    """Large values at positions 0 mod period: interleaved buckets (num_buckets a multiple of the
+    period) put them all in a few buckets."""
+    x = torch.randn(rows, n, device=device)
+    x[:, ::period] += 10.0
+    return x
+
+
+def test_adversarial_orders_hurt_fixed_layouts_but_not_shuffled(device):
+    n, k, b, kb = 4096, 256, 256, 2
+    sorted_rows = torch.randn(200, n, device=device).sort(-1).values
+    periodic = periodic_rows(200, n, 16, device)
+    bound = guaranteed_recall(n, k, b, kb)
+    for x in (sorted_rows, periodic):
+        _, idx = run_op(x, k, layout="shuffled", num_buckets=b, per_bucket_k=kb, seed=7)
+        assert measured_recall(x, idx, k) >= bound - 0.02
+    _, idx = run_op(periodic, k, layout="interleaved", num_buckets=b, per_bucket_k=kb)
+    assert measured_recall(periodic, idx, k) < 0.2
+    _, idx = run_op(sorted_rows, k, layout="contiguous", num_buckets=b, per_bucket_k=kb)
+    assert measured_recall(sorted_rows, idx, k) < 0.2
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_special_values_follow_torch_topk(device, dtype):
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[1.0, nan, 3.0, -inf, inf, 2.0, nan, -1.0] * 300], dtype=dtype, device=device)
+    for largest in (True, False):
+        for k in (1, 3, 601, 2400):
+            for recall_target in (1.0, 0.9):
+                values, _ = run_op(x, k, largest=largest, recall_target=recall_target)
+                expected = torch.topk(x, k, largest=largest).values
+                if recall_target == 1.0:
+                    assert_equal(values, expected)
+                else:  # NaN ranks first (largest) or last, as in torch.topk
+                    assert values[0, 0].isnan() == expected[0, 0].isnan()
+
+
+def test_all_equal_rows_and_ties(device):
+    x = torch.ones(8, 5000, device=device)
+    values, indices = run_op(x, 700)
+    check_invariants(x, 700, -1, True, True, values, indices)
+    assert (values == 1).all()
+
+
+def test_edge_shapes_match_torch_topk(device):
+    cases = [
+        (torch.tensor(2.5), 1), (torch.tensor(2.5), 0), (torch.randn(7), 3), (torch.randn(0, 50), 5),
+        (torch.randn(4, 0), 0), (torch.randn(3, 9), 0), (torch.randn(3, 9), 9), (torch.randn(2, 1), 1),
+    ]
+    for x, k in cases:
+        x = x.to(device)
+        values, indices = approx_topk(x, k)
+        expected = torch.topk(x, k)
+        assert values.shape == expected.values.shape and indices.shape == expected.indices.shape
+        assert_equal(values, expected.values)
+
+
+def test_k_out_of_range_raises_like_torch(device):
+    x = torch.randn(3, 5, device=device)
+    for k in (6, -1):
+        with pytest.raises(RuntimeError) as ours:
+            approx_topk(x, k)
+        with pytest.raises(RuntimeError):
+            torch.topk(x, k)
+        assert "out of range" in str(ours.value)
+    with pytest.raises(IndexError):
+        approx_topk(x, 2, dim=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_integer_inputs_are_exact(device, dtype):
+    x = torch.randint(0, 100, (4, 3000), device=device).to(dtype)
+    values, indices = approx_topk(x, 50, recall_target=0.5)
+    assert torch.equal(values, torch.topk(x, 50).values)
+    assert torch.equal(x.gather(1, indices), values)
+
+
+def test_gradient_flows_to_selected_positions(device):
+    x = torch.randn(6, 3000, device=device, dtype=torch.float64, requires_grad=True)
+    values, indices = run_op(x, 40)
+    weights = torch.randn_like(values)
+    (values * weights).sum().backward()
+    expected = torch.zeros_like(x).scatter(1, indices, weights)
+    assert torch.equal(x.grad, expected)
+    x_exact = x.detach().clone().requires_grad_(True)
+    torch.topk(x_exact, 40).values.sum().backward()
+    x.grad = None
+    run_op(x, 40, recall_target=1.0)[0].sum().backward()
+    assert torch.equal(x.grad, x_exact.grad)
+
+
+def test_opcheck(device):
+    x = torch.randn(4, 2048, device=device, requires_grad=True)
+    for args in [(x, 64, -1, True, True, 0.9, 0, 0, "interleaved", 0, "always", 0),
+                 (x, 64, 1, False, False, 1.0, 0, 0, "shuffled", 3, "auto", 0),
+                 (x.detach(), 3, 0, True, True, 0.9, 0, 0, "contiguous", 0, "always", 0)]:
+        torch.library.opcheck(torch.ops.topk_compiler.bucketed_topk.default, args)
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(4, 100)
+    with pytest.raises(ValueError, match="recall_target"):
+        approx_topk(x, 5, recall_target=0.0)
+    with pytest.raises(ValueError, match="recall_target"):
+        approx_topk(x, 5, recall_target=1.5)
+    with pytest.raises(ValueError, match="layout"):
+        approx_topk(x, 5, layout="striped")
+    with pytest.raises(ValueError, match="together"):
+        approx_topk(x, 5, num_buckets=8)
+    with pytest.raises(ValueError, match="num_buckets"):
+        approx_topk(x, 5, num_buckets=0, per_bucket_k=1)
+    with pytest.raises(ValueError, match="fewer than k"):
+        approx_topk(x, 50, num_buckets=8, per_bucket_k=2)
+    with pytest.raises(ValueError, match="seed"):
+        approx_topk(x, 5, seed=-1)
+    with pytest.raises(TypeError, match="Tensor"):
+        approx_topk([1.0, 2.0], 1)
+    with pytest.raises(RuntimeError, match="bool"):
+        approx_topk(torch.ones(4, 3000, dtype=torch.bool), 3)

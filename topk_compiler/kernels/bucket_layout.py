@@ -1,0 +1,38 @@
+"""Triton form of ``lowering/layouts.py``: the element held by slot ``g`` of bucket ``q``.
+
+The hash works in int64 with 32-bit masks, exactly as the torch specification does, so both give
+the same buckets; it runs once per (group, program), not per element.
+"""
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def group_rotation(row, group, seed):
+    """32-bit hash of (seed, row, group) as int64 (see ``lowering/layouts.py``)."""
+    row, group, seed = row.to(tl.int64), group.to(tl.int64), seed.to(tl.int64)
+    h = ((row * 0x27D4EB2F) & 0xFFFFFFFF) + ((group * 0x165667B1) & 0xFFFFFFFF) + ((seed * 0x61C88647) & 0xFFFFFFFF)
+    h = h & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x5BD1E995) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def element_index(row, q, g, num_buckets, slots, seed, LAYOUT: tl.constexpr):
+    """Index (int64) of slot ``g`` of bucket ``q`` in ``row``; ``q``/``g`` may be tensors.
+
+    LAYOUT: 0 interleaved, 1 shuffled, 2 contiguous (``lowering.layouts.LAYOUT_IDS``).
+
+    ``num_buckets`` is a power of two for the shuffled layout; ``slots`` = ceil(n / num_buckets).
+    """
+    if LAYOUT == 0:
+        idx = g.to(tl.int64) * num_buckets + q
+    elif LAYOUT == 1:
+        h = group_rotation(row, g, seed)
+        idx = g.to(tl.int64) * num_buckets + ((q - h) & (num_buckets - 1))
+    else:
+        idx = q.to(tl.int64) * slots + g
+    return idx

@@ -1,0 +1,170 @@
+"""``torch.ops.topk_compiler.bucketed_topk``: top-k that may approximate, within a recall target.
+
+The op picks its plan (``lowering/plan.py``) from the concrete sizes on every call, so one graph
+compiled with dynamic shapes serves every length with the right algorithm; plans are cached, and
+choosing one never touches device memory, so the op runs under CUDA graph capture.
+
+Implementations: Triton kernels on CUDA for fp32/fp16/bf16; plain torch ops elsewhere
+(``bucketed_reference.py``, or torch.topk itself when exact is chosen or the dtype is not a
+float). Outputs are contiguous, with torch.topk's shapes and dtypes; the values' gradient flows
+to the selected positions, as torch.topk's does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from topk_compiler.config import check_layout, check_recall_target
+from topk_compiler.lowering.bucketed_reference import bucketed_topk_torch
+from topk_compiler.lowering.layouts import LAYOUT_IDS, MAX_SEED
+from topk_compiler.lowering.plan import TopkPlan, plan_topk
+from topk_compiler.lowering.recall_model import survivors
+
+
+def check_arguments(recall_target, num_buckets, per_bucket_k, layout, seed) -> None:
+    """Raises ValueError naming the argument for a bad one."""
+    check_recall_target(recall_target)
+    check_layout(layout)
+    for name, value in (("num_buckets", num_buckets), ("per_bucket_k", per_bucket_k)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if (num_buckets is None) != (per_bucket_k is None):
+        raise ValueError("give num_buckets and per_bucket_k together, or neither")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
+
+
+def plan_for(x: torch.Tensor, k: int, dim: int, sorted: bool, recall_target: float, num_buckets: int,
+             per_bucket_k: int, layout: str, rewrite: str, min_elements: int) -> TopkPlan:
+    """The plan the op runs for this input (0 for num_buckets/per_bucket_k: solver's choice)."""
+    n = x.shape[dim]
+    if n < min_elements:
+        return TopkPlan("exact", "torch", reason=f"reduced length {n} < min_elements ({min_elements})")
+    rows = math.prod(x.shape) // n if n else 0
+    return plan_topk(rows, n, k, x.dtype, str(x.device), recall_target, layout, sorted,
+                     num_buckets or None, per_bucket_k or None, rewrite)
+
+
+def _run(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan, layout: str, seed: int):
+    if plan.kernel == "torch":
+        return torch.topk(x2d, k, dim=1, largest=largest, sorted=sorted)
+    if plan.kernel == "reference":
+        return bucketed_topk_torch(x2d, k, largest=largest, sorted=sorted, num_buckets=plan.num_buckets,
+                                   per_bucket_k=plan.per_bucket_k, layout=layout, seed=seed)
+    from topk_compiler.kernels import bucketed_topk as bucketed_kernels
+    from topk_compiler.kernels import select_topk as select_kernels
+
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    if plan.kernel == "select":
+        return select_kernels.exact_topk(x2d, k, largest=largest, sorted=sorted, threshold=plan.threshold,
+                                         num_warps=plan.num_warps)
+    common = dict(num_buckets=plan.num_buckets, per_bucket_k=plan.per_bucket_k, largest=largest, sorted=sorted,
+                  layout_id=LAYOUT_IDS[layout], seed=seed, threshold=plan.threshold)
+    if plan.kernel == "fused":
+        return bucketed_kernels.fused_bucketed_topk(x2d, k, num_warps=plan.num_warps, **common)
+    assert plan.kernel == "split", f"unknown kernel {plan.kernel!r}"
+    return bucketed_kernels.split_bucketed_topk(x2d, k, segments=plan.segments, **common)
+
+
+@torch.library.custom_op("topk_compiler::bucketed_topk", mutates_args=())
+def bucketed_topk(
+    x: torch.Tensor,
+    k: int,
+    dim: int,
+    largest: bool,
+    sorted: bool,
+    recall_target: float,
+    num_buckets: int,
+    per_bucket_k: int,
+    layout: str,
+    seed: int,
+    rewrite: str,
+    min_elements: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ``x`` along ``dim`` with expected recall >= ``recall_target`` (1.0: exact).
+
+    ``num_buckets``/``per_bucket_k`` = 0 let the solver choose them per call; ``rewrite`` is
+    "auto" (approximate only where predicted faster) or "always"; rows shorter than
+    ``min_elements`` stay exact.
+    """
+    if x.dim() == 0 or not x.dtype.is_floating_point:
+        return torch.topk(x, k, dim, largest, sorted)
+    n = x.size(dim)
+    if not 0 <= k <= n:
+        raise RuntimeError(f"selected index k out of range (k={k}, size {n} along dim {dim})")
+    dim = dim % x.dim()
+    if num_buckets and 0 < k < n and survivors(n, num_buckets, per_bucket_k, layout) < k:
+        raise ValueError(
+            f"num_buckets={num_buckets}, per_bucket_k={per_bucket_k} keep only "
+            f"{survivors(n, num_buckets, per_bucket_k, layout)} elements of {n}, fewer than k={k}"
+        )
+    plan = plan_for(x, k, dim, sorted, recall_target, num_buckets, per_bucket_k, layout, rewrite, min_elements)
+    if plan.kernel == "torch":
+        values, indices = torch.topk(x, k, dim, largest, sorted)
+        return values.contiguous(), indices.contiguous()
+    moved = x.movedim(dim, -1)
+    x2d = moved.reshape(-1, n)
+    values, indices = _run(x2d, k, largest, sorted, plan, layout, seed)
+    out_shape = (*moved.shape[:-1], k)
+    return (values.view(out_shape).movedim(-1, dim).contiguous(),
+            indices.view(out_shape).movedim(-1, dim).contiguous())
+
+
+@bucketed_topk.register_fake
+def _(x, k, dim, largest, sorted, recall_target, num_buckets, per_bucket_k, layout, seed, rewrite, min_elements):
+    if x.dim() == 0:
+        return torch.empty_like(x), torch.empty((), dtype=torch.int64, device=x.device)
+    shape = list(x.shape)
+    shape[dim] = k
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+
+def _setup_context(ctx, inputs, output):
+    x, _, dim = inputs[:3]
+    ctx.save_for_backward(output[1])
+    ctx.dim = dim
+    ctx.x_shape = x.shape
+
+
+def _backward(ctx, grad_values, grad_indices):
+    (indices,) = ctx.saved_tensors
+    grad_x = torch.ops.aten.value_selecting_reduction_backward(grad_values, ctx.dim, indices, ctx.x_shape, True)
+    return (grad_x,) + (None,) * 11
+
+
+bucketed_topk.register_autograd(_backward, setup_context=_setup_context)
+
+
+def approx_topk(
+    x: torch.Tensor,
+    k: int,
+    dim: int = -1,
+    largest: bool = True,
+    sorted: bool = True,
+    *,
+    recall_target: float = 0.95,
+    num_buckets: int | None = None,
+    per_bucket_k: int | None = None,
+    layout: str = "interleaved",
+    seed: int = 0,
+) -> torch.return_types.topk:
+    """torch.topk that may return an approximate top-k whose expected recall meets ``recall_target``.
+
+    Returns ``(values, indices)`` like torch.topk (int64 indices; ``values == x.gather(dim,
+    indices)``). ``recall_target=1.0`` is exact. By default the bucketing is chosen by the cost
+    model and exact top-k is used wherever it is predicted faster; ``num_buckets`` and
+    ``per_bucket_k`` fix the bucketing instead. ``layout`` (see ``TopkPassConfig``) decides which
+    elements share a bucket; "shuffled" keeps the recall guarantee for inputs in any order.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"approx_topk: x must be a Tensor, got {type(x).__name__}")
+    check_arguments(recall_target, num_buckets, per_bucket_k, layout, seed)
+    values, indices = torch.ops.topk_compiler.bucketed_topk(
+        x, k, dim, largest, sorted, float(recall_target), num_buckets or 0, per_bucket_k or 0, layout, seed,
+        "auto", 0,
+    )
+    return torch.return_types.topk((values, indices))
+
