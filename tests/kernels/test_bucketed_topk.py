@@ -6,7 +6,7 @@ Without a GPU these run in the Triton interpreter on CPU tensors; sizes stay sma
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE
+from tests.conftest import KERNEL_DEVICE
 from topk_compiler.kernels.bucketed_topk import fused_bucketed_topk, split_bucketed_topk
 from topk_compiler.lowering.bucketed_reference import bucketed_topk_torch
 from topk_compiler.lowering.layouts import LAYOUT_IDS

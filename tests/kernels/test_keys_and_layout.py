@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from conftest import KERNEL_DEVICE
+from tests.conftest import KERNEL_DEVICE
 from topk_compiler.kernels.bucket_layout import element_index
 from topk_compiler.kernels.order_key import order_key
 from topk_compiler.lowering.layouts import bucket_members

@@ -1,0 +1,168 @@
+"""TopkRewritePass on Dynamo graphs: what it matches, what it rewrites, what it records.
+
+These run our passes on the graphs Dynamo hands a backend, without Inductor (fast): a snapshot
+backend counts ops before and after, and explain() returns the decisions.
+"""
+
+import logging
+
+import pytest
+import torch
+
+import topk_compiler
+from topk_compiler.backend import run_passes
+from topk_compiler.config import ApproxTopkConfig
+
+BIG, TINY = (64, 8192), (4, 10)
+ALWAYS = {"recall_target": 0.9, "rewrite": "always"}
+
+
+def count_ops(gm):
+    counts = {"topk": 0, "bucketed_topk": 0}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.topk_compiler.bucketed_topk.default:
+            counts["bucketed_topk"] += 1
+        elif (node.op == "call_method" and node.target == "topk") or (
+                node.op == "call_function" and node.target in (torch.topk, torch.ops.aten.topk, torch.ops.aten.topk.default)):
+            counts["topk"] += 1
+    return counts
+
+
+def snapshot(fn, *inputs, **options):
+    """(op counts before, op counts after, report, outputs) of our passes on fn's Dynamo graph."""
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["before"] = count_ops(gm)
+        seen["report"] = run_passes(gm, example_inputs, ApproxTopkConfig.from_options(options))
+        seen["after"] = count_ops(gm)
+        return gm.forward
+
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*inputs)
+    return seen["before"], seen["after"], seen["report"], out
+
+
+def spellings(x):
+    return (
+        torch.topk(x, 64)[0],
+        x.topk(64, -1, True, False).values,
+        torch.topk(x, k=64, dim=1, largest=False, sorted=True).indices,
+        torch.ops.aten.topk(x, 64, -1)[1],
+        torch.ops.aten.topk.default(x, 64)[0],
+        x.t().topk(64, dim=0)[0],
+        torch.topk(input=x, k=64, dim=-1)[1],
+    )
+
+
+def test_every_spelling_is_matched_and_rewritten():
+    x = torch.randn(*BIG)
+    before, after, report, out = snapshot(spellings, x, **ALWAYS)
+    assert before == {"topk": 7, "bucketed_topk": 0}
+    assert after == {"topk": 0, "bucketed_topk": 7}
+    assert [d.rewritten for d in report] == [True] * 7
+    assert {d.op for d in report} == {"torch.topk", "Tensor.topk", "aten.topk"}
+    assert [d.dim for d in report] == [-1, -1, 1, -1, -1, 0, -1]
+    # largest=False (third call) returns the smallest values
+    assert (out[2] >= 0).all() and torch.equal(x.gather(1, out[2]).max(1).values <= x.median(1).values,
+                                               torch.ones(BIG[0], dtype=torch.bool))
+
+
+def test_big_site_rewritten_tiny_site_kept_with_reason():
+    def two_sites(x, y):
+        return torch.topk(x, 64).values.sum() + y.topk(3).values.sum()
+
+    before, after, report, _ = snapshot(two_sites, torch.randn(*BIG), torch.randn(*TINY), **ALWAYS)
+    assert before["topk"] == 2 and after == {"topk": 1, "bucketed_topk": 1}
+    big, tiny = report
+    assert big.rewritten and big.shape == ("64", "8192") and big.k == "64"
+    assert big.num_buckets and big.per_bucket_k and big.expected_recall >= 0.9
+    assert not tiny.rewritten and "min_elements" in tiny.reason
+
+
+def test_recall_target_one_and_integer_inputs_stay_exact_on_cpu():
+    def sites(x, i):
+        return torch.topk(x, 64).values, torch.topk(i, 64).values
+
+    _, after, report, _ = snapshot(sites, torch.randn(*BIG), torch.randint(0, 9, BIG), recall_target=1.0)
+    assert after == {"topk": 2, "bucketed_topk": 0}
+    assert "torch.int64" in report[1].reason
+
+
+def test_auto_policy_keeps_exact_where_cost_model_predicts_no_gain():
+    # On a CPU, torch.topk beats the plain-torch bucketed implementation at this shape.
+    _, after, report, _ = snapshot(lambda x: torch.topk(x, 64).values, torch.randn(*BIG), recall_target=0.9)
+    assert after["bucketed_topk"] == 0
+    assert "exact predicted faster" in report[0].reason
+
+
+def test_site_overrides_by_source_location():
+    def sites(x):
+        a = torch.topk(x, 64).values  # override target: this line
+        b = torch.topk(x, 32).values
+        return a, b
+
+    import inspect
+
+    line = inspect.getsourcelines(sites)[1] + 1
+    overrides = {f"passes/test_topk_rewrite.py:{line}": {"recall_target": 1.0}}
+    _, after, report, _ = snapshot(sites, torch.randn(*BIG), site_overrides=overrides, **ALWAYS)
+    assert [d.rewritten for d in report] == [False, True]
+    assert report[0].override == f"passes/test_topk_rewrite.py:{line}" and report[0].recall_target == 1.0
+    assert report[0].location.endswith(f"test_topk_rewrite.py:{line}")
+
+
+def test_symbolic_shapes_are_reported_and_planned_per_call():
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["report"] = run_passes(gm, example_inputs, ApproxTopkConfig.from_options(ALWAYS))
+        return gm.forward
+
+    fn = torch.compile(lambda x: torch.topk(x, 64), backend=backend, dynamic=True)
+    for n in (4096, 5000):
+        x = torch.randn(8, n)
+        values, indices = fn(x)
+        assert torch.equal(x.gather(1, indices), values)
+    (decision,) = seen["report"]
+    assert decision.rewritten and "dynamic length" in decision.reason
+    assert all(not s.isdigit() for s in decision.shape)  # symbols, e.g. ("s77", "s27")
+
+
+def test_unsupported_arguments_are_kept_exact_and_say_why():
+    def with_out(x):
+        out = (torch.empty(BIG[0], 64), torch.empty(BIG[0], 64, dtype=torch.long))
+        return torch.topk(x, 64, out=out)
+
+    _, after, report, _ = snapshot(with_out, torch.randn(*BIG), **ALWAYS)
+    assert after["bucketed_topk"] == 0
+    assert not report[0].rewritten and "unsupported argument(s) ['out']" in report[0].reason
+
+
+def test_explain_reports_without_running_and_logs(caplog):
+    calls = []
+
+    class Model(torch.nn.Module):
+        def forward(self, x, y):
+            calls.append(1)
+            return torch.topk(x, 64).indices, y.topk(3).values
+
+    with caplog.at_level(logging.INFO, logger="topk_compiler"):
+        report = topk_compiler.explain(Model(), torch.randn(*BIG), torch.randn(*TINY), **ALWAYS)
+    assert len(report) == 2 and len(report.rewritten) == 1
+    text = str(report)
+    assert "REWRITTEN" in text and "kept exact" in text and "num_buckets=" in text and "expected recall" in text
+    assert "torch.topk(x, 64)" in text  # the source line
+    assert any("REWRITTEN" in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_options_list_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['recal_target'\].*recall_target"):
+        topk_compiler.explain(lambda x: x.topk(2), torch.randn(3, 4), recal_target=0.9)
+    with pytest.raises(ValueError, match="layout"):
+        ApproxTopkConfig.from_options({"layout": "diagonal"})
+    with pytest.raises(ValueError, match="recall_target"):
+        ApproxTopkConfig.from_options({"recall_target": 0})
+    with pytest.raises(ValueError, match="site_overrides"):
+        ApproxTopkConfig.from_options({"site_overrides": {"model.py": 0.9}})
+    with pytest.raises(ValueError, match="min_elements"):
+        ApproxTopkConfig.from_options({"min_elements": -1})
