@@ -61,7 +61,7 @@ class DeviceProfile:
         name: device name, as torch reports it.
         processors: streaming multiprocessors (CUDA) or CPU threads.
         bandwidth: bytes per second the device reads from memory (measured copy bandwidth).
-        weights: seconds per unit of each work term, see ``_WORK_TERMS``.
+        weights: seconds per unit of each work term, see ``WORK_TERMS``.
     """
 
     kind: str
@@ -75,7 +75,7 @@ class DeviceProfile:
 
 
 # Work terms a kernel's time is made of; every profile gives a weight (seconds per unit) to each.
-_WORK_TERMS = (
+WORK_TERMS = (
     "launch",         # per kernel launch
     "byte",           # per byte read or written, on top of bandwidth (memory stalls)
     "element",        # per input element: load, key transform, packing

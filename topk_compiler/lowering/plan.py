@@ -82,7 +82,8 @@ def _triton_ok(device: str, dtype: torch.dtype) -> bool:
     return kernels.has_triton()
 
 
-def _bucketings(n: int, k: int, recall_target: float, layout: str, forced: tuple[int, int] | None):
+def bucketings(n: int, k: int, recall_target: float, layout: str, forced: tuple[int, int] | None = None):
+    """(num_buckets, per_bucket_k, recall) meeting the target: the smallest per_bucket_k per bucket count."""
     if forced is not None:
         b, kb = forced
         yield b, kb, recall_of(n, k, b, kb, layout)
@@ -105,7 +106,7 @@ def _us(seconds) -> float:
     return float(seconds) * 1e6
 
 
-def _kernel_options(rows, n, k, b, kb, elem, sorted_, profile, layout):
+def kernel_options(rows, n, k, b, kb, elem, sorted_, profile, layout):
     """(time, kernel, segments, threshold, num_warps) for each Triton kernel that can run (b, kb)."""
     kbp = 1 << (kb - 1).bit_length()
     pow2 = b & (b - 1) == 0
@@ -167,8 +168,8 @@ def plan_topk(
         return best_exact
 
     best = None
-    for b, kb, recall in _bucketings(n, k, recall_target, layout, forced):
-        options = list(_kernel_options(rows, n, k, b, kb, elem, sorted, profile, layout)) if triton_ok else []
+    for b, kb, recall in bucketings(n, k, recall_target, layout, forced):
+        options = list(kernel_options(rows, n, k, b, kb, elem, sorted, profile, layout)) if triton_ok else []
         if not options:
             options = [(cost_model.reference_time(rows, n, k, b, kb, elem, profile), "reference", 1, True, 0)]
         for t, kernel, segments, threshold, warps in options:
