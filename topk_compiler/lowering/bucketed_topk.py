@@ -90,7 +90,13 @@ def bucketed_topk(
     "auto" (approximate only where predicted faster) or "always"; rows shorter than
     ``min_elements`` stay exact.
     """
-    if x.dim() == 0 or not x.dtype.is_floating_point:
+    if x.dim() == 0:
+        # torch.topk of a 0-d tensor returns the tensor for k in {0, 1} on CPU; on CUDA its k=0
+        # result is uninitialised memory. Both devices get the CPU answer.
+        if k not in (0, 1) or dim not in (0, -1):
+            return torch.topk(x, k, dim, largest, sorted)  # raises torch's own error
+        return x.clone(), torch.zeros((), dtype=torch.int64, device=x.device)
+    if not x.dtype.is_floating_point:
         return torch.topk(x, k, dim, largest, sorted)
     n = x.size(dim)
     if not 0 <= k <= n:
