@@ -8,6 +8,7 @@ rejects unknown names, listing the valid ones. Each pass receives only its own s
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from topk_compiler.lowering.layouts import MAX_SEED
 LAYOUTS = ("interleaved", "contiguous", "shuffled")
 REWRITE_POLICIES = ("auto", "always")
 PREDICTORS = ("lowrank", "int8", "int4")
+FFN_ACTIVATIONS = ("relu", "relu_squared", "gelu")
+# Fields of one hire.calibration entry (what topk_compiler.calibrate writes).
+CALIBRATION_FIELDS = ("predictor", "rank", "candidates", "threshold", "recall_target", "recall", "rows")
 
 # "path/to/model.py:42" (a path suffix and a line number).
 _SITE_KEY = re.compile(r"^(?P<path>.+):(?P<line>\d+)$")
@@ -44,6 +48,12 @@ def _check_optional_positive_int(value: Any, name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     return value
+
+
+def _check_finite_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _check_nonnegative_int(value: Any, name: str) -> int:
@@ -161,22 +171,38 @@ class TopkPassConfig:
 class HireConfig:
     """Settings of the HiRE predict-then-compute rewrites (logits top-k and ReLU FFNs).
 
+    A site's settings come from, in order: its entry in ``calibration`` (when that entry was
+    measured for a recall target at least the site's), then ``rank`` / ``candidates`` given here,
+    then the documented defaults of ``passes/hire_settings.py`` (and a warning in the report).
+
     args:
-        enabled: rewrite matmul->topk and ReLU FFN patterns at all.
+        enabled: rewrite matmul->topk and FFN patterns at all.
         predictor: "lowrank" (truncated SVD of the weight) or "int8" / "int4" (per-row scaled
             quantized copy of the weight).
-        rank: rank of the low-rank predictor; None means chosen from the weight's shape.
+        rank: rank of the low-rank predictor; None means calibrated, else a default from the shape.
         candidates: k' (the number of candidates scored exactly) for logits sites, or the number
-            of neurons computed for FFN sites; None means taken from calibration, else a default.
-        calibration: per-site (rank, candidates) measured by :func:`topk_compiler.calibrate`,
-            keyed by site location.
+            of neurons computed per row for FFN sites; None means calibrated, else a default.
+        calibration: per-site settings measured by :func:`topk_compiler.calibrate`, keyed by site
+            location ``"file.py:LINE"``; each entry holds ``predictor``, ``rank``, ``candidates``
+            and the ``recall_target`` it was measured for (``recall`` and ``rows``, the measured
+            recall and the rows it was measured on, are kept for the report).
+        rewrite: "auto" rewrites a site only where the HiRE cost model predicts it cheaper than
+            the dense form on the input's device (the op re-checks for every batch size it sees,
+            running the dense form where that is cheaper); "always" rewrites every eligible site
+            and always runs the predictor (to measure the approximation's effect, e.g. on a CPU).
+        ffn_activations: activations whose FFNs are rewritten: "relu" and "relu_squared" (exact
+            on the neurons a row keeps; a dropped inactive neuron contributes exactly 0), and
+            "gelu" (opt-in: a dropped neuron's small negative GELU output is lost as well).
     """
 
     enabled: bool = True
     predictor: str = "lowrank"
     rank: int | None = None
     candidates: int | None = None
+    ffn_threshold: float = 0.0
     calibration: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    rewrite: str = "auto"
+    ffn_activations: tuple[str, ...] = ("relu", "relu_squared")
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
@@ -185,8 +211,48 @@ class HireConfig:
             raise ValueError(f"hire.predictor must be one of {PREDICTORS}, got {self.predictor!r}")
         _check_optional_positive_int(self.rank, "hire.rank")
         _check_optional_positive_int(self.candidates, "hire.candidates")
+        object.__setattr__(self, "ffn_threshold", _check_finite_float(self.ffn_threshold, "hire.ffn_threshold"))
         if not isinstance(self.calibration, Mapping):
             raise ValueError(f"hire.calibration must be a dict, got {self.calibration!r}")
+        for site, entry in self.calibration.items():
+            check_calibration_entry(site, entry)
+        if self.rewrite not in REWRITE_POLICIES:
+            raise ValueError(f"hire.rewrite must be one of {REWRITE_POLICIES}, got {self.rewrite!r}")
+        if isinstance(self.ffn_activations, str) or not isinstance(self.ffn_activations, (tuple, list)):
+            raise ValueError(f"hire.ffn_activations must be a list of {FFN_ACTIVATIONS}, got {self.ffn_activations!r}")
+        bad = [a for a in self.ffn_activations if a not in FFN_ACTIVATIONS]
+        if bad:
+            raise ValueError(f"hire.ffn_activations: unknown activation(s) {bad}; valid: {FFN_ACTIVATIONS}")
+        object.__setattr__(self, "ffn_activations", tuple(self.ffn_activations))
+
+
+def check_calibration_entry(site: Any, entry: Any) -> None:
+    """Raises ValueError naming the site and field for a malformed ``hire.calibration`` entry."""
+    if not isinstance(site, str) or _SITE_KEY.match(site) is None:
+        raise ValueError(f"hire.calibration keys must look like 'model.py:42', got {site!r}")
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"hire.calibration[{site!r}] must be a dict, got {entry!r}")
+    unknown = sorted(set(entry) - set(CALIBRATION_FIELDS))
+    if unknown:
+        raise ValueError(f"hire.calibration[{site!r}]: unknown field(s) {unknown}; valid: {list(CALIBRATION_FIELDS)}")
+    missing = [f for f in ("predictor", "rank", "candidates", "recall_target") if f not in entry]
+    if missing:
+        raise ValueError(f"hire.calibration[{site!r}]: missing field(s) {missing}")
+    if entry["predictor"] not in PREDICTORS:
+        raise ValueError(f"hire.calibration[{site!r}].predictor must be one of {PREDICTORS}, got {entry['predictor']!r}")
+    _check_nonnegative_int(entry["rank"], f"hire.calibration[{site!r}].rank")
+    if entry["predictor"] == "lowrank" and entry["rank"] < 1:
+        raise ValueError(f"hire.calibration[{site!r}].rank must be >= 1 for a lowrank predictor, got {entry['rank']!r}")
+    _check_optional_positive_int(entry["candidates"], f"hire.calibration[{site!r}].candidates")
+    if entry["candidates"] is None:
+        raise ValueError(f"hire.calibration[{site!r}].candidates must be a positive int, got None")
+    check_recall_target(entry["recall_target"], f"hire.calibration[{site!r}].recall_target")
+    if "threshold" in entry:
+        _check_finite_float(entry["threshold"], f"hire.calibration[{site!r}].threshold")
+    if "recall" in entry:
+        check_recall_target(entry["recall"], f"hire.calibration[{site!r}].recall")
+    if "rows" in entry:
+        _check_nonnegative_int(entry["rows"], f"hire.calibration[{site!r}].rows")
 
 
 # Flat option names accepted by torch.compile(options=...), and where each one goes.

@@ -6,6 +6,8 @@ import torch.fx
 
 from topk_compiler.config import ApproxTopkConfig
 from topk_compiler.passes.base import ApproxTopkPass, RewriteReport
+from topk_compiler.passes.hire_ffn import HireFfnPass
+from topk_compiler.passes.hire_logits import HireLogitsPass
 from topk_compiler.passes.topk_rewrite import TopkRewritePass
 
 
@@ -16,6 +18,9 @@ class PassManager:
         self.config = config
         self.report = RewriteReport() if report is None else report
         self.passes: list[ApproxTopkPass] = []
+        # HiRE first: its logits pass claims linear -> topk before the top-k pass rewrites the topk.
+        if config.hire.enabled:
+            self.passes += [HireLogitsPass(config, self.report), HireFfnPass(config, self.report)]
         if config.topk.enabled:
             self.passes.append(TopkRewritePass(config, self.report))
 

@@ -1,0 +1,55 @@
+"""HiRE cost model: dense wins where the batch or the density makes HiRE read as much."""
+
+import pytest
+import torch
+
+from topk_compiler.lowering import hire_cost_model as cm
+
+
+def test_predictor_bytes():
+    assert cm.predictor_bytes("lowrank", 1000, 100, 8, 2) == 8 * 1100 * 2
+    assert cm.predictor_bytes("int8", 1000, 100, 0, 2) == 1000 * 100 + 4000
+    assert cm.predictor_bytes("int4", 1000, 101, 0, 2) == 1000 * 51 + 4000
+    with pytest.raises(ValueError, match="predictor"):
+        cm.predictor_bytes("int2", 1, 1, 0, 2)
+
+
+def test_expected_union():
+    assert cm.expected_union(1, 50, 1000) == 50
+    assert cm.expected_union(4, 2000, 1000) == 1000
+    u = [cm.expected_union(r, 100, 1000) for r in (1, 2, 8, 64)]
+    assert u == sorted(u) and u[-1] < 1000 and u[1] == pytest.approx(1000 * (1 - 0.9**2))
+
+
+def test_logits_rewritten_at_batch_one_declined_at_large_batch():
+    args = dict(d=384, n=30522, k=10, candidates=200, kind="lowrank", rank=64, dtype=torch.float32, device="cpu")
+    small = cm.hire_logits_cost(1, **args), cm.dense_logits_cost(1, 384, 30522, 10, torch.float32, "cpu")
+    large = cm.hire_logits_cost(1024, **args), cm.dense_logits_cost(1024, 384, 30522, 10, torch.float32, "cpu")
+    assert cm.worth_rewriting(*small)
+    assert not cm.worth_rewriting(*large)
+    assert small[0].bytes < small[1].bytes / 4
+    assert "faster" in cm.verdict(*small) and "dense predicted cheaper" in cm.verdict(*large)
+
+
+def test_ffn_declined_when_dense():
+    """Every neuron expected, or a batch whose rows together need most neurons: dense is cheaper."""
+    dense = cm.dense_ffn_cost(1, 1024, 4096, 1024, torch.float32, "cpu")
+    sparse = cm.hire_ffn_cost(1, 1024, 4096, 1024, 200, "lowrank", 64, torch.float32, "cpu")
+    everything = cm.hire_ffn_cost(1, 1024, 4096, 1024, 4096, "lowrank", 64, torch.float32, "cpu")
+    batch = cm.hire_ffn_cost(64, 1024, 4096, 1024, 200, "lowrank", 64, torch.float32, "cpu")
+    assert cm.worth_rewriting(sparse, dense)
+    assert not cm.worth_rewriting(everything, dense)
+    assert not cm.worth_rewriting(batch, cm.dense_ffn_cost(64, 1024, 4096, 1024, torch.float32, "cpu"))
+
+
+def test_hire_cost_grows_with_candidates_and_rank():
+    costs = [cm.hire_logits_cost(1, 256, 20000, 10, kc, "lowrank", r, torch.float32, "cpu").seconds
+             for kc, r in ((50, 16), (500, 16), (500, 128))]
+    assert costs == sorted(costs)
+
+
+def test_ffn_programs_bounded_by_partial_bytes():
+    assert cm.ffn_programs(4000, 1, 4096, 132) == cm.FFN_PROGRAMS_PER_SM * 132
+    assert cm.ffn_programs(10, 1, 4096, 132) == 10
+    many_rows = cm.ffn_programs(40000, 16, 4096, 132)
+    assert many_rows * 16 * 4096 * 4 <= cm.FFN_PARTIAL_BYTES

@@ -1,0 +1,231 @@
+"""Sparse FFN: ``out[m] = sum_{j: pred[m, j] > t} act(x[m] . W1[j] + b1[j]) W2T[j] + b2``, reading
+only the chosen neurons' rows of ``W1`` ([d_ff, d]) and of ``W2T`` ([d_ff, d_out], the transposed
+output weight, so that a neuron's outgoing weights are one contiguous row).
+
+Three launches, none waiting on the host:
+
+1. ``_select_neurons_kernel`` (one program): the neurons that some row predicts above the
+   threshold ``t``, compacted in order into ``slots``, and their number into ``count``. With
+   several rows, ``_any_above_kernel`` first reduces the rows to one mask, over many programs.
+2. ``_sparse_ffn_kernel``: a program takes blocks of ``BLOCK_S`` slots in turn (the number of
+   blocks is read from ``count``). For each it computes the neurons' activations for ``BLOCK_M``
+   rows of ``x`` (``gather_matmul.gather_dot``, bias and activation fused), zeroes those a row did
+   not choose itself (``pred[m, j] <= t``), multiplies them by the neurons' rows of ``W2T`` and
+   adds the product to its own fp32 partial sum of the output (a slice of it with
+   ``N_SPLIT`` > 1). Packing the chosen neurons first makes every block full, so each program
+   moves whole rows of weights; every weight byte is read once.
+3. ``_sum_partials_kernel``: adds the partial sums and ``b2`` and casts.
+
+The caller picks the number of programs (``lowering/hire_cost_model.ffn_programs``), trading
+parallelism against partial-sum traffic, and ``BLOCK_S`` from the expected number of neurons.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from topk_compiler.kernels.gather_matmul import ACTIVATIONS, activate, block_m, dot_precision, gather_dot
+
+# (BLOCK_K, BLOCK_N, N_SPLIT, num_warps, num_stages) tried by the autotuner, all spill-free on
+# sm_90a (ptxas -v). One row of x (GEMV, BLOCK_S <= 16; at 32 the 4-warp 512-wide tiles spill):
+# wide tiles keep more bytes in flight per program. Tensor cores: BLOCK_S = 16 with BLOCK_M = 16;
+# BLOCK_M = 32 spills 250-960 bytes, so more rows take more row blocks. N_SPLIT > 1 splits the
+# output columns over programs, which re-read their W1 rows from L2 rather than HBM.
+GEMV_CONFIGS = ((256, 256, 1, 4, 3), (512, 512, 1, 4, 3), (512, 512, 1, 8, 3), (256, 512, 2, 4, 3),
+                (512, 512, 2, 8, 3), (256, 256, 4, 4, 3))
+MMA_CONFIGS = ((256, 256, 1, 4, 2), (128, 128, 1, 4, 2), (256, 256, 2, 4, 2), (128, 256, 4, 8, 2))
+MAX_GEMV_BLOCK_S = 16
+MMA_BLOCK_S = 16
+MAX_BLOCK_M = 16
+# Predicted scores the selection program reads per step, and the tile (rows x neurons) of each
+# program of the many-row reduction.
+SELECT_BLOCK = 2048
+_ANY_BLOCK_ROWS = 16
+_ANY_BLOCK_COLS = 256
+# Partial sums added per step by the reduction, and output columns per reduction program.
+_REDUCE_BLOCK_P = 8
+_REDUCE_BLOCK_N = 256
+
+
+def _configs(table):
+    return [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "N_SPLIT": ns}, num_warps=w, num_stages=st)
+            for bk, bn, ns, w, st in table]
+
+
+@triton.jit
+def _select_neurons_kernel(pred_ptr, slots_ptr, count_ptr,   # pointers
+                           M, N, threshold,                  # sizes, threshold
+                           pred_row_stride,                  # strides
+                           BLOCK: tl.constexpr):
+    count = tl.zeros([], dtype=tl.int32)
+    for n0 in range(0, N, BLOCK):
+        n = n0 + tl.arange(0, BLOCK)
+        in_n = n < N
+        any_row = tl.zeros([BLOCK], dtype=tl.int32)
+        row_ptr = pred_ptr
+        for _ in range(0, M):
+            p = tl.load(row_ptr + n, mask=in_n, other=float("-inf"))
+            any_row = any_row | (p.to(tl.float32) > threshold).to(tl.int32)
+            row_ptr += pred_row_stride
+        chosen = any_row != 0
+        position = count + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        tl.store(slots_ptr + position, n.to(tl.int64), mask=chosen)
+        count += tl.sum(chosen.to(tl.int32), axis=0)
+    tl.store(count_ptr, count)
+
+
+@triton.jit
+def _any_above_kernel(pred_ptr, mask_ptr,      # pointers
+                      M, N, threshold,         # sizes, threshold
+                      pred_row_stride,         # strides
+                      BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    in_n = n < N
+    any_row = tl.zeros([BLOCK_COLS], dtype=tl.int32)
+    for m0 in range(0, M, BLOCK_ROWS):
+        m = m0 + tl.arange(0, BLOCK_ROWS)
+        p = tl.load(pred_ptr + m.to(tl.int64)[:, None] * pred_row_stride + n[None, :],
+                    mask=(m < M)[:, None] & in_n[None, :], other=float("-inf"))
+        any_row = any_row | tl.max((p.to(tl.float32) > threshold).to(tl.int32), axis=0)
+    tl.store(mask_ptr + n, any_row.to(tl.uint8), mask=in_n)
+
+
+@triton.jit
+def _sparse_ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr, pred_ptr, partial_ptr,  # pointers
+                       M, K, N, P, threshold,                                                      # sizes
+                       x_row_stride, w1_row_stride, w2t_row_stride, pred_row_stride,               # strides
+                       HAS_BIAS: tl.constexpr, OWN_NEURONS: tl.constexpr, ACTIVATION: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLIT: tl.constexpr):
+    """Program (p, j, i): slot blocks p, p + P, ... for rows block i, output slice j; its partial sum
+    goes to partial[p] (stored by its first block and added to by the next; zeros if it has none).
+    OWN_NEURONS: rows keep only the neurons they chose themselves (several rows of x)."""
+    pid = tl.program_id(0)
+    m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_m = m < M
+    n_chunk = tl.cdiv(tl.cdiv(N, N_SPLIT), BLOCK_N) * BLOCK_N
+    n_start = tl.program_id(1) * n_chunk
+    n_stop = tl.minimum(n_start + n_chunk, N)
+    out_rows = partial_ptr + (pid.to(tl.int64) * M + m.to(tl.int64)) * N
+    count = tl.load(count_ptr)
+    blocks = tl.cdiv(count, BLOCK_S)
+    for block in range(pid, blocks, P):
+        s = block * BLOCK_S + tl.arange(0, BLOCK_S)
+        slots = tl.load(slots_ptr + s, mask=s < count, other=-1)
+        valid = slots >= 0
+        safe = tl.where(valid, slots, 0)
+        h = gather_dot(x_ptr, w1_ptr, slots, m, M, K, x_row_stride, w1_row_stride,
+                       BLOCK_M=BLOCK_M, BLOCK_S=BLOCK_S, BLOCK_K=BLOCK_K, PRECISION=PRECISION)
+        if HAS_BIAS:
+            h += tl.load(b1_ptr + safe, mask=valid, other=0.0).to(tl.float32)[None, :]
+        h = activate(h, ACTIVATION)
+        keep = valid[None, :] & in_m[:, None]
+        if OWN_NEURONS:
+            p = tl.load(pred_ptr + m.to(tl.int64)[:, None] * pred_row_stride + safe[None, :], mask=keep,
+                        other=float("-inf"))
+            keep = keep & (p.to(tl.float32) > threshold)
+        h = tl.where(keep, h, 0.0)
+        # The dense FFN rounds the hidden activations to the weight dtype before the second matmul.
+        h = h.to(w2t_ptr.dtype.element_ty)
+        w2_rows = w2t_ptr + safe.to(tl.int64) * w2t_row_stride
+        for n0 in range(n_start, n_stop, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            in_n = n < n_stop
+            w2 = tl.load(w2_rows[:, None] + n[None, :], mask=valid[:, None] & in_n[None, :], other=0.0)
+            if BLOCK_M == 1:
+                part = tl.sum(tl.reshape(h.to(tl.float32), (BLOCK_S,))[:, None] * w2.to(tl.float32), axis=0)[None, :]
+            else:
+                part = tl.dot(h, w2, input_precision=PRECISION)
+            out_mask = in_m[:, None] & in_n[None, :]
+            part += tl.load(out_rows[:, None] + n[None, :], mask=out_mask & (block > pid), other=0.0)
+            tl.store(out_rows[:, None] + n[None, :], part, mask=out_mask)
+    if pid >= blocks:  # no neurons for this program: its partial sum is zero
+        for n0 in range(n_start, n_stop, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            tl.store(out_rows[:, None] + n[None, :], tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                     mask=in_m[:, None] & (n < n_stop)[None, :])
+
+
+_sparse_ffn_gemv_tuned = triton.autotune(configs=_configs(GEMV_CONFIGS), key=["M", "K", "N", "P"])(_sparse_ffn_kernel)
+_sparse_ffn_mma_tuned = triton.autotune(configs=_configs(MMA_CONFIGS), key=["M", "K", "N", "P"])(_sparse_ffn_kernel)
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, bias_ptr, out_ptr,   # pointers
+                         P, M, N,                          # sizes
+                         out_row_stride,                   # strides
+                         HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        tile = tl.load(partial_ptr + (p.to(tl.int64)[:, None] * M + m) * N + n[None, :],
+                       mask=(p < P)[:, None] & in_n[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=in_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * out_row_stride + n, acc.to(out_ptr.dtype.element_ty), mask=in_n)
+
+
+def neurons_per_program(expected: int, rows: int, programs: int) -> int:
+    """BLOCK_S for ``programs`` programs over about ``expected`` chosen neurons."""
+    if rows > 1:
+        return MMA_BLOCK_S
+    return min(MAX_GEMV_BLOCK_S, max(4, triton.next_power_of_2(triton.cdiv(max(expected, 1), programs))))
+
+
+def select_neurons(pred: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots [d_ff] int64, count [1] int32): the neurons some row predicts above ``threshold``,
+    in increasing order, in ``slots[:count]`` (the rest of ``slots`` is not written)."""
+    rows, n = pred.shape
+    assert pred.stride(1) == 1, "select_neurons: pred must have unit last stride"
+    slots = torch.empty(n, dtype=torch.int64, device=pred.device)
+    count = torch.empty(1, dtype=torch.int32, device=pred.device)
+    if rows > 1:
+        mask = torch.empty(1, n, dtype=torch.uint8, device=pred.device)
+        _any_above_kernel[(triton.cdiv(n, _ANY_BLOCK_COLS),)](pred, mask, rows, n, threshold, pred.stride(0),
+                                                            BLOCK_ROWS=_ANY_BLOCK_ROWS, BLOCK_COLS=_ANY_BLOCK_COLS)
+        pred, rows, threshold = mask, 1, 0.5
+    _select_neurons_kernel[(1,)](pred, slots, count, rows, n, threshold, pred.stride(0), BLOCK=SELECT_BLOCK)
+    return slots, count
+
+
+def sparse_ffn(x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor,
+               b2: torch.Tensor | None, pred: torch.Tensor, threshold: float, *, activation: str = "relu",
+               programs: int = 264, expected: int = 0) -> torch.Tensor:
+    """[rows, d_out] in x2d's dtype: row m of the FFN over the neurons j with ``pred[m, j] >
+    threshold``. ``expected``: about how many neurons the rows choose together; ``programs`` (per
+    block of rows, at most): enough to spread ``expected`` neurons, and a bound on the partial sums
+    (``programs * rows * d_out`` fp32). Programs take more blocks when more neurons are chosen."""
+    rows, k = x2d.shape
+    d_ff, n = w2t.shape
+    assert w1.shape == (d_ff, k) and w1.stride(1) == 1 and w2t.stride(1) == 1, \
+        f"sparse_ffn: need w1 [{d_ff}, {k}] and w2t [{d_ff}, d_out], unit last strides"
+    assert x2d.stride(1) == 1 and x2d.dtype == w1.dtype == w2t.dtype, \
+        "sparse_ffn: x2d, w1, w2t: one dtype, unit last stride"
+    assert pred.shape == (rows, d_ff) and pred.stride(1) == 1, f"sparse_ffn: pred must be [{rows}, {d_ff}]"
+    out = torch.empty(rows, n, dtype=x2d.dtype, device=x2d.device)
+    if rows == 0:
+        return out
+    slots, count = select_neurons(pred, threshold)
+    bm = min(block_m(rows), MAX_BLOCK_M)
+    bs = neurons_per_program(expected, rows, programs)
+    p = max(1, min(programs, triton.cdiv(max(expected, 1), bs)))
+    partial = torch.empty(p, rows, n, dtype=torch.float32, device=x2d.device)
+    args = (x2d, w1, b1 if b1 is not None else slots, w2t, slots, count, pred, partial, rows, k, n, p, threshold,
+            x2d.stride(0), w1.stride(0), w2t.stride(0), pred.stride(0))
+    meta = dict(HAS_BIAS=b1 is not None, OWN_NEURONS=rows > 1, ACTIVATION=ACTIVATIONS[activation],
+                PRECISION=dot_precision(w1.dtype), BLOCK_M=bm, BLOCK_S=bs)
+    if x2d.is_cuda:
+        def grid(META):
+            return p, META["N_SPLIT"], triton.cdiv(rows, bm)
+
+        (_sparse_ffn_gemv_tuned if bm == 1 else _sparse_ffn_mma_tuned)[grid](*args, **meta)
+    else:  # the interpreter: one fixed, small configuration
+        _sparse_ffn_kernel[(p, 2, triton.cdiv(rows, bm))](*args, **meta, BLOCK_K=32, BLOCK_N=16, N_SPLIT=2)
+    _sum_partials_kernel[(rows, triton.cdiv(n, _REDUCE_BLOCK_N))](
+        partial, b2 if b2 is not None else partial, out, p, rows, n, out.stride(0),
+        HAS_BIAS=b2 is not None, BLOCK_P=_REDUCE_BLOCK_P, BLOCK_N=_REDUCE_BLOCK_N)
+    return out

@@ -1,0 +1,225 @@
+"""HiRE cost model: bytes moved and predicted time of the dense and predict-then-compute forms of a
+logits top-k and of an FFN. Pure functions of shapes, dtype and device facts.
+
+At decode sizes both forms are memory-bound: the dense form reads the whole weight, HiRE reads
+the predictor, then only the candidates' rows. Each form's time is
+
+    time = launches * LAUNCH_SECONDS + max(bytes / bandwidth, flops / PEAK_FLOPS) [+ selections]
+
+where a top-k selection's time comes from the top-k planner (``plan.py``: the cost model of the
+top-k kernels), so the costs of selecting are written once. Device bandwidth and SM count come
+from ``cost_model.device_profile``.
+
+Batches: the rows of a batch share one gather of the union of their candidate sets, whose
+expected size is taken for independent random sets (``expected_union``): real rows share more
+candidates than that, so the estimate errs towards the dense form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from topk_compiler.lowering import cost_model
+from topk_compiler.lowering.plan import plan_topk
+
+# HiRE must be predicted at least this much faster than dense to rewrite (the model's error bar:
+# a rewrite must never make a model slower).
+MIN_SPEEDUP = 1.2
+# Recall target of the selection of the k' candidates from the predicted scores (bucketed top-k
+# where the planner finds it faster). A bucketed selection drops an element only behind others
+# of its bucket, so the candidates lost are low-ranked ones, rarely in the true top-k.
+CANDIDATE_RECALL = 0.99
+# Seconds per kernel launched back to back (GPU time of a small kernel's ramp-up and drain, as
+# under CUDA graphs), and per plain-torch op on a CPU (dispatch overhead).
+LAUNCH_SECONDS = {"cuda": 3e-6, "cpu": 1e-5}
+# Achievable dense matmul rate, by device name and element size: about 60% of the datasheet (H100
+# SXM: 989 TFLOPS bf16, 67 TFLOPS fp32 without TF32); a 2-core CPU for the plain-torch path.
+_PEAK_FLOPS = {"H100": {2: 6e14, 4: 4e13}, "H200": {2: 6e14, 4: 4e13}}
+_DEFAULT_CUDA_FLOPS = {2: 2e14, 4: 2e13}
+_CPU_FLOPS = 5e10
+# The FFN kernel's neuron groups per SM (each group writes one fp32 partial sum of the output,
+# written once and read once by the reduction; the kernel's N_SPLIT adds programs within a group
+# where more loads in flight pay) and the most bytes of partial sums it may write.
+FFN_PROGRAMS_PER_SM = 1
+FFN_PARTIAL_BYTES = 16 * 2**20
+# Rows of x per program of the FFN kernel (kernels/sparse_ffn.py MAX_BLOCK_M): more rows re-read
+# the weights once per block of rows.
+FFN_ROWS_PER_BLOCK = 16
+# The plain-torch path copies the gathered rows (index_select) before multiplying them.
+_CPU_GATHER_PASSES = 3
+# The FFN's neuron selection compacts the chosen neurons in one program, one dependent round trip
+# to memory (about a microsecond) per SELECT_BLOCK (kernels/sparse_ffn.py) predicted scores.
+SELECT_ROUND_SECONDS = 1e-6
+SELECT_BLOCK = 2048
+
+
+@dataclass(frozen=True)
+class FormCost:
+    """Predicted cost of one form (dense or HiRE) of a site at one batch size.
+
+    args:
+        bytes: bytes read and written.
+        flops: multiply-adds times two.
+        launches: kernels (CUDA) or torch ops (CPU) it runs.
+        seconds: predicted time.
+    """
+
+    bytes: float
+    flops: float
+    launches: int
+    seconds: float
+
+    @property
+    def us(self) -> float:
+        return self.seconds * 1e6
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def peak_flops(profile: cost_model.DeviceProfile, elem_bytes: int) -> float:
+    if profile.kind != "cuda":
+        return _CPU_FLOPS
+    table = next((t for key, t in _PEAK_FLOPS.items() if key in profile.name), _DEFAULT_CUDA_FLOPS)
+    return table[2 if elem_bytes <= 2 else 4]
+
+
+def _cost(bytes_, flops, launches, profile, elem_bytes, extra_seconds=0.0) -> FormCost:
+    transfer = max(bytes_ / profile.bandwidth, flops / peak_flops(profile, elem_bytes))
+    seconds = launches * LAUNCH_SECONDS[profile.kind] + transfer + extra_seconds
+    return FormCost(float(bytes_), float(flops), int(launches), float(seconds))
+
+
+def predictor_bytes(kind: str, n: int, d: int, rank: int, elem_bytes: int) -> int:
+    """Bytes of a predictor of an [n, d] weight (what it reads per call)."""
+    if kind == "lowrank":
+        return rank * (d + n) * elem_bytes
+    if kind == "int8":
+        return n * d + 4 * n
+    if kind == "int4":
+        return n * ((d + 1) // 2) + 4 * n
+    raise ValueError(f"predictor must be one of ('lowrank', 'int8', 'int4'), got {kind!r}")
+
+
+def expected_union(rows: int, candidates: int, n: int) -> float:
+    """Expected size of the union of ``rows`` independent uniformly random ``candidates``-subsets
+    of ``n`` items (1 row: exactly ``candidates``)."""
+    if rows <= 1 or candidates >= n:
+        return float(min(candidates, n))
+    return n * (1.0 - (1.0 - candidates / n) ** rows)
+
+
+def ffn_programs(slots: int, rows: int, d_out: int, processors: int) -> int:
+    """Programs of the sparse FFN kernel (per block of rows): about FFN_PROGRAMS_PER_SM per SM,
+    fewer when their fp32 partial sums would pass FFN_PARTIAL_BYTES."""
+    by_bytes = FFN_PARTIAL_BYTES // max(1, min(rows, FFN_ROWS_PER_BLOCK) * d_out * 4)
+    return max(1, min(FFN_PROGRAMS_PER_SM * processors, by_bytes, slots))
+
+
+def _predictor_cost(rows, n, d, kind, rank, elem):
+    """(bytes, flops, launches, predicted-score element size) of the predicted scores."""
+    score_elem = elem if kind == "lowrank" else 4
+    bytes_ = predictor_bytes(kind, n, d, rank, elem) + rows * d * elem + rows * n * score_elem
+    flops = 2 * rows * rank * (d + n) if kind == "lowrank" else 2 * rows * n * d
+    return bytes_, flops, (2 if kind == "lowrank" else 1), score_elem
+
+
+def _computed_slots(slots, union, profile):
+    """Slots multiplied per row: the GPU kernels run over every slot, duplicates (padding)
+    included; the plain-torch path over the deduplicated union."""
+    return slots if profile.kind == "cuda" else union
+
+
+def _selection_seconds(rows, n, kc, score_elem, device):
+    dtype = {2: torch.bfloat16, 4: torch.float32}[score_elem]
+    if kc >= n:
+        return 0.0
+    return plan_topk(rows, n, kc, dtype, device, CANDIDATE_RECALL).predicted_us * 1e-6
+
+
+def dense_logits_cost(rows: int, d: int, n: int, k: int, dtype: torch.dtype, device: str,
+                      normalize: str = "none") -> FormCost:
+    """F.linear (reads all of W), then softmax if any, then torch.topk over the n logits."""
+    profile = cost_model.device_profile(device)
+    e = element_size(dtype)
+    bytes_ = n * d * e + rows * d * e + rows * n * e
+    launches = 1
+    if normalize != "none":
+        bytes_ += 2 * rows * n * e
+        launches += 1
+    topk = cost_model.torch_topk_time(rows, n, k, e, profile)
+    return _cost(bytes_, 2 * rows * d * n, launches, profile, e, topk)
+
+
+def hire_logits_cost(rows: int, d: int, n: int, k: int, candidates: int, kind: str, rank: int,
+                     dtype: torch.dtype, device: str, normalize: str = "none") -> FormCost:
+    """Predicted scores, top-k' selection, exact logits of the candidates (gather-matmul over the
+    batch's union of candidates), top-k over them; with softmax, the normaliser's mixed scores."""
+    profile = cost_model.device_profile(device)
+    e = element_size(dtype)
+    kc = min(max(candidates, k), n)
+    bytes_, flops, launches, score_elem = _predictor_cost(rows, n, d, kind, rank, e)
+    slots = rows * kc
+    union = expected_union(rows, kc, n)
+    gather_passes = 1 if profile.kind == "cuda" else _CPU_GATHER_PASSES
+    bytes_ += gather_passes * union * d * e + rows * slots * 4
+    flops += 2 * rows * _computed_slots(slots, union, profile) * d
+    launches += 1 + 3  # gather-matmul; top-k over the candidates, index map, cast
+    if rows > 1:
+        bytes_ += 3 * slots * 8 + 2 * rows * slots * 4
+        launches += 5  # sort, duplicates, membership (gather, compare, and)
+    if normalize != "none":
+        bytes_ += 3 * rows * n * 4
+        launches += 5  # mixed scores (copy, scatter), logsumexp, final values
+    extra = _selection_seconds(rows, n, kc, score_elem, device)
+    extra += cost_model.torch_topk_time(rows, slots, k, 4, profile)
+    return _cost(bytes_, flops, launches, profile, e, extra)
+
+
+def dense_ffn_cost(rows: int, d: int, d_ff: int, d_out: int, dtype: torch.dtype, device: str) -> FormCost:
+    """linear, activation, linear: both weights read in full."""
+    profile = cost_model.device_profile(device)
+    e = element_size(dtype)
+    bytes_ = (d_ff * d + d_out * d_ff) * e + rows * (d + 3 * d_ff + d_out) * e
+    return _cost(bytes_, 2 * rows * d_ff * (d + d_out), 3, profile, e)
+
+
+def hire_ffn_cost(rows: int, d: int, d_ff: int, d_out: int, expected_neurons: int, kind: str, rank: int,
+                  dtype: torch.dtype, device: str) -> FormCost:
+    """Predicted pre-activations, the neurons above the threshold (``expected_neurons`` per row),
+    the sparse FFN over the batch's union of neurons (one row of W1 and of W2^T each), the
+    reduction of its partial sums."""
+    profile = cost_model.device_profile(device)
+    e = element_size(dtype)
+    neurons = min(max(expected_neurons, 1), d_ff)
+    bytes_, flops, launches, score_elem = _predictor_cost(rows, d_ff, d, kind, rank, e)
+    union = expected_union(rows, neurons, d_ff)
+    row_blocks = 1 if rows == 1 else math.ceil(rows / FFN_ROWS_PER_BLOCK)
+    gather_passes = 1 if profile.kind == "cuda" else _CPU_GATHER_PASSES
+    bytes_ += gather_passes * row_blocks * union * (d + d_out) * e + rows * (d + d_out) * e
+    bytes_ += rows * d_ff * score_elem + d_ff * 8  # the selection reads the scores, writes the slots
+    extra = 0.0
+    if profile.kind == "cuda":
+        programs = ffn_programs(int(union), rows, d_out, profile.processors)
+        bytes_ += 2 * programs * rows * d_out * 4
+        extra = math.ceil(d_ff / SELECT_BLOCK) * SELECT_ROUND_SECONDS
+    flops += 2 * rows * union * (d + d_out)
+    launches += 3 if rows == 1 else 4
+    return _cost(bytes_, flops, launches, profile, e, extra)
+
+
+def worth_rewriting(hire: FormCost, dense: FormCost) -> bool:
+    return hire.seconds * MIN_SPEEDUP <= dense.seconds
+
+
+def verdict(hire: FormCost, dense: FormCost) -> str:
+    """One line for the rewrite report."""
+    ratio = dense.seconds / hire.seconds if hire.seconds else float("inf")
+    if worth_rewriting(hire, dense):
+        return f"HiRE predicted {ratio:.1f}x faster than dense ({hire.us:.1f} us vs {dense.us:.1f} us)"
+    return (f"dense predicted cheaper: HiRE {hire.us:.1f} us vs dense {dense.us:.1f} us "
+            f"(needs {MIN_SPEEDUP:g}x)")
