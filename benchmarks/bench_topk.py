@@ -1,0 +1,451 @@
+"""Top-k side by side on one GPU, in one run: the HBM floor, torch.topk, torch.compile(torch.topk),
+the paper's CUDA release (the "peer", optional), and our approx_topk at recall targets 0.9, 0.95,
+0.99 and exact (recall_target=1.0).
+
+For every shape and provider: median time and its 20th/80th percentiles (triton.testing.do_bench,
+L2 flushed before every rep), the ratio to the HBM floor (input bytes read once / bandwidth), the
+speed-up over torch.topk, the recall measured on the same outputs, and for ours the plan chosen
+(kernel, num_buckets, per_bucket_k, segments) with the cost model's predicted time. Latency-bound
+shapes (rows * n < 2**20) are also timed as one call captured in a CUDA graph and replayed,
+which takes Python dispatch out of the time.
+
+    PYTHONPATH=. python -m benchmarks.bench_topk --quick              # headline shapes only
+    PYTHONPATH=. python -m benchmarks.bench_topk --peer .peer         # headline shapes + sweep
+    PYTHONPATH=. python -m benchmarks.bench_topk --smoke              # tiny shapes, runs on a CPU
+
+Writes bench_topk.json (every number, with device, versions, date and command line) and, through
+report_topk, bench_topk.md and bench_topk.png into --out; prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import report_topk
+from topk_compiler import approx_topk, expected_recall, measured_recall
+from topk_compiler.lowering.plan import plan_topk
+
+QUANTILES = [0.5, 0.2, 0.8]
+RECALL_TARGETS = (0.9, 0.95, 0.99)
+OURS = (*(f"approx@{t}" for t in RECALL_TARGETS), "exact")
+PROVIDERS = ("torch", "compiled", *OURS)
+# Timed again as a replayed CUDA graph on latency-bound shapes (torch.topk too, so the speed-up
+# under graphs compares like with like; a compiled graph is torch.compile's "reduce-overhead").
+GRAPH_PROVIDERS = ("torch", *OURS)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# HBM read rate of an H100 SXM the floor is quoted against (the issue's figure); the run also
+# measures a device-to-device copy and reports it next to this.
+DEFAULT_BANDWIDTH = 3.0e12
+# Below this many input elements launch and dispatch overhead, not memory, bound the time.
+LATENCY_BOUND_ELEMENTS = 2**20
+# Sweep shapes whose input is larger than this are skipped (1024 x 1M fp32 is 4 GiB).
+MAX_INPUT_BYTES = 2 * 1024**3
+SWEEP_N = (1024, 4096, 16384, 65536, 262144, 1048576)
+SWEEP_ROWS = (1, 64, 1024)
+# k=256 first: a run cut short by the time budget still covers every (rows, n) once.
+SWEEP_K = (256, 16, 2048)
+SWEEP_DTYPE = "fp32"
+# A long run stops starting shapes after this many seconds (the device runs one command for ~8 min).
+DEFAULT_BUDGET_S = 420.0
+# Of the budget, this much is kept for the peer's pass over the shapes measured first.
+PEER_RESERVE_S = 90.0
+
+# The peer's parameters: j = top items kept per bucket (its kernel takes 1..4; 3 is left out as
+# its docs name {1, 2, 4}), k_mult = b * j / k (buckets relative to k), and one thread or one
+# 64-thread block per bucket (its docs: "very important for performance ... try both").
+PEER_RECALL = 0.95
+PEER_J = (1, 2, 4)
+PEER_K_MULTS = (1, 2, 4, 8, 16, 32, 64)
+PEER_TRIES_PER_GROUP = 3
+# Screening reps of the peer's settings are short; the fastest is then timed like every provider.
+PEER_SCREEN_WARMUP_MS, PEER_SCREEN_REP_MS = 5, 20
+# Timing on a CPU (--smoke without a GPU): plain wall-clock reps after one warm-up call.
+CPU_REPS = 5
+
+
+@dataclass(frozen=True)
+class Shape:
+    rows: int
+    n: int
+    k: int
+    dtype: str
+    group: str = "headline"
+
+    @property
+    def name(self) -> str:
+        return f"{self.rows}x{self.n} k={self.k} {self.dtype}"
+
+    @property
+    def input_bytes(self) -> int:
+        return self.rows * self.n * DTYPES[self.dtype].itemsize
+
+
+HEADLINE_SHAPES = (
+    Shape(1024, 32768, 2048, "bf16"),
+    Shape(64, 131072, 2048, "bf16"),
+    Shape(4096, 4096, 512, "bf16"),
+    Shape(256, 128256, 50, "fp32"),
+    Shape(1024, 65536, 100, "fp32"),
+    Shape(16384, 8192, 64, "fp16"),
+    Shape(16, 14336, 1434, "fp32"),
+)
+SMOKE_SHAPES = (Shape(2, 1024, 16, "fp32", "smoke"), Shape(3, 4096, 64, "bf16", "smoke"))
+
+
+@dataclass(frozen=True)
+class PeerSetting:
+    j: int
+    k_mult: int
+    multithread_buckets: bool
+
+    def num_buckets(self, k: int) -> int:
+        return k * self.k_mult // self.j
+
+    def name(self, k: int) -> str:
+        per_bucket = "block" if self.multithread_buckets else "thread"
+        return f"j={self.j} k_mult={self.k_mult} (b={self.num_buckets(k)}), one {per_bucket} per bucket"
+
+
+def sweep_shapes() -> list[Shape]:
+    shapes = [Shape(rows, n, k, SWEEP_DTYPE, "sweep") for k in SWEEP_K for rows in SWEEP_ROWS for n in SWEEP_N]
+    return [s for s in shapes if s.k < s.n and s.input_bytes <= MAX_INPUT_BYTES]
+
+
+def select_shapes(quick: bool, smoke: bool, patterns: list[str] | None) -> list[Shape]:
+    """Headline shapes first, then the sweep; ``patterns`` keeps shapes whose name contains any."""
+    shapes = list(SMOKE_SHAPES) if smoke else list(HEADLINE_SHAPES) + ([] if quick else sweep_shapes())
+    if patterns:
+        shapes = [s for s in shapes if any(p in s.name for p in patterns)]
+    return shapes
+
+
+def hbm_floor_us(shape: Shape, bandwidth: float) -> float:
+    """Time to read the input once at ``bandwidth`` bytes/s: no top-k can beat it."""
+    return shape.input_bytes / bandwidth * 1e6
+
+
+def peer_candidates(n: int, k: int) -> list[list[PeerSetting]]:
+    """Per (j, one thread or block per bucket) the settings to try, fewest buckets first.
+
+    A group starts at the smallest k_mult whose expected recall reaches PEER_RECALL (our recall
+    model: the peer's interleaved buckets are ours, the first n mod b one longer) and holds at
+    most PEER_TRIES_PER_GROUP. The peer needs k_mult * k <= n and j dividing k_mult * k.
+    """
+    groups = []
+    for j in PEER_J:
+        mults = [m for m in PEER_K_MULTS if k * m <= n and (k * m) % j == 0]
+        first = next((i for i, m in enumerate(mults) if expected_recall(n, k, k * m // j, j) >= PEER_RECALL), None)
+        chosen = [] if first is None else mults[first:first + PEER_TRIES_PER_GROUP]
+        for multithread in (False, True):
+            groups.append([PeerSetting(j, m, multithread) for m in chosen])
+    return groups
+
+
+def make_input(shape: Shape, device: torch.device) -> torch.Tensor:
+    """Standard normal, seeded by the shape's name, so the peer's pass sees the same input."""
+    generator = torch.Generator(device=device).manual_seed(zlib.crc32(shape.name.encode()))
+    return torch.randn(shape.rows, shape.n, generator=generator, device=device, dtype=DTYPES[shape.dtype])
+
+
+def setup_topk(provider: str, x: torch.Tensor, k: int, peer=None):
+    """A zero-argument call of ``provider`` on ``x``; ``peer`` is (peer's topk op, PeerSetting)."""
+    if provider == "torch":
+        return lambda: torch.topk(x, k, dim=-1)
+    if provider == "compiled":
+        # Fresh and static per shape: no recompile limit, no automatic dynamic shapes.
+        torch.compiler.reset()
+        compiled = torch.compile(torch.topk, dynamic=False)
+        return lambda: compiled(x, k, dim=-1)
+    if provider == "exact":
+        return lambda: approx_topk(x, k, recall_target=1.0)
+    if provider.startswith("approx@"):
+        target = float(provider.removeprefix("approx@"))
+        return lambda: approx_topk(x, k, recall_target=target)
+    if provider == "peer":
+        peer_topk, setting = peer
+        return lambda: peer_topk(x, k, -1, setting.j, setting.k_mult, True, setting.multithread_buckets)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def time_us(fn, device: torch.device, warmup_ms: int = 25, rep_ms: int = 100) -> dict:
+    """Median, 20th and 80th percentile of ``fn``'s time in µs."""
+    if device.type == "cuda":
+        import triton.testing
+
+        # do_bench clears L2 (writes a 256 MB buffer) before every rep, outside the timed span.
+        ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=QUANTILES)
+    else:
+        fn()
+        samples = []
+        for _ in range(CPU_REPS):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        ms = [float(np.quantile(samples, q)) for q in QUANTILES]
+    return {"median_us": ms[0] * 1e3, "p20_us": ms[1] * 1e3, "p80_us": ms[2] * 1e3}
+
+
+def graph_replay(fn):
+    """Captures one call of ``fn`` in a CUDA graph and returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture needs the first call (compiles, caches) done already
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _error(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:1000]
+
+
+def plan_record(shape: Shape, provider: str, x: torch.Tensor) -> dict:
+    """The plan approx_topk runs for this call, as the op asks for it."""
+    target = 1.0 if provider == "exact" else float(provider.removeprefix("approx@"))
+    plan = plan_topk(shape.rows, shape.n, shape.k, x.dtype, str(x.device), target, "interleaved", True,
+                     None, None, "auto")
+    return dataclasses.asdict(plan)
+
+
+def bench_provider(provider: str, x: torch.Tensor, shape: Shape, graphs: bool) -> dict:
+    result = {}
+    # A provider that fails is reported as failed; the other columns are still measured.
+    try:
+        fn = setup_topk(provider, x, shape.k)
+        start = time.perf_counter()
+        _, indices = fn()
+        _sync(x.device)
+        result["first_call_s"] = time.perf_counter() - start  # compiles included
+        result["recall"] = measured_recall(x, indices, shape.k)
+        result.update(time_us(fn, x.device))
+        if provider in OURS:
+            result["plan"] = plan_record(shape, provider, x)
+    except Exception as error:
+        result["error"] = _error(error)
+        return result
+    if graphs and provider in GRAPH_PROVIDERS:
+        try:
+            result["graph"] = time_us(graph_replay(fn), x.device)
+        except Exception as error:
+            result["graph"] = {"error": _error(error)}
+    return result
+
+
+def bench_shape(shape: Shape, device: torch.device, bandwidth: float) -> dict:
+    x = make_input(shape, device)
+    graphs = device.type == "cuda" and shape.rows * shape.n < LATENCY_BOUND_ELEMENTS
+    return {
+        "shape": {**dataclasses.asdict(shape), "name": shape.name},
+        "input_bytes": shape.input_bytes,
+        "floor_us": hbm_floor_us(shape, bandwidth),
+        "cuda_graphs": graphs,
+        "results": {p: bench_provider(p, x, shape, graphs) for p in PROVIDERS},
+    }
+
+
+def bench_peer(peer_topk, x: torch.Tensor, shape: Shape) -> dict:
+    """The peer's fastest setting (of those tried) whose measured recall reaches PEER_RECALL."""
+    k = shape.k
+    tried, passing = [], []
+    for group in peer_candidates(shape.n, k):
+        timed = 0
+        for setting in group:
+            entry = {"setting": setting.name(k), **dataclasses.asdict(setting), "num_buckets": setting.num_buckets(k)}
+            tried.append(entry)
+            try:
+                fn = setup_topk("peer", x, k, peer=(peer_topk, setting))
+                _, indices = fn()
+                entry["recall"] = measured_recall(x, indices, k)
+                if entry["recall"] >= PEER_RECALL:
+                    entry["screen"] = time_us(fn, x.device, PEER_SCREEN_WARMUP_MS, PEER_SCREEN_REP_MS)
+                    passing.append((entry["screen"]["median_us"], setting))
+                    timed += 1
+            except Exception as error:
+                entry["error"] = _error(error)
+                break
+            if timed == 2:  # keeps the search short: past these, more buckets mostly grow stage 2
+                break
+    if not passing:
+        return {"error": f"no setting tried reached measured recall {PEER_RECALL}", "tried": tried}
+    _, best = min(passing, key=lambda p: p[0])
+    try:
+        fn = setup_topk("peer", x, k, peer=(peer_topk, best))
+        _, indices = fn()
+        result = {"setting": best.name(k), "params": {**dataclasses.asdict(best), "num_buckets": best.num_buckets(k)},
+                  "recall": measured_recall(x, indices, k), **time_us(fn, x.device)}
+    except Exception as error:
+        result = {"error": _error(error)}
+    result["tried"] = tried
+    return result
+
+
+def peer_pass(report: dict, shapes: dict[str, Shape], checkout: Path, build, device, deadline: float) -> None:
+    """Adds the peer's column to every measured shape, in the order they were measured."""
+    info = report["peer"] = {"checkout": str(checkout), "error": None}
+    error = build if isinstance(build, str) else None
+    if error is None:
+        error = build.wait(deadline - time.perf_counter())
+        info["build"] = build.last_line()
+    if error is None:
+        try:
+            peer_topk = importlib.import_module("benchmarks.peer_approx_topk").load(checkout)
+        except Exception as load_error:
+            error = _error(load_error)
+    info["error"] = error
+    for record in report["shapes"]:
+        if "results" not in record:
+            continue
+        if error is not None:
+            record["results"]["peer"] = {"error": "peer unavailable (see the peer section)"}
+        elif time.perf_counter() > deadline:
+            record["results"]["peer"] = {"error": "skipped: time budget"}
+        else:
+            shape = shapes[record["shape"]["name"]]
+            record["results"]["peer"] = bench_peer(peer_topk, make_input(shape, device), shape)
+            torch.cuda.empty_cache()
+
+
+def start_peer_build(checkout: Path | None, device: torch.device):
+    """The peer's background build, or a string saying why there is none."""
+    if device.type != "cuda":
+        return "the peer is a CUDA extension: no CUDA device here"
+    try:
+        adapter = importlib.import_module("benchmarks.peer_approx_topk")
+    except ImportError as error:
+        return f"benchmarks/peer_approx_topk.py (kept out of git) is not in this tree: {_error(error)}"
+    try:
+        return adapter.BackgroundBuild(checkout)
+    except Exception as error:
+        return _error(error)
+
+
+def measure_copy(device: torch.device, nbytes: int) -> dict:
+    """Device-to-device copy of ``nbytes``: the bandwidth a streaming kernel can actually reach."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timing = time_us(lambda: dst.copy_(src), device)
+    seconds = timing["median_us"] * 1e-6
+    return {"bytes": nbytes, **timing, "read_bytes_per_s": nbytes / seconds,
+            "read_write_bytes_per_s": 2 * nbytes / seconds}
+
+
+def add_ratios(record: dict) -> None:
+    """×floor and speed-up over torch.topk (eager; graph replay against torch.topk's replay)."""
+    results = record["results"]
+    torch_us = results["torch"].get("median_us")
+    torch_graph_us = results["torch"].get("graph", {}).get("median_us")
+    for result in results.values():
+        if "median_us" not in result:
+            continue
+        result["x_floor"] = result["median_us"] / record["floor_us"]
+        if torch_us:
+            result["speedup"] = torch_us / result["median_us"]
+        if "predicted_us" in result.get("plan", {}):
+            result["measured_over_predicted"] = result["median_us"] / result["plan"]["predicted_us"]
+        graph = result.get("graph", {})
+        if "median_us" in graph and torch_graph_us:
+            graph["speedup"] = torch_graph_us / graph["median_us"]
+
+
+def environment(device: torch.device, bandwidth: float) -> dict:
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(sys.orig_argv),
+        "bandwidth_bytes_per_s": bandwidth,
+        "quantiles": QUANTILES,
+        "timer": "triton.testing.do_bench (L2 flushed per rep)" if device.type == "cuda" else "time.perf_counter",
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = select_shapes(args.quick, args.smoke, args.shapes)
+    build = start_peer_build(args.peer, device) if args.peer else None
+    deadline = started + args.budget_s
+    main_deadline = deadline - (PEER_RESERVE_S if args.peer else 0.0)
+    report = {"environment": environment(device, args.bandwidth), "shapes": []}
+    print(f"{report['environment']['device']}: {len(shapes)} shapes", flush=True)
+    report["copy"] = measure_copy(device, 2**30 if device.type == "cuda" else 2**24)
+    for shape in shapes:
+        if time.perf_counter() > main_deadline:
+            report["shapes"].append({"shape": {**dataclasses.asdict(shape), "name": shape.name},
+                                     "skipped": "time budget"})
+            continue
+        record = bench_shape(shape, device, args.bandwidth)
+        report["shapes"].append(record)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        ours = record["results"]["approx@0.95"]
+        print(f"[{time.perf_counter() - started:4.0f} s] {shape.name}: torch.topk "
+              f"{record['results']['torch'].get('median_us', float('nan')):.1f} us, ours@0.95 "
+              f"{ours.get('median_us', float('nan')):.1f} us", flush=True)
+    if args.peer:
+        peer_pass(report, {s.name: s for s in shapes}, args.peer, build, device, deadline)
+    for record in report["shapes"]:
+        if "results" in record:
+            add_ratios(record)
+    report["wall_s"] = time.perf_counter() - started
+    return report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="headline shapes only")
+    parser.add_argument("--smoke", action="store_true", help="two tiny shapes (runs on a CPU)")
+    parser.add_argument("--shapes", nargs="+", metavar="PATTERN",
+                        help='keep shapes whose name contains any PATTERN, e.g. "k=2048" "1024x"')
+    parser.add_argument("--peer", type=Path, metavar="PATH", help="checkout of graphcore-research/pytorch-approx-topk")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "benchmarks/results"))
+    parser.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH, help="bytes/s of the HBM floor")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help="stop starting new shapes after this many seconds (skipped ones are recorded)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    report = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_topk.json").write_text(json.dumps(report, indent=1))
+    report_topk.write_report(report, args.out)
+    print(report_topk.short_table(report), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
