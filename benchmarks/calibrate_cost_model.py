@@ -1,21 +1,33 @@
-"""Measure every kernel variant the planner can pick, then fit the cost model's weights to them.
+"""Measure the kernel variants the planner can pick, then fit the cost model's weights to them.
 
     # on the GPU (one device call; writes $OUT/calibration.json and prints the best variant per shape)
-    python benchmarks/calibrate_cost_model.py measure [--quick]
+    python -m benchmarks.calibrate_cost_model measure [--quick] [--jobs 16]
     # here: fit the weights, write topk_compiler/lowering/calibration.py, report predicted vs measured
-    python benchmarks/calibrate_cost_model.py fit benchmarks/results/calibration_h100.json
+    python -m benchmarks.calibrate_cost_model fit benchmarks/results/calibration_h100.json
 
 Each variant is launched directly (not through the op), timed with triton.testing.do_bench
 (median of repetitions, L2 flushed between them), and checked: values equal the input at the
-returned indices and the measured recall is within 0.03 of the recall model's.
+returned indices, exact variants return torch.topk's values, and the measured recall of the
+approximate ones is within 0.03 of the recall model's.
+
+Per shape the sweep holds, for the approximate kernels at recall 0.95, every way to finish stage 2
+(select by bisection, radix histograms or a bitonic network; sort in the program or in a separate
+launch) on up to three bucketings; launch parameters (warps, loads in flight, the sort launch's
+warps) around the middle bucketing; the split kernel where rows are few; one bucketing at recall
+0.9 and 0.99; the exact kernels (rows in registers, filtered); torch.topk sorted and unsorted; and
+stage 1 alone (survivors to memory) to see how close it streams to the HBM floor.
+Kernels are compiled first by ``--jobs`` worker processes on two-row slices of the same length
+(Triton specialises on the same argument properties), so the timing process finds them cached.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import math
+import multiprocessing
 import os
 import platform
 import sys
@@ -23,9 +35,9 @@ import time
 
 import torch
 
-from topk_compiler import measured_recall
+from topk_compiler.lowering import bucketed_topk as op
 from topk_compiler.lowering import cost_model, plan
-from topk_compiler.lowering.recall_model import expected_recall
+from topk_compiler.lowering.recall_model import expected_recall, measured_recall
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (rows, n, k, dtype): the headline shapes of the benchmark, then shapes that spread the features
@@ -38,70 +50,159 @@ SPREAD = [
     (1, 65536, 256, "bf16"), (64, 16384, 16, "fp32"), (1024, 16384, 256, "bf16"), (8, 262144, 2048, "bf16"),
     (1, 1048576, 16, "fp32"), (4096, 1024, 16, "fp32"), (256, 8192, 2048, "fp16"), (64, 65536, 256, "fp32"),
 ]
-RECALL_TARGETS = (0.9, 0.95, 0.99)
+TARGET = 0.95
+SPREAD_TARGETS = (0.9, 0.99)
+QUANTILES = [0.5, 0.2, 0.8]
 
 
-def _variants(rows, n, k, dtype, quick):
-    """Configurations to measure: exact selection over whole rows where it fits in registers, and
-    for each recall target every bucketing with 128 to 4096 buckets (the smallest per_bucket_k that
-    meets the target): fused for many rows, split so that about 256+ programs run for few rows;
-    stage 2 by threshold, and by a bitonic network where k is small."""
+def _base(kernel, **kw):
+    v = dict(kernel=kernel, num_buckets=0, per_bucket_k=0, segments=1, select="bisect", sort_here=True,
+             sort_warps=op.SORT_WARPS, num_warps=8, unroll=op.UNROLL, sorted=True, recall_target=1.0, base=True)
+    v.update(kw)
+    return v
+
+
+def _sort_here_default(k):
+    return plan._pow2(k) <= plan.MAX_BITONIC_K
+
+
+def variants(rows, n, k, dtype, quick=False):
+    """Configurations to measure for one shape (see the module docstring)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    out = []
-    n_pow2 = 1 << (n - 1).bit_length()
-    if n_pow2 <= plan.MAX_REGISTER_SURVIVORS[elem]:
-        for threshold in (True, False):
-            out.append(dict(kernel="select", num_buckets=n_pow2, per_bucket_k=1, segments=1, threshold=threshold,
-                            num_warps=4 if n_pow2 <= 1024 else 8, unroll=1, recall_target=1.0))
-    seen = set()
-    for target in (0.95,) if quick else RECALL_TARGETS:
-        for b, kb, _ in plan.bucketings(n, k, target, "interleaved"):
-            kbp = 1 << (kb - 1).bit_length()
-            if b < 128 or b * kbp > plan.MAX_REGISTER_SURVIVORS[2] or (b, kb) in seen:
+    out = [_base("torch"), _base("torch", sorted=False, base=False)]
+    here = _sort_here_default(k)
+    finishes = list(plan._finishes(k, True))
+    fused = [(b, kb) for b, kb, _ in plan.bucketings(n, k, TARGET, "interleaved")
+             if b * plan._pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[elem]]
+    fused = fused[max(0, len(fused) // 2 - 1): len(fused) // 2 + 2]
+    for i, (b, kb) in enumerate(fused):
+        middle = i == len(fused) // 2
+        fin = finishes if middle else [("bisect", here)]
+        for select, sort_here in fin:
+            out.append(_base("fused", num_buckets=b, per_bucket_k=kb, select=select, sort_here=sort_here,
+                             num_warps=plan.warps_for(b), recall_target=TARGET))
+        if middle:
+            mid = {**out[-len(fin)], "select": "bisect", "sort_here": here, "base": False}
+            out.append({**mid, "num_warps": 4 if mid["num_warps"] == 8 else 8})
+            out += [{**mid, "unroll": u} for u in (2, 8)]
+            out.append({**mid, "sorted": False})
+            out.append({**mid, "kernel": "survivors"})
+            if not here:
+                out += [{**mid, "sort_here": False, "sort_warps": w} for w in (2, 4)]
+    if rows < 256:
+        for b, kb, _ in plan.bucketings(n, k, TARGET, "interleaved"):
+            ns = b * plan._pow2(kb)
+            segments = 2
+            while rows * segments < 264 and b // (2 * segments) >= plan.MIN_SEGMENT_LANES:
+                segments *= 2
+            if ns > plan.MAX_REGISTER_SURVIVORS[2] or b < 256 or b // segments < plan.MIN_SEGMENT_LANES:
                 continue
-            seen.add((b, kb))
-            thresholds = (True, False) if k <= 256 else (True,)
-            if rows >= 128 and b * kbp <= plan.MAX_REGISTER_SURVIVORS[elem]:
-                for threshold in thresholds:
-                    out.append(dict(kernel="fused", num_buckets=b, per_bucket_k=kb, segments=1, threshold=threshold,
-                                    num_warps=4 if b * kbp <= 2048 else 8, unroll=2, recall_target=target))
-            if rows < 512:
-                segments = 2
-                while rows * segments < 256 and b // (2 * segments) >= 64:
-                    segments *= 2
-                for threshold in thresholds:
-                    out.append(dict(kernel="split", num_buckets=b, per_bucket_k=kb, segments=segments,
-                                    threshold=threshold, num_warps=4, unroll=2, recall_target=target))
-    # Launch parameters around one fused variant at 0.95 (its median bucket count).
-    fused = [v for v in out if v["kernel"] == "fused" and v["recall_target"] == 0.95]
-    for v in fused[len(fused) // 2: len(fused) // 2 + 1]:
-        for warps, unroll in ((4, 2), (16, 2), (8, 1), (8, 4)):
-            if (warps, unroll) != (v["num_warps"], v["unroll"]):
-                out.append({**v, "num_warps": warps, "unroll": unroll})
+            for sort_here in ((True, False) if not here else (True,)):
+                out.append(_base("split", num_buckets=b, per_bucket_k=kb, segments=segments, sort_here=sort_here,
+                                 num_warps=plan.warps_for(b // segments), recall_target=TARGET))
+            break
+    if not quick:
+        for target in SPREAD_TARGETS:
+            options = [(b, kb) for b, kb, _ in plan.bucketings(n, k, target, "interleaved")
+                       if b * plan._pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[elem]]
+            if options:
+                b, kb = options[len(options) // 2]
+                out.append(_base("fused", num_buckets=b, per_bucket_k=kb, sort_here=here,
+                                 num_warps=plan.warps_for(b), recall_target=target))
+    n_pow2 = plan._pow2(n)
+    if n_pow2 <= plan.MAX_REGISTER_SURVIVORS[elem]:
+        for select in ("bisect", "radix") + (("bitonic",) if plan._pow2(k) <= plan.MAX_BITONIC_K else ()):
+            out.append(_base("select", select=select, sort_here=here or select == "bitonic",
+                             num_warps=plan.warps_for(n_pow2 // 8)))
+    for i, (b, kb) in enumerate(list(plan.filtered_bucketings(n, k, elem))[:2]):
+        for select in ("bisect", "radix") if i == 0 else ("bisect",):
+            out.append(_base("filtered", num_buckets=b, per_bucket_k=kb, select=select, sort_here=here))
     return out
 
 
-def _run(x, k, v):
+def run_variant(x, k, v):
+    """One call of variant ``v`` on ``x`` ([rows, n]): (values, indices), or survivors for stage 1 alone."""
     from topk_compiler.kernels import bucketed_topk as bucketed_kernels
+    from topk_compiler.kernels import filtered_topk as filtered_kernels
     from topk_compiler.kernels import select_topk as select_kernels
 
+    if v["kernel"] == "torch":
+        return torch.topk(x, k, dim=1, sorted=v["sorted"])
+    finish = dict(sorted=v["sorted"], select=v["select"], sort_here=v["sort_here"], sort_warps=v["sort_warps"])
+    bucketing = dict(num_buckets=v["num_buckets"], per_bucket_k=v["per_bucket_k"], largest=True, unroll=v["unroll"])
     if v["kernel"] == "select":
-        return select_kernels.exact_topk(x, k, largest=True, sorted=True, threshold=v["threshold"],
-                                         num_warps=v["num_warps"])
-    common = dict(num_buckets=v["num_buckets"], per_bucket_k=v["per_bucket_k"], largest=True, sorted=True,
-                  threshold=v["threshold"], unroll=v["unroll"])
+        return select_kernels.exact_topk(x, k, largest=True, num_warps=v["num_warps"], **finish)
+    if v["kernel"] == "filtered":
+        return filtered_kernels.filtered_topk(x, k, num_warps=v["num_warps"], **bucketing, **finish)
     if v["kernel"] == "fused":
-        return bucketed_kernels.fused_bucketed_topk(x, k, num_warps=v["num_warps"], **common)
-    return bucketed_kernels.split_bucketed_topk(x, k, segments=v["segments"], num_warps=v["num_warps"], **common)
+        return bucketed_kernels.fused_bucketed_topk(x, k, num_warps=v["num_warps"], **bucketing, **finish)
+    if v["kernel"] == "survivors":
+        return bucketed_kernels.bucket_survivors(x, segments=1, num_warps=v["num_warps"], **bucketing)
+    return bucketed_kernels.split_bucketed_topk(x, k, segments=v["segments"], num_warps=v["num_warps"],
+                                                **bucketing, **finish)
 
 
-def _predicted_us(rows, n, k, elem, v, profile):
-    if v["kernel"] == "split":
-        t = cost_model.split_time(rows, n, k, v["num_buckets"], v["per_bucket_k"], v["segments"], elem, True,
-                                  v["threshold"], profile)
+def predicted_us(rows, n, k, elem, v, profile):
+    """The cost model's time for variant ``v`` (None for variants it does not model)."""
+    kernel = v["kernel"]
+    common = (elem, v["sorted"], v["select"], v["sort_here"], profile)
+    if kernel == "torch":
+        t = cost_model.torch_topk_time(rows, n, k, elem, profile) if v["sorted"] else None
+    elif kernel == "fused":
+        t = cost_model.fused_time(rows, n, k, v["num_buckets"], v["per_bucket_k"], *common)
+    elif kernel == "split":
+        t = cost_model.split_time(rows, n, k, v["num_buckets"], v["per_bucket_k"], v["segments"], *common)
+    elif kernel == "select":
+        t = cost_model.select_time(rows, n, k, *common)
+    elif kernel == "filtered":
+        t = cost_model.filtered_time(rows, n, k, v["num_buckets"], v["per_bucket_k"], *common)
     else:
-        t = cost_model.fused_time(rows, n, k, v["num_buckets"], v["per_bucket_k"], elem, True, v["threshold"], profile)
-    return float(t) * 1e6
+        t = None
+    return None if t is None else float(t) * 1e6
+
+
+def _compile_worker(n, k, dname, chunk):
+    """Runs each variant once on two rows of length n: fills Triton's on-disk kernel cache."""
+    x = torch.randn(2, n, device="cuda").to(DTYPES[dname])
+    errors = {}
+    for i, v in chunk:
+        try:
+            run_variant(x, min(k, n), v)
+        except Exception as error:  # reported again, with context, by the timing pass
+            errors[i] = f"{type(error).__name__}: {str(error)[:200]}"
+    torch.cuda.synchronize()
+    return errors
+
+
+def precompile(shapes, quick, jobs):
+    tasks = []
+    for rows, n, k, dname in shapes:
+        vs = [(i, v) for i, v in enumerate(variants(rows, n, k, DTYPES[dname], quick)) if v["kernel"] != "torch"]
+        for j in range(0, len(vs), 4):
+            tasks.append((n, k, dname, vs[j:j + 4]))
+    start = time.time()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        list(pool.map(_compile_worker, *zip(*tasks)))
+    print(f"precompiled {sum(len(t[3]) for t in tasks)} variants in {time.time() - start:.0f} s with {jobs} jobs",
+          flush=True)
+
+
+def check(x, k, v, out):
+    """(correct, measured recall, recall the model expects)."""
+    if v["kernel"] == "survivors":
+        return True, None, None
+    values, indices = out
+    ok = torch.equal(x.gather(1, indices), values)
+    recall = measured_recall(x, indices, k)
+    if v["kernel"] in ("torch", "select", "filtered"):
+        exact = torch.topk(x, k, dim=1).values
+        got = values if v["sorted"] else values.sort(dim=1, descending=True).values
+        return bool(ok and torch.equal(got, exact)), recall, 1.0
+    model = expected_recall(x.shape[1], k, v["num_buckets"], v["per_bucket_k"])
+    if v["sorted"]:
+        ok = ok and bool((values[:, 1:] <= values[:, :-1]).all())
+    return bool(ok and abs(recall - model) < 0.03), recall, model
 
 
 def measure(args) -> None:
@@ -112,61 +213,78 @@ def measure(args) -> None:
     os.makedirs(out_dir, exist_ok=True)
     profile = cost_model.device_profile("cuda")
     shapes = HEADLINE if args.quick else HEADLINE + SPREAD
-    records = []
-    start = time.time()
-    for rows, n, k, dname in shapes:
-        dtype = DTYPES[dname]
-        elem = torch.empty((), dtype=dtype).element_size()
-        x = torch.randn(rows, n, device="cuda", dtype=torch.float32).to(dtype)
-        exact = torch.topk(x, k, dim=1)
-        t_torch = do_bench(lambda: torch.topk(x, k, dim=1), quantiles=[0.5, 0.2, 0.8])
-        base = dict(rows=rows, n=n, k=k, dtype=dname, floor_us=rows * n * elem / profile.bandwidth * 1e6)
-        records.append({**base, "kernel": "torch", "time_us": t_torch[0] * 1e3, "q20_us": t_torch[1] * 1e3,
-                        "q80_us": t_torch[2] * 1e3, "recall": 1.0,
-                        "predicted_us": float(cost_model.torch_topk_time(rows, n, k, elem, profile)) * 1e6})
-        for v in _variants(rows, n, k, dtype, args.quick):
-            rec = {**base, **v}
-            try:
-                values, indices = _run(x, k, v)
-                torch.cuda.synchronize()
-                ok = torch.equal(x.gather(1, indices), values)
-                recall = measured_recall(x, indices, k)
-                model = 1.0 if v["kernel"] == "select" else expected_recall(n, k, v["num_buckets"], v["per_bucket_k"])
-                t = do_bench(lambda: _run(x, k, v), quantiles=[0.5, 0.2, 0.8])
-                rec.update(time_us=t[0] * 1e3, q20_us=t[1] * 1e3, q80_us=t[2] * 1e3, recall=recall, model_recall=model,
-                           correct=bool(ok and abs(recall - model) < 0.03),
-                           predicted_us=_predicted_us(rows, n, k, elem, v, profile))
-            except Exception as e:  # a variant that fails to compile or run is recorded, not fatal
-                rec.update(error=f"{type(e).__name__}: {str(e)[:300]}")
-            records.append(rec)
-            print(json.dumps(rec), flush=True)
-        del x, exact
+    if args.shapes:
+        shapes = [s for s in shapes if any(p in f"{s[0]}x{s[1]} k={s[2]} {s[3]}" for p in args.shapes)]
+    if args.jobs > 1:
+        precompile(shapes, args.quick, args.jobs)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                command=" ".join(sys.argv), seconds=round(time.time() - start, 1))
+                command=" ".join(sys.argv), defaults=dict(unroll=op.UNROLL, sort_warps=op.SORT_WARPS))
+    records = []
+    start = time.time()
+    partial = os.path.join(out_dir, "calibration.jsonl")
+    with open(partial, "w") as log:
+        for rows, n, k, dname in shapes:
+            if time.time() - start > args.budget_s:
+                print(f"time budget: skipped {rows}x{n} k={k} {dname} and after", flush=True)
+                break
+            dtype = DTYPES[dname]
+            elem = torch.empty((), dtype=dtype).element_size()
+            x = torch.randn(rows, n, device="cuda", dtype=torch.float32).to(dtype)
+            base = dict(rows=rows, n=n, k=k, dtype=dname, floor_us=rows * n * elem / profile.bandwidth * 1e6)
+            for v in variants(rows, n, k, dtype, args.quick):
+                rec = {**base, **v}
+                try:
+                    out = run_variant(x, k, v)
+                    torch.cuda.synchronize()
+                    rec["correct"], rec["recall"], rec["model_recall"] = check(x, k, v, out)
+                    t = do_bench(lambda: run_variant(x, k, v), warmup=10, rep=50, quantiles=QUANTILES)
+                    rec.update(time_us=t[0] * 1e3, q20_us=t[1] * 1e3, q80_us=t[2] * 1e3,
+                               predicted_us=predicted_us(rows, n, k, elem, v, profile))
+                except Exception as e:  # a variant that fails to compile or run is recorded, not fatal
+                    rec.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+                records.append(rec)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            del x
+            torch.cuda.empty_cache()
+            print(f"[{time.time() - start:4.0f} s] {rows}x{n} k={k} {dname}", flush=True)
+    meta["seconds"] = round(time.time() - start, 1)
     path = os.path.join(out_dir, "calibration.json")
     with open(path, "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
-    _summary(records)
-    print(f"wrote {path} ({meta})")
+    summary(records)
+    print(f"wrote {path}")
 
 
-def _summary(records) -> None:
-    print(f"\n{'shape':<30} {'floor':>7} {'torch':>8} {'best@0.95 (us, xfloor, recall)':>34}  variant")
+def _describe(r):
+    if r["kernel"] == "torch":
+        return f"torch sorted={r['sorted']}"
+    return (f"{r['kernel']} b={r['num_buckets']} kb={r['per_bucket_k']} seg={r['segments']} {r['select']} "
+            f"here={int(r['sort_here'])} w={r['num_warps']} u={r['unroll']} sw={r['sort_warps']} "
+            f"sorted={int(r['sorted'])}")
+
+
+def summary(records) -> None:
+    """Best correct variant per shape: approximate at recall >= 0.95, exact, both sorted."""
+    print(f"\n{'shape':<28} {'floor':>6} {'torch':>7} {'best@0.95':>10} {'xfloor':>6} {'recall':>6} "
+          f"{'exact':>8} {'xtorch':>6}  variants")
     by_shape = {}
     for r in records:
         by_shape.setdefault((r["rows"], r["n"], r["k"], r["dtype"]), []).append(r)
     for shape, rs in by_shape.items():
-        torch_us = next(r["time_us"] for r in rs if r["kernel"] == "torch")
-        ok = [r for r in rs if r.get("correct") and r.get("recall", 0) >= 0.95 - 1e-9 and r["kernel"] != "torch"]
-        if not ok:
-            print(f"{str(shape):<30} {rs[0]['floor_us']:7.1f} {torch_us:8.1f}   no variant reached recall 0.95")
-            continue
-        best = min(ok, key=lambda r: r["time_us"])
-        variant = (f"{best['kernel']} b={best['num_buckets']} kb={best['per_bucket_k']} seg={best['segments']} "
-                   f"thr={best['threshold']} w={best['num_warps']} u={best['unroll']}")
-        print(f"{str(shape):<30} {rs[0]['floor_us']:7.1f} {torch_us:8.1f} {best['time_us']:10.1f} "
-              f"{best['time_us'] / best['floor_us']:6.2f}x {best['recall']:.3f}  {variant}")
+        ok = [r for r in rs if r.get("correct") and r["sorted"] and "time_us" in r]
+        torch_us = next((r["time_us"] for r in ok if r["kernel"] == "torch"), float("nan"))
+        approx = [r for r in ok if r["kernel"] in ("fused", "split") and r["recall"] >= 0.95]
+        exact = [r for r in ok if r["kernel"] in ("select", "filtered")]
+        a = min(approx, key=lambda r: r["time_us"], default=None)
+        e = min(exact, key=lambda r: r["time_us"], default=None)
+        name = f"{shape[0]}x{shape[1]} k={shape[2]} {shape[3]}"
+        print(f"{name:<28} {rs[0]['floor_us']:6.1f} {torch_us:7.1f} "
+              f"{a['time_us'] if a else float('nan'):10.1f} {a['time_us'] / a['floor_us'] if a else float('nan'):6.2f} "
+              f"{a['recall'] if a else float('nan'):6.3f} {e['time_us'] if e else float('nan'):8.1f} "
+              f"{torch_us / e['time_us'] if e else float('nan'):6.2f}  {_describe(a) if a else '-'} | "
+              f"{_describe(e) if e else '-'}")
 
 
 def _nnls(a, b, iterations=5000):
@@ -190,14 +308,24 @@ def _features(record, terms, base_profile):
     zero = cost_model.with_weights(base_profile, {t: 0.0 for t in base_profile.weights})
     rows, n, k = record["rows"], record["n"], record["k"]
     elem = torch.empty((), dtype=DTYPES[record["dtype"]]).element_size()
+    base = predicted_us(rows, n, k, elem, record, zero) * 1e-6
+    return base, [predicted_us(rows, n, k, elem, record, cost_model.with_weights(zero, {t: 1.0})) * 1e-6 - base
+                  for t in terms]
 
-    def predict(profile):
-        if record["kernel"] == "torch":
-            return float(cost_model.torch_topk_time(rows, n, k, elem, profile))
-        return _predicted_us(rows, n, k, elem, record, profile) * 1e-6
 
-    base = predict(zero)
-    return base, [predict(cost_model.with_weights(zero, {t: 1.0})) - base for t in terms]
+def fitted_records(data):
+    """The timings the weights are fitted to: correct runs of what the planner can launch (its
+    default launch parameters) that the cost model describes."""
+    defaults = data["meta"].get("defaults", {})
+    out = []
+    for r in data["records"]:
+        if "time_us" not in r or not r.get("correct") or r.get("predicted_us") is None or not r.get("base"):
+            continue
+        if r["kernel"] != "torch" and (r["unroll"], r["sort_warps"]) != (defaults.get("unroll", r["unroll"]),
+                                                                          defaults.get("sort_warps", r["sort_warps"])):
+            continue
+        out.append(r)
+    return out
 
 
 def fit(args) -> None:
@@ -205,7 +333,7 @@ def fit(args) -> None:
 
     with open(args.path) as f:
         data = json.load(f)
-    records = [r for r in data["records"] if "error" not in r and (r["kernel"] == "torch" or r.get("correct"))]
+    records = fitted_records(data)
     base_profile = cost_model.DeviceProfile("cuda", data["meta"]["device"], 132, 3.0e12,
                                             dict(cost_model._DEFAULT_CUDA_WEIGHTS))
     fitted = {}
@@ -216,21 +344,21 @@ def fit(args) -> None:
         for r in rs:
             base, feats = _features(r, terms, base_profile)
             measured = r["time_us"] * 1e-6
-            rows_a.append([f / measured for f in feats])
+            rows_a.append([f / measured for f in feats])  # relative error: short and long runs weigh alike
             rows_b.append((measured - base) / measured)
         w = _nnls(np.array(rows_a), np.array(rows_b))
         fitted.update(dict(zip(terms, (float(v) for v in w))))
     profile = cost_model.with_weights(base_profile, fitted)
     errors = []
-    print(f"{'shape':<28} {'variant':<40} {'measured':>9} {'predicted':>9}")
+    print(f"{'shape':<28} {'variant':<62} {'measured':>9} {'predicted':>9}")
     for r in records:
-        base, feats = _features(r, list(fitted), profile)
-        predicted = base + sum(f * fitted[t] for f, t in zip(feats, fitted))
-        errors.append(abs(math.log(predicted / (r["time_us"] * 1e-6))))
-        variant = f"{r['kernel']} b={r.get('num_buckets')} kb={r.get('per_bucket_k')} seg={r.get('segments')}"
-        print(f"{str((r['rows'], r['n'], r['k'], r['dtype'])):<28} {variant:<40} {r['time_us']:9.1f} "
-              f"{predicted * 1e6:9.1f}")
-    print(f"median |log(pred/meas)| = {np.median(errors):.3f}, 90th percentile {np.percentile(errors, 90):.3f}")
+        elem = torch.empty((), dtype=DTYPES[r["dtype"]]).element_size()
+        predicted = predicted_us(r["rows"], r["n"], r["k"], elem, r, profile)
+        errors.append(abs(math.log(predicted / r["time_us"])))
+        print(f"{str((r['rows'], r['n'], r['k'], r['dtype'])):<28} {_describe(r):<62} {r['time_us']:9.1f} "
+              f"{predicted:9.1f}")
+    print(f"median |log(pred/meas)| = {np.median(errors):.3f}, 90th percentile {np.percentile(errors, 90):.3f} "
+          f"over {len(records)} timings")
     key = "H100" if "H100" in data["meta"]["device"] else data["meta"]["device"]
     with open(args.write, "w") as f:
         f.write(
@@ -248,16 +376,19 @@ def fit(args) -> None:
     print(f"wrote {args.write}")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
     m = sub.add_parser("measure")
-    m.add_argument("--quick", action="store_true")
+    m.add_argument("--quick", action="store_true", help="headline shapes, recall 0.95 only")
+    m.add_argument("--shapes", nargs="+", metavar="PATTERN", help='keep shapes whose name contains any PATTERN')
+    m.add_argument("--jobs", type=int, default=1, help="processes compiling the kernels first")
+    m.add_argument("--budget-s", type=float, default=480.0, help="stop starting shapes after this many seconds")
     m.add_argument("--out")
     f = sub.add_parser("fit")
     f.add_argument("path")
     f.add_argument("--write", default="topk_compiler/lowering/calibration.py")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     measure(args) if args.mode == "measure" else fit(args)
 
 

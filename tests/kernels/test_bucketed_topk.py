@@ -36,27 +36,43 @@ def assert_matches_reference(values, indices, ref_values, x, sorted_, largest=Tr
     torch.testing.assert_close(values, ref_values, rtol=0, atol=0, equal_nan=True)
 
 
+# Ways to finish stage 2: (select, sort_here); the sort runs in the program or as its own launch.
+FINISHES = [("bisect", True), ("bisect", False), ("radix", True), ("radix", False), ("bitonic", True)]
+
+
 @pytest.mark.parametrize("rows,n,k,b,kb", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["interleaved", "shuffled", "contiguous"])
 def test_fused_equals_reference(rows, n, k, b, kb, dtype, layout):
     x = torch.randn(rows, n).to(dtype).to(KERNEL_DEVICE)
     ref_values, _ = reference(x, k, b, kb, layout, largest=True)
-    for threshold in (True, False):
-        values, indices = fused_bucketed_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=True,
-                                              layout_id=LAYOUT_IDS[layout], seed=11, threshold=threshold)
-        assert_matches_reference(values, indices, ref_values, x, sorted_=True)
+    values, indices = fused_bucketed_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=True,
+                                          layout_id=LAYOUT_IDS[layout], seed=11)
+    assert_matches_reference(values, indices, ref_values, x, sorted_=True)
 
 
-@pytest.mark.parametrize("rows,n,k,b,kb", CASES[:5])
+@pytest.mark.parametrize("rows,n,k,b,kb", CASES[:2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("select,sort_here", FINISHES)
+def test_every_finish_and_unroll_equals_reference(rows, n, k, b, kb, dtype, select, sort_here):
+    unroll = 1 if select == "bisect" else 8
+    x = torch.randn(rows, n).to(dtype).to(KERNEL_DEVICE)
+    ref_values, _ = reference(x, k, b, kb, "interleaved", largest=True)
+    values, indices = fused_bucketed_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=True,
+                                          select=select, sort_here=sort_here, unroll=unroll)
+    assert_matches_reference(values, indices, ref_values, x, sorted_=True)
+
+
+@pytest.mark.parametrize("rows,n,k,b,kb", CASES[:3])
 @pytest.mark.parametrize("layout", ["interleaved", "shuffled"])
 def test_split_equals_reference(rows, n, k, b, kb, layout):
     x = torch.randn(rows, n).to(KERNEL_DEVICE)
     ref_values, _ = reference(x, k, b, kb, layout, largest=False)
-    for segments, threshold, sorted_ in ((2, True, True), (b // 8, False, True), (4, True, False)):
+    for segments, select, sort_here, sorted_ in ((2, "bisect", True, True), (b // 8, "radix", False, True),
+                                                 (4, "bisect", True, False)):
         values, indices = split_bucketed_topk(x, k, num_buckets=b, per_bucket_k=kb, segments=segments,
                                               largest=False, sorted=sorted_, layout_id=LAYOUT_IDS[layout], seed=11,
-                                              threshold=threshold)
+                                              select=select, sort_here=sort_here)
         assert_matches_reference(values, indices, ref_values, x, sorted_, largest=False)
 
 
@@ -67,9 +83,10 @@ def test_unsorted_smallest_and_special_values(dtype):
     x[1, ::53] = float("-inf")
     x[1, 5::61] = float("inf")
     x = x.to(dtype).to(KERNEL_DEVICE)
-    for largest in (True, False):
+    for largest, select in ((True, "bisect"), (False, "radix")):
         ref_values, _ = reference(x, 300, 128, 4, "interleaved", largest)
-        values, indices = fused_bucketed_topk(x, 300, num_buckets=128, per_bucket_k=4, largest=largest, sorted=False)
+        values, indices = fused_bucketed_topk(x, 300, num_buckets=128, per_bucket_k=4, largest=largest, sorted=False,
+                                              select=select)
         assert_matches_reference(values, indices, ref_values, x, sorted_=False, largest=largest)
 
 

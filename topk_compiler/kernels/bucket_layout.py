@@ -10,7 +10,8 @@ import triton.language as tl
 @triton.jit
 def group_rotation(row, group, seed):
     """32-bit hash of (seed, row, group) as int64 (see ``lowering/layouts.py``)."""
-    row, group, seed = row.to(tl.int64), group.to(tl.int64), seed.to(tl.int64)
+    # tl.cast: in the interpreter a loop counter may arrive as a plain int
+    row, group, seed = tl.cast(row, tl.int64), tl.cast(group, tl.int64), tl.cast(seed, tl.int64)
     h = ((row * 0x27D4EB2F) & 0xFFFFFFFF) + ((group * 0x165667B1) & 0xFFFFFFFF) + ((seed * 0x61C88647) & 0xFFFFFFFF)
     h = h & 0xFFFFFFFF
     h = h ^ (h >> 16)

@@ -5,11 +5,13 @@ loads one element of every bucket (``BLANES`` consecutive elements for the inter
 shuffled layouts, so loads are coalesced) and pushes it through that lane's running top-``KB``,
 kept sorted in ``KB`` registers (a max/min pair per slot). An element travels as one integer:
 its order key in the high bits and its slot in the bucket (inverted, so the earlier element wins
-a tie) in the low bits, so a single integer max/min moves key and position together.
+a tie) in the low bits, so a single integer max/min moves key and position together. The
+``UNROLL`` loads of a step are all issued before the first push, so that enough bytes are in
+flight to stream at memory bandwidth (one step of 1024 bf16 lanes is only 2 KB).
 
 * ``fused_bucketed_topk``: one program per row holds all of the row's buckets; stage 2 (exact
   top-k of the ``BLANES * KB`` survivors, ``select_topk.select_and_store``) runs on the registers
-  in the same program. With ``BLANES >= n`` and ``KB = 1`` this is an exact top-k.
+  in the same program.
 * ``bucket_survivors`` + ``select_topk``: for few long rows, ``segments`` programs share a row,
   each owning ``BLANES`` of its buckets, and write their survivors; a second launch selects.
 """
@@ -20,9 +22,12 @@ import triton.language as tl
 
 from topk_compiler.kernels.bucket_layout import element_index, group_rotation
 from topk_compiler.kernels.order_key import order_key
-from topk_compiler.kernels.select_topk import select_and_store, select_topk
+from topk_compiler.kernels.select_topk import finish_sort, new_outputs, select_and_store, select_meta, select_topk
 
 MAX_PER_BUCKET_K = 8
+# Loads in flight per lane and step: 8 keeps every tried (lanes, warps) of the planner within
+# 2 KB-16 KB in flight per program without spilling (ptxas -v, sm_90a).
+UNROLLS = (1, 2, 4, 8)
 
 
 @triton.jit
@@ -61,42 +66,67 @@ def _push(v, r0, r1, r2, r3, r4, r5, r6, r7, KB: tl.constexpr):
 
 
 @triton.jit
-def _bucket_survivors(x_row_ptr, row, seg, n, num_buckets, slots, seed,
-                      BLANES: tl.constexpr, KB: tl.constexpr, KBP: tl.constexpr, LAYOUT: tl.constexpr,
-                      UNROLL: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr,
-                      POS_BITS: tl.constexpr):
-    """Stage 1 for buckets ``seg*BLANES ...`` of one row: (keys, indices) of the survivors, [BLANES*KBP]."""
+def _slot_entry(x_row_ptr, row, q, g, n, num_buckets, slots, seed, pad,
+                LAYOUT: tl.constexpr, LARGEST: tl.constexpr, POS_BITS: tl.constexpr):
+    """Packed (key, inverted slot) of slot ``g`` of the lanes' buckets ``q``; ``pad`` past the row."""
+    if LAYOUT == 2:
+        offs = q.to(tl.int64) * slots + g
+        valid = (offs < n) & (g < slots)
+    else:
+        base = tl.cast(g, tl.int64) * num_buckets  # g may be a plain int in the interpreter
+        if LAYOUT == 1:
+            rot = group_rotation(row, g, seed).to(tl.int32) & (num_buckets - 1)
+            lane = (q - rot) & (num_buckets - 1)
+        else:
+            lane = q
+        offs = base + lane
+        valid = lane < (n - base)
+    key = order_key(tl.load(x_row_ptr + offs, mask=valid, other=0.0), LARGEST)
+    slot = (1 << POS_BITS) - 1 - g
+    if POS_BITS == 16:
+        packed = (key << 16) | slot
+    else:
+        packed = (key.to(tl.int64) << 32) | slot
+    return tl.where(valid, packed, pad)
+
+
+@triton.jit
+def bucket_survivors_of(x_row_ptr, row, seg, n, num_buckets, slots, seed,
+                        BLANES: tl.constexpr, KB: tl.constexpr, KBP: tl.constexpr, LAYOUT: tl.constexpr,
+                        UNROLL: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr,
+                        POS_BITS: tl.constexpr):
+    """Stage 1 for buckets ``seg*BLANES ...`` of one row: (keys, indices) of the survivors,
+    [BLANES*KBP], lane-major (a lane's KBP slots are adjacent, best first)."""
     q = seg * BLANES + tl.arange(0, BLANES)
     if POS_BITS == 16:
         pad = tl.full([BLANES], -2147483648, tl.int32)
     else:
         pad = tl.full([BLANES], -9223372036854775808, tl.int64)
-    pos_max = (1 << POS_BITS) - 1
     r0, r1, r2, r3, r4, r5, r6, r7 = pad, pad, pad, pad, pad, pad, pad, pad
-    if LAYOUT == 2:
-        lane_start = q.to(tl.int64) * slots
     for g0 in range(0, slots, UNROLL):
-        for u in tl.static_range(UNROLL):
-            g = g0 + u
-            if LAYOUT == 2:
-                offs = lane_start + g
-                valid = (offs < n) & (g < slots)
-            else:
-                base = g.to(tl.int64) * num_buckets
-                if LAYOUT == 1:
-                    rot = group_rotation(row, g, seed).to(tl.int32) & (num_buckets - 1)
-                    lane = (q - rot) & (num_buckets - 1)
-                else:
-                    lane = q
-                offs = base + lane
-                valid = lane < (n - base)
-            key = order_key(tl.load(x_row_ptr + offs, mask=valid, other=0.0), LARGEST)
-            if POS_BITS == 16:
-                packed = (key << 16) | (pos_max - g)
-            else:
-                packed = (key.to(tl.int64) << 32) | (pos_max - g)
-            packed = tl.where(valid, packed, pad)
-            r0, r1, r2, r3, r4, r5, r6, r7 = _push(packed, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+        # Every load of the step first, then the pushes that wait on them.
+        e0 = _slot_entry(x_row_ptr, row, q, g0, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
+        if UNROLL > 1:
+            e1 = _slot_entry(x_row_ptr, row, q, g0 + 1, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
+        if UNROLL > 2:
+            e2 = _slot_entry(x_row_ptr, row, q, g0 + 2, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
+            e3 = _slot_entry(x_row_ptr, row, q, g0 + 3, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
+        if UNROLL > 4:
+            e4 = _slot_entry(x_row_ptr, row, q, g0 + 4, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
+            e5 = _slot_entry(x_row_ptr, row, q, g0 + 5, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
+            e6 = _slot_entry(x_row_ptr, row, q, g0 + 6, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
+            e7 = _slot_entry(x_row_ptr, row, q, g0 + 7, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
+        r0, r1, r2, r3, r4, r5, r6, r7 = _push(e0, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+        if UNROLL > 1:
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e1, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+        if UNROLL > 2:
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e2, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e3, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+        if UNROLL > 4:
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e4, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e5, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e6, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e7, r0, r1, r2, r3, r4, r5, r6, r7, KB)
     if KBP == 1:
         s = r0
     elif KBP == 2:
@@ -106,6 +136,7 @@ def _bucket_survivors(x_row_ptr, row, seg, n, num_buckets, slots, seed,
     else:
         s = tl.reshape(tl.join(tl.join(tl.join(r0, r1), tl.join(r2, r3)),
                                tl.join(tl.join(r4, r5), tl.join(r6, r7))), [8 * BLANES])
+    pos_max = (1 << POS_BITS) - 1
     g = pos_max - (s & pos_max)
     keys = (s >> POS_BITS).to(tl.int32)
     if KEY_BITS == 16 and POS_BITS == 32:
@@ -116,20 +147,22 @@ def _bucket_survivors(x_row_ptr, row, seg, n, num_buckets, slots, seed,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _fused_bucketed_topk_kernel(x_ptr, values_ptr, indices_ptr,                  # pointers
+def _fused_bucketed_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr,       # pointers
                                 n, k, num_buckets, slots, seed,                   # sizes
                                 x_row_stride, out_row_stride,                     # strides
                                 BLANES: tl.constexpr, KB: tl.constexpr, KBP: tl.constexpr,
                                 LAYOUT: tl.constexpr, UNROLL: tl.constexpr, LARGEST: tl.constexpr,
                                 KEY_BITS: tl.constexpr, POS_BITS: tl.constexpr, K_POW2: tl.constexpr,
-                                SORTED: tl.constexpr, THRESHOLD: tl.constexpr, SORT32: tl.constexpr):
+                                SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
+                                ORDER32: tl.constexpr, PACK32: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = x_ptr + row * x_row_stride
-    keys, idx = _bucket_survivors(x_row_ptr, row, 0, n, num_buckets, slots, seed,
-                                  BLANES, KB, KBP, LAYOUT, UNROLL, LARGEST, KEY_BITS, POS_BITS)
+    keys, idx = bucket_survivors_of(x_row_ptr, row, 0, n, num_buckets, slots, seed,
+                                    BLANES, KB, KBP, LAYOUT, UNROLL, LARGEST, KEY_BITS, POS_BITS)
     select_and_store(keys, idx, k, x_row_ptr, values_ptr + row * out_row_stride,
-                     indices_ptr + row * out_row_stride, NS=BLANES * KBP, K_POW2=K_POW2,
-                     KEY_BITS=KEY_BITS, SORTED=SORTED, THRESHOLD=THRESHOLD, SORT32=SORT32)
+                     indices_ptr + row * out_row_stride, order_ptr + row * out_row_stride,
+                     K_POW2=K_POW2, KEY_BITS=KEY_BITS, SORTED=SORTED, SELECT=SELECT, SORT_HERE=SORT_HERE,
+                     ORDER32=ORDER32, PACK32=PACK32)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -141,77 +174,83 @@ def _bucket_survivors_kernel(x_ptr, keys_ptr, idx_ptr,                          
                              KEY_BITS: tl.constexpr, POS_BITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
-    keys, idx = _bucket_survivors(x_ptr + row * x_row_stride, row, seg, n, num_buckets, slots, seed,
-                                  BLANES, KB, KBP, LAYOUT, UNROLL, LARGEST, KEY_BITS, POS_BITS)
+    keys, idx = bucket_survivors_of(x_ptr + row * x_row_stride, row, seg, n, num_buckets, slots, seed,
+                                    BLANES, KB, KBP, LAYOUT, UNROLL, LARGEST, KEY_BITS, POS_BITS)
     f = seg * (BLANES * KBP) + tl.arange(0, BLANES * KBP)
     tl.store(keys_ptr + row * cand_row_stride + f, keys)
     tl.store(idx_ptr + row * cand_row_stride + f, idx.to(tl.int32))
 
 
-def _check(x2d: torch.Tensor, k: int, num_buckets: int, per_bucket_k: int, layout_id: int) -> None:
+def check_stage1(x2d: torch.Tensor, k: int, num_buckets: int, per_bucket_k: int, layout_id: int, unroll: int) -> None:
     assert x2d.dim() == 2 and x2d.stride(1) == 1, f"need [rows, n] with unit last stride, got {tuple(x2d.shape)}/{x2d.stride()}"
     assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {x2d.dtype}"
     assert 1 <= per_bucket_k <= MAX_PER_BUCKET_K, f"per_bucket_k must be in [1, {MAX_PER_BUCKET_K}], got {per_bucket_k}"
     assert num_buckets & (num_buckets - 1) == 0, f"num_buckets must be a power of two, got {num_buckets}"
     assert 0 < k <= x2d.shape[1], f"need 0 < k <= n, got k={k}, n={x2d.shape[1]}"
     assert layout_id in (0, 1, 2), f"unknown layout id {layout_id}"
+    assert unroll in UNROLLS, f"unroll must be one of {UNROLLS}, got {unroll}"
 
 
-def _bit_widths(x2d: torch.Tensor, slots: int) -> tuple[int, int]:
+def bit_widths(x2d: torch.Tensor, slots: int) -> tuple[int, int]:
+    """(bits of the order key, bits of the slot in a packed stage-1 entry)."""
     key_bits = 16 if x2d.element_size() == 2 else 32
     pos_bits = 16 if key_bits == 16 and slots <= 2**16 else 32
     return key_bits, pos_bits
 
 
+def stage1_meta(x2d: torch.Tensor, num_buckets: int, per_bucket_k: int, blanes: int, layout_id: int, unroll: int,
+                largest: bool) -> tuple[int, dict]:
+    """(slots per bucket, the stage-1 constexprs) for ``bucket_survivors_of``."""
+    slots = triton.cdiv(x2d.shape[1], num_buckets)
+    key_bits, pos_bits = bit_widths(x2d, slots)
+    return slots, dict(BLANES=blanes, KB=per_bucket_k, KBP=triton.next_power_of_2(per_bucket_k), LAYOUT=layout_id,
+                       UNROLL=unroll, LARGEST=largest, KEY_BITS=key_bits, POS_BITS=pos_bits)
+
+
 def fused_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
-                        sorted: bool, layout_id: int = 0, seed: int = 0, threshold: bool = True,
-                        unroll: int = 2, num_warps: int = 8):
-    """Stage 1 and stage 2 in one program per row of ``x2d`` ([rows, n], unit last stride)."""
-    _check(x2d, k, num_buckets, per_bucket_k, layout_id)
+                        sorted: bool, layout_id: int = 0, seed: int = 0, select: str = "bisect",
+                        sort_here: bool = True, sort_warps: int = 1, unroll: int = 4, num_warps: int = 8):
+    """Stage 1 and stage 2 in one program per row of ``x2d`` ([rows, n], unit last stride); with
+    ``sorted`` and not ``sort_here`` the sort is a second launch (``select_topk.sort_selected``)."""
+    check_stage1(x2d, k, num_buckets, per_bucket_k, layout_id, unroll)
     rows, n = x2d.shape
-    slots = triton.cdiv(n, num_buckets)
-    key_bits, pos_bits = _bit_widths(x2d, slots)
-    values = torch.empty(rows, k, dtype=x2d.dtype, device=x2d.device)
-    indices = torch.empty(rows, k, dtype=torch.int64, device=x2d.device)
-    if rows == 0:
-        return values, indices
-    _fused_bucketed_topk_kernel[(rows,)](
-        x2d, values, indices, n, k, num_buckets, slots, seed, x2d.stride(0), k,
-        BLANES=num_buckets, KB=per_bucket_k, KBP=triton.next_power_of_2(per_bucket_k), LAYOUT=layout_id,
-        UNROLL=unroll, LARGEST=largest, KEY_BITS=key_bits, POS_BITS=pos_bits,
-        K_POW2=triton.next_power_of_2(k), SORTED=sorted, THRESHOLD=threshold,
-        SORT32=key_bits == 16 and n <= 2**16, num_warps=num_warps,
-    )
-    return values, indices
+    slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets, layout_id, unroll, largest)
+    values, indices, order = new_outputs(x2d, k, meta["KEY_BITS"], sorted)
+    if rows:
+        _fused_bucketed_topk_kernel[(rows,)](
+            x2d, values, indices, order, n, k, num_buckets, slots, seed, x2d.stride(0), k, **meta,
+            **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_here=sort_here),
+            num_warps=num_warps,
+        )
+    return finish_sort(values, indices, order, sorted=sorted, select=select, sort_here=sort_here,
+                       sort_warps=sort_warps)
 
 
 def bucket_survivors(x2d: torch.Tensor, *, num_buckets: int, per_bucket_k: int, segments: int, largest: bool,
-                     layout_id: int = 0, seed: int = 0, unroll: int = 2, num_warps: int = 4):
+                     layout_id: int = 0, seed: int = 0, unroll: int = 4, num_warps: int = 4):
     """Stage 1 with ``segments`` programs per row: survivors' keys and indices, [rows, num_buckets * KBP] int32."""
-    _check(x2d, 1, num_buckets, per_bucket_k, layout_id)
+    check_stage1(x2d, 1, num_buckets, per_bucket_k, layout_id, unroll)
     assert num_buckets % segments == 0, f"segments ({segments}) must divide num_buckets ({num_buckets})"
-    rows, n = x2d.shape
-    slots = triton.cdiv(n, num_buckets)
-    key_bits, pos_bits = _bit_widths(x2d, slots)
-    kbp = triton.next_power_of_2(per_bucket_k)
-    keys = torch.empty(rows, num_buckets * kbp, dtype=torch.int32, device=x2d.device)
+    rows = x2d.shape[0]
+    slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets // segments, layout_id, unroll, largest)
+    keys = torch.empty(rows, num_buckets * meta["KBP"], dtype=torch.int32, device=x2d.device)
     idx = torch.empty_like(keys)
     if rows:
         _bucket_survivors_kernel[(rows, segments)](
-            x2d, keys, idx, n, num_buckets, slots, seed, x2d.stride(0), keys.stride(0),
-            BLANES=num_buckets // segments, KB=per_bucket_k, KBP=kbp, LAYOUT=layout_id, UNROLL=unroll,
-            LARGEST=largest, KEY_BITS=key_bits, POS_BITS=pos_bits, num_warps=num_warps,
+            x2d, keys, idx, x2d.shape[1], num_buckets, slots, seed, x2d.stride(0), keys.stride(0), **meta,
+            num_warps=num_warps,
         )
-    return keys, idx, key_bits
+    return keys, idx, meta["KEY_BITS"]
 
 
 def split_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, segments: int,
-                        largest: bool, sorted: bool, layout_id: int = 0, seed: int = 0, threshold: bool = True,
-                        unroll: int = 2, num_warps: int = 4, select_num_warps: int = 8):
+                        largest: bool, sorted: bool, layout_id: int = 0, seed: int = 0, select: str = "bisect",
+                        sort_here: bool = True, sort_warps: int = 1, unroll: int = 4, num_warps: int = 4,
+                        select_num_warps: int = 8):
     """Stage 1 over ``segments`` programs per row, then a second launch for stage 2."""
     keys, idx, key_bits = bucket_survivors(
         x2d, num_buckets=num_buckets, per_bucket_k=per_bucket_k, segments=segments, largest=largest,
         layout_id=layout_id, seed=seed, unroll=unroll, num_warps=num_warps,
     )
-    return select_topk(keys, idx, x2d, k, key_bits=key_bits, sorted=sorted, threshold=threshold,
-                       num_warps=select_num_warps)
+    return select_topk(keys, idx, x2d, k, key_bits=key_bits, sorted=sorted, select=select, sort_here=sort_here,
+                       sort_warps=sort_warps, num_warps=select_num_warps)

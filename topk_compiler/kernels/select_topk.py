@@ -1,14 +1,22 @@
-"""Exact top-k of m candidates per row, one Triton program per row.
+"""Exact top-k of m candidates per row, and the sort of the k selected.
 
-Candidates are (int32 order key, element index) pairs. Two strategies, picked by the cost model:
+Candidates are (int32 order key, element index) pairs held in registers by one program. Three
+ways to select, picked by the cost model (``SELECT``):
 
-* bitonic: pack key and index into one integer and let ``tl.topk`` (a bitonic top-k network)
-  produce the k largest already sorted. Cheap when k is small next to m.
-* threshold: find the k-th largest key by bisection over its bits (one block-wide count per bit),
-  keep keys above it plus as many ties as needed, compact them with a prefix sum and, if sorted
-  output is wanted, sort only those k (through the output buffer, which doubles as scratch).
+* ``bitonic`` (0): pack key and index into one integer and let ``tl.topk`` (a bitonic top-k
+  network) produce the k largest already sorted. Cheap only when k is small next to m.
+* ``bisect`` (1): the k-th largest key by bisection over its bits, one block-wide count per bit.
+* ``radix`` (2): the k-th largest key by 8-bit digits, one ``tl.histogram`` per digit (2 for
+  16-bit keys, 4 for 32-bit ones) instead of one count per bit.
 
-Both write int64 indices and gather the values from the input, so a NaN keeps its payload.
+After ``bisect``/``radix`` the keys above the threshold, and as many ties as needed, are
+compacted in candidate order with a single prefix sum (above and tied counts packed in one
+int32) and written unsorted. With sorted output, a packed (key, output position) per selected
+element is written beside them and sorted, and the values and indices are permuted by it:
+either in the same program (``sort_here``) or by ``sort_selected``, a separate launch with
+few warps per row (a bitonic network whose stages stay inside a warp).
+
+Values are loaded from the input at the selected indices, so a NaN keeps its payload.
 """
 
 import torch
@@ -17,72 +25,159 @@ import triton.language as tl
 
 from topk_compiler.kernels.order_key import order_key
 
-@triton.jit
-def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr,
-                     NS: tl.constexpr, K_POW2: tl.constexpr, KEY_BITS: tl.constexpr,
-                     SORTED: tl.constexpr, THRESHOLD: tl.constexpr, SORT32: tl.constexpr):
-    """Writes the k candidates with the largest keys (indices as int64, values gathered from x).
+SELECT_METHODS = {"bitonic": 0, "bisect": 1, "radix": 2}
 
-    keys: int32 [NS], padding = -2**(KEY_BITS-1); idx: [NS] element indices. Needs at least k
-    real candidates. SORT32: keys are 16-bit and indices < 2**16, so a (key, index) pair packs
-    into an int32 (half the cost of int64 in a sorting network).
-    """
-    if THRESHOLD:
-        # Largest T with count(keys >= T) >= k, bit by bit on the offset-binary key.
-        half = tl.full([], 1, tl.int64) << (KEY_BITS - 1)
-        t_off = tl.zeros([], dtype=tl.int64)
-        for i in range(KEY_BITS):
-            cand_off = t_off + (tl.full([], 1, tl.int64) << (KEY_BITS - 1 - i))
-            cand = (cand_off - half).to(tl.int32)
-            count = tl.sum((keys >= cand).to(tl.int32), axis=0)
-            t_off = tl.where(count >= k, cand_off, t_off)
-        threshold = (t_off - half).to(tl.int32)
-        above = keys > threshold
-        tied = keys == threshold
-        need = k - tl.sum(above.to(tl.int32), axis=0)
-        chosen = above | tied
-        if tl.sum(tied.to(tl.int32), axis=0) > need:
-            # Ties at the threshold: take the first `need` of them (rare for real data).
-            chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= need))
-        pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-        if SORTED:
-            if SORT32:
-                packed = ((keys << 16) | (0xFFFF - idx.to(tl.int32))).to(tl.int64)
-            else:
-                packed = (keys.to(tl.int64) << 32) | (0xFFFFFFFF - idx.to(tl.int64))
-            tl.store(indices_row_ptr + pos, packed, mask=chosen)
-            tl.debug_barrier()
-            o = tl.arange(0, K_POW2)
-            in_k = o < k
-            packed = tl.load(indices_row_ptr + o, mask=in_k, other=-9223372036854775808)
-            if SORT32:
-                top = packed.to(tl.int32)
-                if K_POW2 > 1:
-                    top = tl.sort(top, descending=True)
-                top_idx = (0xFFFF - (top & 0xFFFF)).to(tl.int64)
-            else:
-                top = packed
-                if K_POW2 > 1:
-                    top = tl.sort(top, descending=True)
-                top_idx = 0xFFFFFFFF - (top & 0xFFFFFFFF)
-            tl.debug_barrier()
-            tl.store(indices_row_ptr + o, top_idx, mask=in_k)
-            tl.store(values_row_ptr + o, tl.load(x_row_ptr + top_idx, mask=in_k), mask=in_k)
+
+@triton.jit
+def key_pad(KEY_BITS: tl.constexpr):
+    """The padding key: below every real key (``order_key`` leaves the type's minimum free)."""
+    return -(1 << (KEY_BITS - 1))
+
+
+@triton.jit
+def kth_key_bisect(keys, k, KEY_BITS: tl.constexpr):
+    """Largest T with count(keys >= T) >= k, bit by bit on the offset-binary key."""
+    half = tl.full([], 1, tl.int64) << (KEY_BITS - 1)
+    t_off = tl.zeros([], dtype=tl.int64)
+    for i in range(KEY_BITS):
+        cand_off = t_off + (tl.full([], 1, tl.int64) << (KEY_BITS - 1 - i))
+        count = tl.sum((keys >= (cand_off - half).to(tl.int32)).to(tl.int32), axis=0)
+        t_off = tl.where(count >= k, cand_off, t_off)
+    return (t_off - half).to(tl.int32)
+
+
+@triton.jit
+def radix_digit(keys, P: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Digit ``P`` (0 = most significant, 8 bits) of the offset-binary form of int32 ``keys``."""
+    digit = (keys >> (KEY_BITS - 8 * (P + 1))) & 0xFF
+    if P == 0:
+        digit = digit ^ 0x80  # the sign bit, flipped: offset binary orders like the signed key
+    return digit
+
+
+@triton.jit
+def radix_prefix_match(keys, t, P: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Do the ``P`` leading digits of ``keys`` equal the decided digits ``t`` (offset binary)?"""
+    decided: tl.constexpr = 8 * P
+    return (keys >> (KEY_BITS - decided)) == (t - (1 << (decided - 1))).to(tl.int32)
+
+
+@triton.jit
+def radix_step(h, t, above, k):
+    """From the histogram ``h`` of the next digit (among keys matching the decided prefix ``t``):
+    the digit holding the k-th largest key, appended to ``t``, and ``above`` plus the count of
+    matching keys in larger digits."""
+    bins = tl.arange(0, 256)
+    suffix = tl.cumsum(h, axis=0, reverse=True)  # matching keys with digit >= d
+    d = tl.max(tl.where(above + suffix >= k, bins, 0), axis=0)
+    above += tl.sum(tl.where(bins > d, h, 0), axis=0)
+    return (t << 8) | d.to(tl.int64), above
+
+
+@triton.jit
+def radix_threshold(t, KEY_BITS: tl.constexpr):
+    """The int32 key whose offset-binary digits are ``t``."""
+    return (t - (tl.full([], 1, tl.int64) << (KEY_BITS - 1))).to(tl.int32)
+
+
+@triton.jit
+def kth_key_radix(keys, k, KEY_BITS: tl.constexpr):
+    """Largest T with count(keys >= T) >= k, one 8-bit digit per histogram."""
+    t = tl.zeros([], dtype=tl.int64)
+    above = tl.zeros([], dtype=tl.int32)
+    for p in tl.static_range(KEY_BITS // 8):
+        digit = radix_digit(keys, p, KEY_BITS)
+        if p == 0:
+            h = tl.histogram(digit, 256)
         else:
-            tl.store(indices_row_ptr + pos, idx.to(tl.int64), mask=chosen)
-            tl.store(values_row_ptr + pos, tl.load(x_row_ptr + idx, mask=chosen), mask=chosen)
+            h = tl.histogram(digit, 256, mask=radix_prefix_match(keys, t, p, KEY_BITS))
+        t, above = radix_step(h, t, above, k)
+    return radix_threshold(t, KEY_BITS)
+
+
+@triton.jit
+def compact_positions(keys, threshold, need, above_base, tied_base):
+    """Which candidates to keep (keys above ``threshold``, then the first ``need`` ties in
+    candidate order) and their output positions, after ``above_base`` kept keys above the
+    threshold and ``tied_base`` ties seen earlier. Returns (chosen, position, above count, tie
+    count) of this block. One prefix sum: the above and tie counts share an int32 (16 bits
+    each; blocks hold at most 2**15 candidates)."""
+    above = keys > threshold
+    tied = keys == threshold
+    packed = tl.cumsum(above.to(tl.int32) + (tied.to(tl.int32) << 16), axis=0)
+    above_before = above_base + (packed & 0xFFFF) - above.to(tl.int32)
+    tied_before = tied_base + (packed >> 16) - tied.to(tl.int32)
+    chosen = above | (tied & (tied_before < need))
+    position = above_before + tl.minimum(tied_before, need)
+    return chosen, position, tl.sum(above.to(tl.int32), axis=0), tl.sum(tied.to(tl.int32), axis=0)
+
+
+@triton.jit
+def order_entry(keys, position, ORDER32: tl.constexpr):
+    """Packed (key, output position) that sorts descending into torch.topk's order; a tie goes
+    to the earlier position. int32 for 16-bit keys (positions < 2**16), else int64."""
+    if ORDER32:
+        return (keys << 16) | (0xFFFF - position)
+    return (keys.to(tl.int64) << 32) | (0xFFFFFFFF - position.to(tl.int64))
+
+
+@triton.jit
+def store_selected(keys, idx, chosen, position, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
+                   SORTED: tl.constexpr, ORDER32: tl.constexpr):
+    tl.store(indices_row_ptr + position, idx.to(tl.int64), mask=chosen)
+    tl.store(values_row_ptr + position, tl.load(x_row_ptr + idx, mask=chosen), mask=chosen)
+    if SORTED:
+        tl.store(order_row_ptr + position, order_entry(keys, position, ORDER32), mask=chosen)
+
+
+@triton.jit
+def sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2: tl.constexpr, ORDER32: tl.constexpr):
+    """Sorts one row's k stored (value, index) pairs by their order entries, in place.
+
+    Every thread's reads are done before the barrier, every write after it.
+    """
+    o = tl.arange(0, K_POW2)
+    in_k = o < k
+    if ORDER32:
+        entry = tl.load(order_row_ptr + o, mask=in_k, other=-2147483648)
+        pos_mask = 0xFFFF
     else:
-        if SORT32:
+        entry = tl.load(order_row_ptr + o, mask=in_k, other=-9223372036854775808)
+        pos_mask = 0xFFFFFFFF
+    if K_POW2 > 1:
+        entry = tl.sort(entry, descending=True)
+    position = (pos_mask - (entry & pos_mask)).to(tl.int32)
+    values = tl.load(values_row_ptr + position, mask=in_k)
+    indices = tl.load(indices_row_ptr + position, mask=in_k)
+    tl.debug_barrier()
+    tl.store(values_row_ptr + o, values, mask=in_k)
+    tl.store(indices_row_ptr + o, indices, mask=in_k)
+
+
+@triton.jit
+def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
+                     K_POW2: tl.constexpr, KEY_BITS: tl.constexpr, SORTED: tl.constexpr,
+                     SELECT: tl.constexpr, SORT_HERE: tl.constexpr, ORDER32: tl.constexpr,
+                     PACK32: tl.constexpr):
+    """Writes the k candidates with the largest keys (int64 indices, values loaded from x).
+
+    keys: int32 [NS], padding = ``key_pad``; idx: [NS] element indices; at least k real
+    candidates. With SORTED and not SORT_HERE, the row is left unsorted with its order entries
+    stored for ``sort_selected``. PACK32 (bitonic only): 16-bit keys and indices < 2**16 share
+    an int32 in the network.
+    """
+    if SELECT == 0:
+        if PACK32:
             packed = (keys << 16) | (0xFFFF - idx.to(tl.int32))
         else:
             packed = (keys.to(tl.int64) << 32) | (0xFFFFFFFF - idx.to(tl.int64))
         if K_POW2 == 1:
             top = tl.max(packed, axis=0, keep_dims=True)
-        elif K_POW2 < NS:
+        elif K_POW2 < packed.numel:
             top = tl.topk(packed, K_POW2)
         else:
             top = tl.sort(packed, descending=True)
-        if SORT32:
+        if PACK32:
             top_idx = (0xFFFF - (top & 0xFFFF)).to(tl.int64)
         else:
             top_idx = 0xFFFFFFFF - (top & 0xFFFFFFFF)
@@ -90,62 +185,128 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr,
         in_k = o < k
         tl.store(indices_row_ptr + o, top_idx, mask=in_k)
         tl.store(values_row_ptr + o, tl.load(x_row_ptr + top_idx, mask=in_k), mask=in_k)
+    else:
+        if SELECT == 1:
+            threshold = kth_key_bisect(keys, k, KEY_BITS)
+        else:
+            threshold = kth_key_radix(keys, k, KEY_BITS)
+        need = k - tl.sum((keys > threshold).to(tl.int32), axis=0)
+        zero = tl.zeros([], dtype=tl.int32)
+        chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
+        store_selected(keys, idx, chosen, position, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
+                       SORTED, ORDER32)
+        if SORTED and SORT_HERE:
+            tl.debug_barrier()
+            sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2, ORDER32)
 
 
 @triton.jit
-def _select_topk_kernel(keys_ptr, idx_ptr, x_ptr, values_ptr, indices_ptr,     # pointers
-                        k, m,                                                 # sizes
-                        cand_row_stride, x_row_stride, out_row_stride,        # strides
+def _select_topk_kernel(keys_ptr, idx_ptr, x_ptr, values_ptr, indices_ptr, order_ptr,  # pointers
+                        k, m,                                                          # sizes
+                        cand_row_stride, x_row_stride, out_row_stride,                 # strides
                         NS: tl.constexpr, K_POW2: tl.constexpr, KEY_BITS: tl.constexpr,
-                        SORTED: tl.constexpr, THRESHOLD: tl.constexpr, SORT32: tl.constexpr,
-                        RAW: tl.constexpr, LARGEST: tl.constexpr):
+                        SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
+                        ORDER32: tl.constexpr, PACK32: tl.constexpr, RAW: tl.constexpr,
+                        LARGEST: tl.constexpr):
     """One row: candidates from (keys_ptr, idx_ptr), or with RAW the whole input row itself."""
     row = tl.program_id(0).to(tl.int64)
     f = tl.arange(0, NS)
     in_m = f < m
     if RAW:
         v = tl.load(x_ptr + row * x_row_stride + f, mask=in_m, other=0.0)
-        keys = tl.where(in_m, order_key(v, LARGEST), -(1 << (KEY_BITS - 1)))
+        keys = tl.where(in_m, order_key(v, LARGEST), key_pad(KEY_BITS))
         idx = f
     else:
-        keys = tl.load(keys_ptr + row * cand_row_stride + f, mask=in_m, other=-(1 << (KEY_BITS - 1)))
+        keys = tl.load(keys_ptr + row * cand_row_stride + f, mask=in_m, other=key_pad(KEY_BITS))
         idx = tl.load(idx_ptr + row * cand_row_stride + f, mask=in_m, other=0)
     select_and_store(keys, idx, k, x_ptr + row * x_row_stride, values_ptr + row * out_row_stride,
-                     indices_ptr + row * out_row_stride,
-                     NS=NS, K_POW2=K_POW2, KEY_BITS=KEY_BITS, SORTED=SORTED, THRESHOLD=THRESHOLD,
-                     SORT32=SORT32)
+                     indices_ptr + row * out_row_stride, order_ptr + row * out_row_stride,
+                     K_POW2=K_POW2, KEY_BITS=KEY_BITS, SORTED=SORTED, SELECT=SELECT, SORT_HERE=SORT_HERE,
+                     ORDER32=ORDER32, PACK32=PACK32)
 
 
-def _launch(keys, idx, x2d, k, m, cand_row_stride, *, key_bits, sorted, threshold, raw, largest, num_warps):
+@triton.jit
+def _sort_selected_kernel(values_ptr, indices_ptr, order_ptr,      # pointers
+                          k,                                       # sizes
+                          out_row_stride,                          # strides
+                          K_POW2: tl.constexpr, ORDER32: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    sort_stored(values_ptr + row * out_row_stride, indices_ptr + row * out_row_stride,
+                order_ptr + row * out_row_stride, k, K_POW2, ORDER32)
+
+
+def order32(key_bits: int, k: int) -> bool:
+    """Order entries fit an int32: 16-bit keys and positions below 2**16."""
+    return key_bits == 16 and k <= 2**16
+
+
+def new_outputs(x2d: torch.Tensor, k: int, key_bits: int, sorted: bool):
+    """(values, indices, order entries) for ``select_and_store``; the entries only when sorted."""
     rows = x2d.shape[0]
     values = torch.empty(rows, k, dtype=x2d.dtype, device=x2d.device)
     indices = torch.empty(rows, k, dtype=torch.int64, device=x2d.device)
-    if rows:
-        _select_topk_kernel[(rows,)](
-            keys, idx, x2d, values, indices, k, m, cand_row_stride, x2d.stride(0), k,
-            NS=triton.next_power_of_2(m), K_POW2=triton.next_power_of_2(k), KEY_BITS=key_bits,
-            SORTED=sorted, THRESHOLD=threshold, SORT32=key_bits == 16 and x2d.shape[1] <= 2**16,
-            RAW=raw, LARGEST=largest, num_warps=num_warps,
-        )
+    if sorted:
+        order = torch.empty(rows, k, dtype=torch.int32 if order32(key_bits, k) else torch.int64, device=x2d.device)
+    else:
+        order = indices  # never written: SORTED=False stores no order entries
+    return values, indices, order
+
+
+def sort_selected(values: torch.Tensor, indices: torch.Tensor, order: torch.Tensor, *, num_warps: int = 1) -> None:
+    """Sorts each row of (values, indices) in place by its order entries (``select_and_store``
+    with SORTED and not SORT_HERE)."""
+    rows, k = values.shape
+    if rows and k:
+        _sort_selected_kernel[(rows,)](values, indices, order, k, values.stride(0),
+                                       K_POW2=triton.next_power_of_2(k), ORDER32=order.dtype == torch.int32,
+                                       num_warps=num_warps)
+
+
+def select_meta(k: int, key_bits: int, n: int, *, sorted: bool, select: str, sort_here: bool) -> dict:
+    """The constexprs ``select_and_store`` takes beside KEY_BITS, from the launcher's arguments."""
+    assert select in SELECT_METHODS, f"select must be one of {list(SELECT_METHODS)}, got {select!r}"
+    return dict(K_POW2=triton.next_power_of_2(k), SORTED=sorted, SELECT=SELECT_METHODS[select],
+                SORT_HERE=sort_here or select == "bitonic", ORDER32=order32(key_bits, k),
+                PACK32=key_bits == 16 and n <= 2**16)
+
+
+def finish_sort(values, indices, order, *, sorted: bool, select: str, sort_here: bool, sort_warps: int):
+    """Runs ``sort_selected`` where the selection left the sort to it."""
+    if sorted and not sort_here and select != "bitonic":
+        sort_selected(values, indices, order, num_warps=sort_warps)
     return values, indices
 
 
-def select_topk(keys: torch.Tensor, idx: torch.Tensor, x2d: torch.Tensor, k: int, *, key_bits: int,
-                sorted: bool, threshold: bool, num_warps: int = 8):
+def _launch(keys, idx, x2d, k, m, cand_row_stride, *, key_bits, sorted, select, sort_here, sort_warps, raw,
+            largest, num_warps):
+    values, indices, order = new_outputs(x2d, k, key_bits, sorted)
+    if x2d.shape[0]:
+        _select_topk_kernel[(x2d.shape[0],)](
+            keys, idx, x2d, values, indices, order, k, m, cand_row_stride, x2d.stride(0), k,
+            NS=triton.next_power_of_2(m), KEY_BITS=key_bits, RAW=raw, LARGEST=largest, num_warps=num_warps,
+            **select_meta(k, key_bits, x2d.shape[1], sorted=sorted, select=select, sort_here=sort_here),
+        )
+    return finish_sort(values, indices, order, sorted=sorted, select=select, sort_here=sort_here,
+                       sort_warps=sort_warps)
+
+
+def select_topk(keys: torch.Tensor, idx: torch.Tensor, x2d: torch.Tensor, k: int, *, key_bits: int, sorted: bool,
+                select: str = "radix", sort_here: bool = False, sort_warps: int = 1, num_warps: int = 8):
     """Top k of the candidates ``keys``/``idx`` ([rows, m] int32 each) of the rows of ``x2d``."""
     rows, m = keys.shape
     assert idx.shape == keys.shape and keys.dtype == torch.int32, "select_topk: int32 [rows, m] keys and indices"
     assert x2d.dim() == 2 and x2d.shape[0] == rows and x2d.stride(1) == 1, "select_topk: x2d must be [rows, n], unit last stride"
     assert 0 < k <= m, f"select_topk: need 0 < k <= m, got k={k}, m={m}"
-    return _launch(keys, idx, x2d, k, m, keys.stride(0), key_bits=key_bits, sorted=sorted,
-                   threshold=threshold, raw=False, largest=True, num_warps=num_warps)
+    return _launch(keys, idx, x2d, k, m, keys.stride(0), key_bits=key_bits, sorted=sorted, select=select,
+                   sort_here=sort_here, sort_warps=sort_warps, raw=False, largest=True, num_warps=num_warps)
 
 
-def exact_topk(x2d: torch.Tensor, k: int, *, largest: bool, sorted: bool, threshold: bool, num_warps: int = 8):
+def exact_topk(x2d: torch.Tensor, k: int, *, largest: bool, sorted: bool, select: str = "radix",
+               sort_here: bool = False, sort_warps: int = 1, num_warps: int = 8):
     """Exact top-k of each row of ``x2d`` ([rows, n], unit last stride), the row held in registers."""
     assert x2d.dim() == 2 and x2d.stride(1) == 1, "exact_topk: x2d must be [rows, n], unit last stride"
     assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"exact_topk: unsupported dtype {x2d.dtype}"
     assert 0 < k <= x2d.shape[1], f"exact_topk: need 0 < k <= n, got k={k}, n={x2d.shape[1]}"
     key_bits = 16 if x2d.element_size() == 2 else 32
-    return _launch(x2d, x2d, x2d, k, x2d.shape[1], 0, key_bits=key_bits, sorted=sorted,
-                   threshold=threshold, raw=True, largest=largest, num_warps=num_warps)
+    return _launch(x2d, x2d, x2d, k, x2d.shape[1], 0, key_bits=key_bits, sorted=sorted, select=select,
+                   sort_here=sort_here, sort_warps=sort_warps, raw=True, largest=largest, num_warps=num_warps)

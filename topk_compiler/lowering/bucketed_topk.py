@@ -22,6 +22,12 @@ from topk_compiler.lowering.layouts import LAYOUT_IDS, MAX_SEED
 from topk_compiler.lowering.plan import TopkPlan, plan_topk
 from topk_compiler.lowering.recall_model import survivors
 
+# Loads in flight per lane in stage 1, and warps of the separate sort launch (one warp: every
+# stage of its network stays inside the warp). Chosen by the sweep of
+# benchmarks/calibrate_cost_model.py on the H100 (benchmarks/results/calibration_h100.json).
+UNROLL = 4
+SORT_WARPS = 1
+
 
 def check_arguments(recall_target, num_buckets, per_bucket_k, layout, seed) -> None:
     """Raises ValueError naming the argument for a bad one."""
@@ -54,19 +60,23 @@ def _run(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan,
         return bucketed_topk_torch(x2d, k, largest=largest, sorted=sorted, num_buckets=plan.num_buckets,
                                    per_bucket_k=plan.per_bucket_k, layout=layout, seed=seed)
     from topk_compiler.kernels import bucketed_topk as bucketed_kernels
+    from topk_compiler.kernels import filtered_topk as filtered_kernels
     from topk_compiler.kernels import select_topk as select_kernels
 
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
+    finish = dict(sorted=sorted, select=plan.select, sort_here=plan.sort_here, sort_warps=SORT_WARPS)
     if plan.kernel == "select":
-        return select_kernels.exact_topk(x2d, k, largest=largest, sorted=sorted, threshold=plan.threshold,
-                                         num_warps=plan.num_warps)
-    common = dict(num_buckets=plan.num_buckets, per_bucket_k=plan.per_bucket_k, largest=largest, sorted=sorted,
-                  layout_id=LAYOUT_IDS[layout], seed=seed, threshold=plan.threshold)
+        return select_kernels.exact_topk(x2d, k, largest=largest, num_warps=plan.num_warps, **finish)
+    bucketing = dict(num_buckets=plan.num_buckets, per_bucket_k=plan.per_bucket_k, largest=largest, unroll=UNROLL)
+    if plan.kernel == "filtered":
+        return filtered_kernels.filtered_topk(x2d, k, num_warps=plan.num_warps, **bucketing, **finish)
+    layout_args = dict(layout_id=LAYOUT_IDS[layout], seed=seed)
     if plan.kernel == "fused":
-        return bucketed_kernels.fused_bucketed_topk(x2d, k, num_warps=plan.num_warps, **common)
+        return bucketed_kernels.fused_bucketed_topk(x2d, k, num_warps=plan.num_warps, **bucketing, **layout_args,
+                                                    **finish)
     assert plan.kernel == "split", f"unknown kernel {plan.kernel!r}"
-    return bucketed_kernels.split_bucketed_topk(x2d, k, segments=plan.segments, **common)
+    return bucketed_kernels.split_bucketed_topk(x2d, k, segments=plan.segments, **bucketing, **layout_args, **finish)
 
 
 @torch.library.custom_op("topk_compiler::bucketed_topk", mutates_args=())

@@ -4,20 +4,23 @@ Pure functions. Every formula is written once and evaluates either to a float (c
 to a sympy expression (symbolic sizes, as in a graph compiled with ``dynamic=True``), so a report
 can show the cost as a function of the sequence length.
 
-Model of a GPU kernel launch with one program per work item (a row, or a row segment): the
-``programs`` are spread over ``processors`` streaming multiprocessors, each of which works through
-its share one after the other at its share of the device's bandwidth and instruction rate:
+Model of a GPU kernel launch whose ``programs`` each take ``per_program`` seconds on a streaming
+multiprocessor (SM):
 
-    time = launch + ceil(programs / processors) * per_program_time
+    time = launch + max(1, programs / processors) * per_program
 
-``per_program_time`` adds bytes moved over the per-SM bandwidth to a weighted count of the work
-the kernel does per element (key transform, slot updates, one block-wide count per key bit,
-prefix sums, compare-and-swap stages of sorting networks). The weights are fitted to timings
-measured on the device by ``benchmarks/calibrate_cost_model.py``; the fitted values and the data
-they came from are in ``benchmarks/results/``. torch.topk gets a fitted formula of the same form.
+Fewer programs than SMs run side by side (the time is one program's latency); more share the
+SMs. ``per_program`` adds the program's bytes over its SM's share of the bandwidth to a weighted
+count of the work it does: per element streamed (load, key, packing), per element and kept slot,
+per candidate and key bit of a bisection, per candidate and digit of a radix histogram, per
+candidate of the compaction's prefix sum, per element and stage of a sorting network, per
+block-wide barrier. Each time is linear in these weights, which are fitted to timings of every
+kernel variant on the device (``benchmarks/calibrate_cost_model.py``; the fitted values and the
+data they came from are in ``calibration.py`` and ``benchmarks/results/``). torch.topk gets a
+fitted formula of the same form.
 
-The CPU profile models the plain-torch implementations the same way, calibrated on a 2-core CI
-machine: on CPUs torch.topk is rarely beaten, and the model says so.
+The CPU profile models the plain-torch implementations, calibrated on a 2-core CI machine: on
+CPUs torch.topk is rarely beaten, and the model says so.
 """
 
 from __future__ import annotations
@@ -36,10 +39,6 @@ def _is_symbolic(*values) -> bool:
     return any(isinstance(v, sympy.Basic) for v in values)
 
 
-def _ceil_div(a, b):
-    return sympy.ceiling(a / b) if _is_symbolic(a, b) else -(-a // b)
-
-
 def _log2(x):
     return sympy.log(x, 2) if _is_symbolic(x) else math.log2(max(x, 1))
 
@@ -48,8 +47,8 @@ def _next_pow2(x):
     return sympy.Integer(2) ** sympy.ceiling(sympy.log(x, 2)) if _is_symbolic(x) else 1 << max(0, (x - 1).bit_length())
 
 
-def _min(a, b):
-    return sympy.Min(a, b) if _is_symbolic(a, b) else min(a, b)
+def _max(a, b):
+    return sympy.Max(a, b) if _is_symbolic(a, b) else max(a, b)
 
 
 @dataclass(frozen=True)
@@ -78,11 +77,14 @@ class DeviceProfile:
 WORK_TERMS = (
     "launch",         # per kernel launch
     "byte",           # per byte read or written, on top of bandwidth (memory stalls)
-    "element",        # per input element: load, key transform, packing
+    "element",        # per input element streamed: load, key transform, packing
     "slot",           # per element per kept slot (the running top-kb update)
     "bisect",         # per candidate per key bit (one block-wide count per bit)
-    "scan",           # per candidate (prefix sums and compaction)
-    "network",        # per element per compare-and-swap stage of a sorting network
+    "radix",          # per candidate per 8-bit digit (one histogram per digit)
+    "scan",           # per candidate (prefix sum and compacting stores)
+    "network",        # per element per compare-and-swap stage, in the selecting program
+    "sort_network",   # per element per stage, in the separate few-warp sort launch
+    "filter",         # per element of the exact kernel's second pass over its row
     "sync",           # per block-wide synchronisation (latency a program cannot hide)
     # torch.topk (a fitted formula of the same shape)
     "torch_launch",
@@ -94,14 +96,15 @@ WORK_TERMS = (
 # Starting weights before calibration: H100-like throughput (132 SMs, ~1.7 GHz, 128 lanes each).
 _LANE_OP = 1.0 / (128 * 1.7e9)
 _DEFAULT_CUDA_WEIGHTS = {
-    "launch": 4e-6, "byte": 0.0, "element": 6 * _LANE_OP, "slot": 2 * _LANE_OP,
-    "bisect": 2 * _LANE_OP, "scan": 8 * _LANE_OP, "network": 6 * _LANE_OP, "sync": 1.5e-7,
+    "launch": 4e-6, "byte": 0.0, "element": 8 * _LANE_OP, "slot": 2 * _LANE_OP,
+    "bisect": 2 * _LANE_OP, "radix": 110 * _LANE_OP, "scan": 8 * _LANE_OP, "network": 8 * _LANE_OP,
+    "sort_network": 3 * _LANE_OP, "filter": 8 * _LANE_OP, "sync": 1.5e-7,
     "torch_launch": 1.5e-5, "torch_element": 3.5e-12, "torch_sort": 1.2e-11, "torch_row": 2e-7,
 }
 # Plain-torch implementations on a CPU, fitted on the 2-core CI machine (see module docstring).
 _DEFAULT_CPU_WEIGHTS = {
     "launch": 2e-5, "byte": 0.0, "element": 1.1e-9, "slot": 6e-10,
-    "bisect": 0.0, "scan": 0.0, "network": 0.0, "sync": 0.0,
+    "bisect": 0.0, "radix": 0.0, "scan": 0.0, "network": 0.0, "sort_network": 0.0, "filter": 0.0, "sync": 0.0,
     "torch_launch": 1e-5, "torch_element": 1.0e-9, "torch_sort": 2e-10, "torch_row": 1e-6,
 }
 
@@ -126,8 +129,8 @@ def device_profile(device: str) -> DeviceProfile:
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         bandwidth = next((bw for key, bw in _KNOWN_BANDWIDTH.items() if key in props.name), 2.0e12)
-        weights = _calibrated_weights(props.name) or _DEFAULT_CUDA_WEIGHTS
-        return DeviceProfile("cuda", props.name, props.multi_processor_count, bandwidth, dict(weights))
+        weights = {**_DEFAULT_CUDA_WEIGHTS, **(_calibrated_weights(props.name) or {})}
+        return DeviceProfile("cuda", props.name, props.multi_processor_count, bandwidth, weights)
     return DeviceProfile("cpu", "cpu", max(1, torch.get_num_threads()), 2.0e10, dict(_DEFAULT_CPU_WEIGHTS))
 
 
@@ -135,50 +138,96 @@ def with_weights(profile: DeviceProfile, weights: Mapping[str, float]) -> Device
     return dataclasses.replace(profile, weights={**profile.weights, **weights})
 
 
-def _waves(programs, profile: DeviceProfile):
-    return _ceil_div(programs, profile.processors)
+def _waves(programs, p: DeviceProfile):
+    return _max(1, programs / p.processors)
 
 
-def _select_work(ns, k, key_bits, sorted_, threshold, p: DeviceProfile):
-    """Per-program time of selecting k of ``ns`` candidates (select_topk.select_and_store)."""
+def _network_stages(size):
+    """Compare-and-swap stages of a bitonic sort of ``size`` (a power of two) elements."""
+    return _log2(size) * (_log2(size) + 1) / 2
+
+
+def _stream(n, elem_bytes, per_bucket_k, p: DeviceProfile):
+    """One program reading ``n`` elements and pushing each through ``per_bucket_k`` slots."""
+    return (n * elem_bytes * (p.processors / p.bandwidth + p.weight("byte")) + n * p.weight("element")
+            + n * per_bucket_k * p.weight("slot"))
+
+
+def _select(ns, k, key_bits, select, p: DeviceProfile):
+    """Selecting k of ``ns`` register-held candidates (``select_topk.select_and_store``), sorting
+    excluded except for ``bitonic``, whose network sorts as it selects."""
+    if select == "bitonic":
+        kp = _next_pow2(k)
+        stages = _network_stages(kp) + _log2(ns / kp) * (_log2(kp) + 1)
+        return ns * stages * p.weight("network") + stages * p.weight("sync")
+    if select == "bisect":
+        search = ns * key_bits * p.weight("bisect") + key_bits * p.weight("sync")
+    else:
+        search = ns * (key_bits // 8) * p.weight("radix") + (key_bits // 8) * p.weight("sync")
+    return search + ns * p.weight("scan") + 2 * p.weight("sync")
+
+
+def _sort_here(k, p: DeviceProfile):
     kp = _next_pow2(k)
-    if threshold:
-        t = ns * key_bits * p.weight("bisect") + 2 * ns * p.weight("scan") + (key_bits + 3) * p.weight("sync")
-        if sorted_:
-            stages = _log2(kp) * (_log2(kp) + 1) / 2
-            t += kp * stages * p.weight("network") + stages * p.weight("sync")
-        return t
-    # bitonic top-k: sort runs of kp, then halve ns/kp times, re-merging log2(kp) stages each time
-    stages = _log2(kp) * (_log2(kp) + 1) / 2 + _log2(ns / kp) * (_log2(kp) + 1)
-    return ns * stages * p.weight("network") + stages * p.weight("sync")
+    return kp * _network_stages(kp) * p.weight("network") + (_network_stages(kp) + 2) * p.weight("sync")
 
 
-def fused_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, threshold, p: DeviceProfile):
-    """Fused kernel: one program per row, stage 1 then stage 2 on registers."""
-    key_bits = 16 if elem_bytes == 2 else 32
+def sort_time(rows, k, p: DeviceProfile):
+    """``select_topk.sort_selected``: one few-warp program per row sorting its k selected."""
+    kp = _next_pow2(k)
+    return p.weight("launch") + _waves(rows, p) * (kp * _network_stages(kp) * p.weight("sort_network")
+                                                    + 2 * p.weight("sync"))
+
+
+def _finish(rows, k, sorted_, select, sort_here, p: DeviceProfile):
+    """(time inside the selecting program, time of a separate sort launch)."""
+    if not sorted_ or select == "bitonic":
+        return 0, 0
+    if sort_here:
+        return _sort_here(k, p), 0
+    return 0, sort_time(rows, k, p)
+
+
+def _key_bits(elem_bytes):
+    return 16 if elem_bytes == 2 else 32
+
+
+def fused_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, select, sort_here, p: DeviceProfile):
+    """``fused_bucketed_topk``: one program per row, stage 1 then stage 2 on registers."""
     ns = num_buckets * _next_pow2(per_bucket_k)
-    per_row = (
-        n * elem_bytes * (p.processors / p.bandwidth + p.weight("byte"))
-        + n * p.weight("element")
-        + n * per_bucket_k * p.weight("slot")
-        + _select_work(ns, k, key_bits, sorted_, threshold, p)
-    )
-    return p.weight("launch") + _waves(rows, p) * per_row
+    inner, outer = _finish(rows, k, sorted_, select, sort_here, p)
+    per_row = _stream(n, elem_bytes, per_bucket_k, p) + _select(ns, k, _key_bits(elem_bytes), select, p) + inner
+    return p.weight("launch") + _waves(rows, p) * per_row + outer
 
 
-def split_time(rows, n, k, num_buckets, per_bucket_k, segments, elem_bytes, sorted_, threshold, p: DeviceProfile):
-    """Stage 1 over ``segments`` programs per row, survivors to memory, then stage 2 per row."""
-    key_bits = 16 if elem_bytes == 2 else 32
+def split_time(rows, n, k, num_buckets, per_bucket_k, segments, elem_bytes, sorted_, select, sort_here,
+               p: DeviceProfile):
+    """``split_bucketed_topk``: stage 1 over ``segments`` programs per row, survivors (8 bytes
+    each) to memory, then one program per row selects."""
     ns = num_buckets * _next_pow2(per_bucket_k)
-    seg_n = n / segments
-    stage1 = (
-        seg_n * elem_bytes * (p.processors / p.bandwidth + p.weight("byte"))
-        + seg_n * p.weight("element")
-        + seg_n * per_bucket_k * p.weight("slot")
-        + (ns / segments) * 8 * p.processors / p.bandwidth
-    )
-    stage2 = ns * 8 * p.processors / p.bandwidth + _select_work(ns, k, key_bits, sorted_, threshold, p)
-    return 2 * p.weight("launch") + _waves(rows * segments, p) * stage1 + _waves(rows, p) * stage2
+    inner, outer = _finish(rows, k, sorted_, select, sort_here, p)
+    to_memory = 8 * p.processors / p.bandwidth
+    stage1 = _stream(n / segments, elem_bytes, per_bucket_k, p) + (ns / segments) * to_memory
+    stage2 = ns * to_memory + _select(ns, k, _key_bits(elem_bytes), select, p) + inner
+    return 2 * p.weight("launch") + _waves(rows * segments, p) * stage1 + _waves(rows, p) * stage2 + outer
+
+
+def select_time(rows, n, k, elem_bytes, sorted_, select, sort_here, p: DeviceProfile):
+    """``exact_topk``: the whole row in one program's registers, then the selection."""
+    inner, outer = _finish(rows, k, sorted_, select, sort_here, p)
+    per_row = _stream(n, elem_bytes, 0, p) + _select(_next_pow2(n), k, _key_bits(elem_bytes), select, p) + inner
+    return p.weight("launch") + _waves(rows, p) * per_row + outer
+
+
+def filtered_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, select, sort_here, p: DeviceProfile):
+    """``filtered_topk``: stage 1 for a bound, a second pass over the row keeping what exceeds it,
+    an exact selection of the ``num_buckets * per_bucket_k`` (rounded up) candidate slots."""
+    ns = num_buckets * _next_pow2(per_bucket_k)
+    key_bits = _key_bits(elem_bytes)
+    inner, outer = _finish(rows, k, sorted_, select, sort_here, p)
+    per_row = (_stream(n, elem_bytes, per_bucket_k, p) + ns * key_bits * p.weight("bisect")
+               + key_bits * p.weight("sync") + n * p.weight("filter") + _select(ns, k, key_bits, select, p) + inner)
+    return p.weight("launch") + _waves(rows, p) * per_row + outer
 
 
 def torch_topk_time(rows, n, k, elem_bytes, p: DeviceProfile):

@@ -2,10 +2,10 @@
 
 For a concrete call (rows, n, k, dtype, device, recall target) ``plan_topk`` enumerates the
 bucketings (num_buckets, per_bucket_k) whose expected recall meets the target, the kernels that
-can run each on the device, and exact top-k (torch.topk, or our Triton selection where it
-applies), asks the cost model for each, and keeps the cheapest. With ``rewrite="auto"`` an
-approximate plan must beat exact top-k by ``MIN_SPEEDUP``, so a rewrite never makes a model
-slower by the model's own prediction.
+can run each on the device (with their ways of selecting and of sorting the k selected), and the
+exact implementations (torch.topk, and our Triton ones where they apply), asks the cost model for
+each, and keeps the cheapest. With ``rewrite="auto"`` an approximate plan must beat exact top-k
+by ``MIN_SPEEDUP``, so a rewrite never makes a model slower by the model's own prediction.
 
 Plans are cached: the op calls this on every invocation, with concrete sizes, so a graph
 compiled with dynamic shapes picks the right plan for each length.
@@ -27,13 +27,19 @@ MIN_SPEEDUP = 1.1
 BUCKET_CHOICES = tuple(2**i for i in range(4, 14))
 # Kept slots per bucket: the kernels hold them in registers (a max/min pair each).
 MAX_PER_BUCKET_K = 8
-# Survivors one program can hold in registers for stage 2 without spilling (ptxas -v on sm_90a,
-# benchmarks/results/registers.md): 16-bit keys pack key and slot into int32, fp32 into int64.
+# Survivors one program holds in registers for stage 2 without spilling (ptxas -v on sm_90a):
+# 16-bit keys pack key and slot into an int32 in stage 1, fp32 keys into an int64.
 MAX_REGISTER_SURVIVORS = {2: 8192, 4: 4096}
 # Programs per row the split kernel may use, and the fewest lanes each keeps (one warp).
 MAX_SEGMENTS = 64
 MIN_SEGMENT_LANES = 32
+# A bitonic selection network only pays for small k (its cost grows with log(k)**2 per survivor).
+MAX_BITONIC_K = 256
+# The exact filtered kernel's stage 1 keeps this expected recall, so that about k / recall
+# candidates pass its filter, well inside the candidate slots (at least twice k).
+FILTER_RECALL = 0.8
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SELECTS = ("bisect", "radix", "bitonic")
 
 
 @dataclass(frozen=True)
@@ -44,10 +50,14 @@ class TopkPlan:
         algorithm: "exact" or "bucketed".
         kernel: "torch" (torch.topk), "reference" (bucketed in plain torch ops), "fused" (stage 1
             and 2 in one Triton program per row), "split" (stage 1 over several programs per row,
-            then stage 2) or "select" (exact Triton selection over whole rows).
-        num_buckets, per_bucket_k: the bucketing (bucketed only).
+            then stage 2), "select" (exact Triton selection of rows held in registers) or
+            "filtered" (exact: a bucketed bound, a filtering pass, a selection).
+        num_buckets, per_bucket_k: the bucketing (bucketed and filtered only).
         segments: programs per row of the split kernel's stage 1.
-        threshold: stage 2 by bisection + compaction (True) or by a bitonic top-k network.
+        select: how the k-th largest key is found: "bisect" (one count per key bit), "radix" (one
+            histogram per 8-bit digit) or "bitonic" (a top-k network that also sorts).
+        sort_here: with sorted output, sort the k selected in the selecting program; otherwise in
+            a separate launch of few warps per row.
         num_warps: warps per program of the main kernel.
         expected_recall: the recall model's value for this plan (1.0 for exact).
         predicted_us: the cost model's time for this plan; torch_topk_us: for torch.topk.
@@ -59,7 +69,8 @@ class TopkPlan:
     num_buckets: int = 0
     per_bucket_k: int = 0
     segments: int = 1
-    threshold: bool = True
+    select: str = "bisect"
+    sort_here: bool = True
     num_warps: int = 8
     expected_recall: float = 1.0
     predicted_us: float = float("nan")
@@ -102,40 +113,81 @@ def bucketings(n: int, k: int, recall_target: float, layout: str, forced: tuple[
                 break
 
 
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def warps_for(lanes: int) -> int:
+    """Warps of a program streaming ``lanes`` elements a step (buckets, or the row held in
+    registers): up to 8, none without a lane of its own."""
+    return min(8, max(1, lanes // 32))
+
+
 def _us(seconds) -> float:
     return float(seconds) * 1e6
 
 
+def _finishes(k: int, sorted_: bool):
+    """(select, sort_here) pairs to consider for k selected."""
+    selects = [s for s in SELECTS if s != "bitonic" or _pow2(k) <= MAX_BITONIC_K]
+    for select in selects:
+        if not sorted_ or select == "bitonic":
+            yield select, True
+        else:
+            yield select, True
+            yield select, False
+
+
 def kernel_options(rows, n, k, b, kb, elem, sorted_, profile, layout):
-    """(time, kernel, segments, threshold, num_warps) for each Triton kernel that can run (b, kb)."""
-    kbp = 1 << (kb - 1).bit_length()
-    pow2 = b & (b - 1) == 0
-    if not pow2 or kb > MAX_PER_BUCKET_K:
+    """(time, kernel, segments, select, sort_here, num_warps) of each Triton kernel that runs (b, kb)."""
+    if b & (b - 1) or kb > MAX_PER_BUCKET_K:
         return
-    ns = b * kbp
-    for threshold in (True, False):
-        if ns <= MAX_REGISTER_SURVIVORS[elem]:
-            warps = 4 if ns <= 1024 else 8
-            t = cost_model.fused_time(rows, n, k, b, kb, elem, sorted_, threshold, profile)
-            yield t, "fused", 1, threshold, warps
-        if layout == "contiguous" or ns > MAX_REGISTER_SURVIVORS[2]:
+    ns = b * _pow2(kb)
+    for select, sort_here in _finishes(k, sorted_):
+        if ns <= MAX_REGISTER_SURVIVORS[elem] and (select != "bitonic" or n <= 2**16):
+            t = cost_model.fused_time(rows, n, k, b, kb, elem, sorted_, select, sort_here, profile)
+            yield t, "fused", 1, select, sort_here, warps_for(b)
+        if layout == "contiguous" or ns > MAX_REGISTER_SURVIVORS[2] or select == "bitonic":
             continue
         segments = 2
         while segments <= MAX_SEGMENTS and b // segments >= MIN_SEGMENT_LANES:
-            t = cost_model.split_time(rows, n, k, b, kb, segments, elem, sorted_, threshold, profile)
-            yield t, "split", segments, threshold, 4
+            t = cost_model.split_time(rows, n, k, b, kb, segments, elem, sorted_, select, sort_here, profile)
+            yield t, "split", segments, select, sort_here, warps_for(b // segments)
             segments *= 2
+
+
+def filtered_bucketings(n: int, k: int, elem: int):
+    """(num_buckets, per_bucket_k) for the exact filtered kernel: per bucket count, the fewest
+    slots giving stage-1 recall FILTER_RECALL, with candidate slots for at least twice k; at least
+    a lane per thread of its 8 warps."""
+    for b in BUCKET_CHOICES[BUCKET_CHOICES.index(256):]:
+        for kb in range(1, MAX_PER_BUCKET_K + 1):
+            ns = b * _pow2(kb)
+            if ns > MAX_REGISTER_SURVIVORS[elem] or b * kb >= n // 2:
+                break
+            if ns >= 2 * _pow2(k) and expected_recall(n, k, b, kb) >= FILTER_RECALL:
+                yield b, kb
+                break
 
 
 def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
     torch_us = _us(cost_model.torch_topk_time(rows, n, k, elem, profile))
     plans = [TopkPlan("exact", "torch", predicted_us=torch_us, torch_topk_us=torch_us, reason="torch.topk")]
-    n_pow2 = 1 << (n - 1).bit_length()
-    if triton_ok and n_pow2 <= MAX_REGISTER_SURVIVORS[elem]:
-        for threshold in (True, False):
-            t = _us(cost_model.fused_time(rows, n, k, n_pow2, 1, elem, sorted_, threshold, profile))
-            plans.append(TopkPlan("exact", "select", threshold=threshold, num_warps=4 if n_pow2 <= 1024 else 8,
+    if not triton_ok:
+        return plans
+    n_pow2 = _pow2(n)
+    for select, sort_here in _finishes(k, sorted_):
+        if n_pow2 <= MAX_REGISTER_SURVIVORS[elem] and (select != "bitonic" or n <= 2**16):
+            t = _us(cost_model.select_time(rows, n, k, elem, sorted_, select, sort_here, profile))
+            plans.append(TopkPlan("exact", "select", select=select, sort_here=sort_here, num_warps=warps_for(n_pow2 // 8),
                                   predicted_us=t, torch_topk_us=torch_us, reason="exact Triton selection"))
+    for b, kb in filtered_bucketings(n, k, elem):
+        for select, sort_here in _finishes(k, sorted_):
+            if select == "bitonic":
+                continue
+            t = _us(cost_model.filtered_time(rows, n, k, b, kb, elem, sorted_, select, sort_here, profile))
+            plans.append(TopkPlan("exact", "filtered", b, kb, select=select, sort_here=sort_here, num_warps=8,
+                                  predicted_us=t, torch_topk_us=torch_us, reason="exact Triton filtered selection"))
     return plans
 
 
@@ -171,9 +223,9 @@ def plan_topk(
     for b, kb, recall in bucketings(n, k, recall_target, layout, forced):
         options = list(kernel_options(rows, n, k, b, kb, elem, sorted, profile, layout)) if triton_ok else []
         if not options:
-            options = [(cost_model.reference_time(rows, n, k, b, kb, elem, profile), "reference", 1, True, 0)]
-        for t, kernel, segments, threshold, warps in options:
-            plan = TopkPlan("bucketed", kernel, b, kb, segments, threshold, warps, recall, _us(t),
+            options = [(cost_model.reference_time(rows, n, k, b, kb, elem, profile), "reference", 1, "bisect", True, 0)]
+        for t, kernel, segments, select, sort_here, warps in options:
+            plan = TopkPlan("bucketed", kernel, b, kb, segments, select, sort_here, warps, recall, _us(t),
                             best_exact.torch_topk_us)
             if best is None or plan.predicted_us < best.predicted_us:
                 best = plan

@@ -1,0 +1,44 @@
+"""The exact filtered kernel equals torch.topk on every path: candidates above the bound (the usual
+case), fewer than k above it (ties at the bound), and too many (the in-kernel fallback).
+Without a GPU these run in the Triton interpreter on CPU tensors; sizes stay small."""
+
+import pytest
+import torch
+
+from tests.conftest import KERNEL_DEVICE
+from tests.kernels.test_select_topk import assert_exact, special_rows
+from topk_compiler.kernels.filtered_topk import filtered_topk
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("rows,n,k,b,kb", [(3, 1000, 40, 32, 2), (2, 4099, 100, 128, 2), (2, 777, 1, 16, 1),
+                                           (1, 2000, 64, 64, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_filtered_equals_torch_topk(rows, n, k, b, kb, dtype):
+    x = torch.randn(rows, n).to(dtype).to(KERNEL_DEVICE)
+    values, indices = filtered_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=True, block=512)
+    assert_exact(values, indices, x, k, True, sorted_=True)
+
+
+@pytest.mark.parametrize("select,sort_here,sorted_", [("bisect", False, True), ("radix", True, True),
+                                                      ("bisect", True, False)])
+def test_filtered_finishes_and_smallest(select, sort_here, sorted_):
+    x = torch.randn(2, 1500).to(KERNEL_DEVICE)
+    values, indices = filtered_topk(x, 70, num_buckets=64, per_bucket_k=2, largest=False, sorted=sorted_,
+                                    select=select, sort_here=sort_here, block=256)
+    assert_exact(values, indices, x, 70, False, sorted_)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_filtered_special_values_ties_and_fallback(dtype):
+    """Row 3 is all equal (no key above the bound: the ties make k); a period of 16 puts every
+    large value into bucket 0, so too many pass the bound and the fallback runs."""
+    x = special_rows(dtype, 1200)
+    periodic = torch.randn(1, 1200)
+    periodic[0, ::16] += 50
+    x = torch.cat([x, periodic.to(dtype).to(KERNEL_DEVICE)])
+    for largest in (True, False):
+        values, indices = filtered_topk(x, 32, num_buckets=16, per_bucket_k=2, largest=largest, sorted=True,
+                                        sort_here=False, block=256)
+        assert_exact(values, indices, x, 32, largest, sorted_=True)

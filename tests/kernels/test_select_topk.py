@@ -1,0 +1,94 @@
+"""Exact Triton selection (rows in registers, candidates from memory) and the separate sort launch,
+against torch.topk. Without a GPU these run in the Triton interpreter on CPU tensors."""
+
+import pytest
+import torch
+
+from tests.conftest import KERNEL_DEVICE
+from tests.kernels.test_bucketed_topk import FINISHES
+from topk_compiler.kernels.select_topk import exact_topk, new_outputs, select_topk, sort_selected
+from topk_compiler.lowering.order_keys import order_keys
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_exact(values, indices, x, k, largest, sorted_):
+    """Same values as torch.topk (in its order once sorted), selected by distinct indices."""
+    values, indices, x = values.cpu(), indices.cpu(), x.cpu()
+    expected = torch.topk(x, k, dim=1, largest=largest, sorted=True).values
+    torch.testing.assert_close(x.gather(1, indices), values, rtol=0, atol=0, equal_nan=True)
+    assert (indices.sort(1).values.diff(dim=1) > 0).all()
+    if not sorted_:
+        values = values.gather(1, order_keys(values, largest).argsort(dim=1, descending=True, stable=True))
+    torch.testing.assert_close(values, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def special_rows(dtype, n):
+    """Rows with NaN, +-inf, many ties and all-equal values."""
+    x = torch.randn(4, n)
+    x[0, ::7] = float("nan")
+    x[1, ::5] = float("inf")
+    x[1, 2::9] = float("-inf")
+    x[2] = torch.randint(0, 4, (n,)).float()
+    x[3] = 1.5
+    return x.to(dtype).to(KERNEL_DEVICE)
+
+
+# Odd lengths, k = 1 and k = n, each with one way to finish (every finish appears).
+EXACT_CASES = [(1023, 1, "bisect", True), (1023, 100, "radix", False), (300, 300, "bisect", False),
+               (64, 17, "bitonic", True), (200, 50, "radix", True)]
+
+
+@pytest.mark.parametrize("n,k,select,sort_here", EXACT_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_topk_equals_torch(n, k, select, sort_here, dtype):
+    x = torch.randn(3, n).to(dtype).to(KERNEL_DEVICE)
+    for largest in (True, False):
+        values, indices = exact_topk(x, k, largest=largest, sorted=True, select=select, sort_here=sort_here)
+        assert_exact(values, indices, x, k, largest, sorted_=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("select", ["bisect", "radix"])
+def test_exact_topk_special_values_and_ties(dtype, select):
+    x = special_rows(dtype, 500)
+    for largest, sorted_ in ((True, True), (False, False)):
+        values, indices = exact_topk(x, 60, largest=largest, sorted=sorted_, select=select, sort_here=False)
+        assert_exact(values, indices, x, 60, largest, sorted_)
+
+
+@pytest.mark.parametrize("select,sort_here", [("bisect", False), ("radix", True), ("bitonic", True)])
+def test_select_topk_over_candidates_in_memory(select, sort_here):
+    """Candidates are (key, index) pairs of a subset of the row: the top k of that subset."""
+    x = torch.randn(2, 900).to(KERNEL_DEVICE)
+    idx = torch.stack([torch.randperm(900)[:300] for _ in range(2)]).to(torch.int32).to(KERNEL_DEVICE)
+    keys = order_keys(x.cpu(), True).gather(1, idx.cpu().long()).to(torch.int32).to(KERNEL_DEVICE)
+    values, indices = select_topk(keys, idx, x, 50, key_bits=32, sorted=True, select=select, sort_here=sort_here)
+    subset = x.cpu().gather(1, idx.cpu().long())
+    torch.testing.assert_close(values.cpu(), subset.topk(50, dim=1).values, rtol=0, atol=0)
+    assert torch.equal(x.cpu().gather(1, indices.cpu()), values.cpu())
+
+
+@pytest.mark.parametrize("entries", [torch.int32, torch.int64])
+def test_sort_selected_orders_rows_by_their_entries(entries):
+    """Entries pack (key, inverted position): the row comes out by key, descending, and equal
+    keys keep their order."""
+    rows, k = 3, 37
+    keys = torch.randint(-5, 5, (rows, k))
+    position = torch.arange(k).expand(rows, k)
+    if entries == torch.int32:
+        order = (keys << 16) | (0xFFFF - position)
+    else:
+        order = (keys << 32) | (0xFFFFFFFF - position)
+    values = torch.randn(rows, k)
+    indices = torch.randint(0, 10**6, (rows, k))
+    expected = torch.sort(keys, dim=1, descending=True, stable=True).indices
+    v, i = values.clone().to(KERNEL_DEVICE), indices.clone().to(KERNEL_DEVICE)
+    sort_selected(v, i, order.to(entries).to(KERNEL_DEVICE), num_warps=1)
+    assert torch.equal(v.cpu(), values.gather(1, expected)) and torch.equal(i.cpu(), indices.gather(1, expected))
+
+
+def test_new_outputs_use_int32_order_entries_for_16_bit_keys():
+    x = torch.randn(2, 10)
+    assert new_outputs(x, 4, 16, True)[2].dtype == torch.int32
+    assert new_outputs(x, 4, 32, True)[2].dtype == torch.int64
