@@ -55,9 +55,9 @@ SPREAD_TARGETS = (0.9, 0.99)
 QUANTILES = [0.5, 0.2, 0.8]
 
 
-def _base(kernel, **kw):
+def _base_variant(kernel, **kw):
     v = dict(kernel=kernel, num_buckets=0, per_bucket_k=0, segments=1, select="bisect", sort_here=True,
-             sort_warps=op.SORT_WARPS, num_warps=8, unroll=op.UNROLL, sorted=True, recall_target=1.0, base=True)
+             sort_warps=1, num_warps=8, unroll=op.UNROLL, sorted=True, recall_target=1.0, base=True)
     v.update(kw)
     return v
 
@@ -69,6 +69,11 @@ def _sort_here_default(k):
 def variants(rows, n, k, dtype, quick=False):
     """Configurations to measure for one shape (see the module docstring)."""
     elem = torch.empty((), dtype=dtype).element_size()
+    sort_warps = plan.sort_warps_for(k, elem)
+
+    def _base(kernel, **kw):
+        return _base_variant(kernel, **{"sort_warps": sort_warps, **kw})
+
     out = [_base("torch"), _base("torch", sorted=False, base=False)]
     here = _sort_here_default(k)
     finishes = list(plan._finishes(k, True))
@@ -80,15 +85,16 @@ def variants(rows, n, k, dtype, quick=False):
         fin = finishes if middle else [("bisect", here)]
         for select, sort_here in fin:
             out.append(_base("fused", num_buckets=b, per_bucket_k=kb, select=select, sort_here=sort_here,
-                             num_warps=plan.warps_for(b), recall_target=TARGET))
+                             num_warps=plan.warps_for(b, b * plan._pow2(kb)), recall_target=TARGET))
         if middle:
             mid = {**out[-len(fin)], "select": "bisect", "sort_here": here, "base": False}
-            out.append({**mid, "num_warps": 4 if mid["num_warps"] == 8 else 8})
+            out += [{**mid, "num_warps": w} for w in (4, 8, 16) if w != mid["num_warps"] and w <= b // 32]
             out += [{**mid, "unroll": u} for u in (2, 8)]
             out.append({**mid, "sorted": False})
             out.append({**mid, "kernel": "survivors"})
             if not here:
-                out += [{**mid, "sort_here": False, "sort_warps": w} for w in (2, 4)]
+                out += [{**mid, "sort_here": False, "sort_warps": w} for w in (sort_warps // 2, sort_warps * 2)
+                        if 1 <= w <= 8]
     if rows < 256:
         for b, kb, _ in plan.bucketings(n, k, TARGET, "interleaved"):
             ns = b * plan._pow2(kb)
@@ -108,15 +114,16 @@ def variants(rows, n, k, dtype, quick=False):
             if options:
                 b, kb = options[len(options) // 2]
                 out.append(_base("fused", num_buckets=b, per_bucket_k=kb, sort_here=here,
-                                 num_warps=plan.warps_for(b), recall_target=target))
+                                 num_warps=plan.warps_for(b, b * plan._pow2(kb)), recall_target=target))
     n_pow2 = plan._pow2(n)
     if n_pow2 <= plan.MAX_REGISTER_SURVIVORS[elem]:
         for select in ("bisect", "radix") + (("bitonic",) if plan._pow2(k) <= plan.MAX_BITONIC_K else ()):
             out.append(_base("select", select=select, sort_here=here or select == "bitonic",
-                             num_warps=plan.warps_for(n_pow2 // 8)))
+                             num_warps=plan.warps_for(n_pow2 // 8, n_pow2)))
     for i, (b, kb) in enumerate(list(plan.filtered_bucketings(n, k, elem))[:2]):
         for select in ("bisect", "radix") if i == 0 else ("bisect",):
-            out.append(_base("filtered", num_buckets=b, per_bucket_k=kb, select=select, sort_here=here))
+            out.append(_base("filtered", num_buckets=b, per_bucket_k=kb, select=select, sort_here=here,
+                             num_warps=plan.warps_for(b, b * plan._pow2(kb))))
     return out
 
 
@@ -219,7 +226,7 @@ def measure(args) -> None:
         precompile(shapes, args.quick, args.jobs)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                command=" ".join(sys.argv), defaults=dict(unroll=op.UNROLL, sort_warps=op.SORT_WARPS))
+                command=" ".join(sys.argv), defaults=dict(unroll=op.UNROLL))
     records = []
     start = time.time()
     partial = os.path.join(out_dir, "calibration.jsonl")
@@ -321,8 +328,9 @@ def fitted_records(data):
     for r in data["records"]:
         if "time_us" not in r or not r.get("correct") or r.get("predicted_us") is None or not r.get("base"):
             continue
+        elem = torch.empty((), dtype=DTYPES[r["dtype"]]).element_size()
         if r["kernel"] != "torch" and (r["unroll"], r["sort_warps"]) != (defaults.get("unroll", r["unroll"]),
-                                                                          defaults.get("sort_warps", r["sort_warps"])):
+                                                                          plan.sort_warps_for(r["k"], elem)):
             continue
         out.append(r)
     return out

@@ -82,11 +82,10 @@ def _slot_entry(x_row_ptr, row, q, g, n, num_buckets, slots, seed, pad,
         offs = base + lane
         valid = lane < (n - base)
     key = order_key(tl.load(x_row_ptr + offs, mask=valid, other=0.0), LARGEST)
-    slot = (1 << POS_BITS) - 1 - g
     if POS_BITS == 16:
-        packed = (key << 16) | slot
+        packed = (key << 16) | (0xFFFF - g)
     else:
-        packed = (key.to(tl.int64) << 32) | slot
+        packed = (key.to(tl.int64) << 32) | (0xFFFFFFFF - tl.cast(g, tl.int64))
     return tl.where(valid, packed, pad)
 
 
@@ -142,7 +141,8 @@ def bucket_survivors_of(x_row_ptr, row, seg, n, num_buckets, slots, seed,
     if KEY_BITS == 16 and POS_BITS == 32:
         keys = tl.maximum(keys, -32768)  # the int64 pad shifted down: bring it to the 16-bit pad
     lane = seg * BLANES + tl.arange(0, BLANES * KBP) // KBP
-    idx = element_index(row, lane, g, num_buckets, slots, seed, LAYOUT)
+    # int32 indices (rows are shorter than 2**31): half the registers of int64 for stage 2
+    idx = element_index(row, lane, g, num_buckets, slots, seed, LAYOUT).to(tl.int32)
     return keys, idx
 
 
@@ -178,7 +178,7 @@ def _bucket_survivors_kernel(x_ptr, keys_ptr, idx_ptr,                          
                                     BLANES, KB, KBP, LAYOUT, UNROLL, LARGEST, KEY_BITS, POS_BITS)
     f = seg * (BLANES * KBP) + tl.arange(0, BLANES * KBP)
     tl.store(keys_ptr + row * cand_row_stride + f, keys)
-    tl.store(idx_ptr + row * cand_row_stride + f, idx.to(tl.int32))
+    tl.store(idx_ptr + row * cand_row_stride + f, idx)
 
 
 def check_stage1(x2d: torch.Tensor, k: int, num_buckets: int, per_bucket_k: int, layout_id: int, unroll: int) -> None:

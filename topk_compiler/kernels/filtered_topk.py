@@ -117,9 +117,9 @@ def _filtered_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, cand_keys_p
     elif above_base >= k:
         f = tl.arange(0, CAP)
         in_c = f < above_base
-        keys = tl.load(cand_keys_row + f, mask=in_c, other=key_pad(KEY_BITS))
-        idx = tl.load(cand_idx_row + f, mask=in_c, other=0)
-        select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
+        cand_keys = tl.load(cand_keys_row + f, mask=in_c, other=key_pad(KEY_BITS))
+        cand_idx = tl.load(cand_idx_row + f, mask=in_c, other=0)
+        select_and_store(cand_keys, cand_idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
                          K_POW2=K_POW2, KEY_BITS=KEY_BITS, SORTED=SORTED, SELECT=SELECT, SORT_HERE=SORT_HERE,
                          ORDER32=ORDER32, PACK32=PACK32)
     else:
@@ -128,15 +128,15 @@ def _filtered_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, cand_keys_p
         o = tl.arange(0, K_POW2)
         in_k = o < k
         from_above = o < above_base
-        keys = tl.where(from_above, tl.load(cand_keys_row + o, mask=from_above & in_k, other=0), bound)
-        idx = tl.where(from_above, tl.load(cand_idx_row + o, mask=from_above & in_k, other=0).to(tl.int64),
-                       tl.load(tie_idx_row + (o - above_base), mask=(~from_above) & in_k, other=0))
-        values = tl.load(x_row_ptr + idx, mask=in_k)
+        out_keys = tl.where(from_above, tl.load(cand_keys_row + o, mask=from_above & in_k, other=0), bound)
+        out_idx = tl.where(from_above, tl.load(cand_idx_row + o, mask=from_above & in_k, other=0).to(tl.int64),
+                           tl.load(tie_idx_row + (o - above_base), mask=(~from_above) & in_k, other=0))
+        out_values = tl.load(x_row_ptr + out_idx, mask=in_k)
         tl.debug_barrier()
-        tl.store(indices_row_ptr + o, idx, mask=in_k)
-        tl.store(values_row_ptr + o, values, mask=in_k)
+        tl.store(indices_row_ptr + o, out_idx, mask=in_k)
+        tl.store(values_row_ptr + o, out_values, mask=in_k)
         if SORTED:
-            tl.store(order_row_ptr + o, order_entry(keys, o, ORDER32), mask=in_k)
+            tl.store(order_row_ptr + o, order_entry(out_keys, o, ORDER32), mask=in_k)
             if SORT_HERE:
                 tl.debug_barrier()
                 sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2, ORDER32)

@@ -117,8 +117,10 @@ def order_entry(keys, position, ORDER32: tl.constexpr):
     """Packed (key, output position) that sorts descending into torch.topk's order; a tie goes
     to the earlier position. int32 for 16-bit keys (positions < 2**16), else int64."""
     if ORDER32:
-        return (keys << 16) | (0xFFFF - position)
-    return (keys.to(tl.int64) << 32) | (0xFFFFFFFF - position.to(tl.int64))
+        entry = (keys << 16) | (0xFFFF - position)
+    else:
+        entry = (keys.to(tl.int64) << 32) | (0xFFFFFFFF - position.to(tl.int64))
+    return entry
 
 
 @triton.jit

@@ -22,11 +22,9 @@ from topk_compiler.lowering.layouts import LAYOUT_IDS, MAX_SEED
 from topk_compiler.lowering.plan import TopkPlan, plan_topk
 from topk_compiler.lowering.recall_model import survivors
 
-# Loads in flight per lane in stage 1, and warps of the separate sort launch (one warp: every
-# stage of its network stays inside the warp). Chosen by the sweep of
-# benchmarks/calibrate_cost_model.py on the H100 (benchmarks/results/calibration_h100.json).
+# Loads in flight per lane in stage 1, chosen by the sweep of benchmarks/calibrate_cost_model.py
+# on the H100 (benchmarks/results/calibration_h100.json).
 UNROLL = 4
-SORT_WARPS = 1
 
 
 def check_arguments(recall_target, num_buckets, per_bucket_k, layout, seed) -> None:
@@ -65,7 +63,7 @@ def _run(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan,
 
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
-    finish = dict(sorted=sorted, select=plan.select, sort_here=plan.sort_here, sort_warps=SORT_WARPS)
+    finish = dict(sorted=sorted, select=plan.select, sort_here=plan.sort_here, sort_warps=plan.sort_warps)
     if plan.kernel == "select":
         return select_kernels.exact_topk(x2d, k, largest=largest, num_warps=plan.num_warps, **finish)
     bucketing = dict(num_buckets=plan.num_buckets, per_bucket_k=plan.per_bucket_k, largest=largest, unroll=UNROLL)

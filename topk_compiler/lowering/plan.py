@@ -57,8 +57,9 @@ class TopkPlan:
         select: how the k-th largest key is found: "bisect" (one count per key bit), "radix" (one
             histogram per 8-bit digit) or "bitonic" (a top-k network that also sorts).
         sort_here: with sorted output, sort the k selected in the selecting program; otherwise in
-            a separate launch of few warps per row.
+            a separate launch of ``sort_warps`` warps per row.
         num_warps: warps per program of the main kernel.
+        sort_warps: warps per program of the separate sort launch.
         expected_recall: the recall model's value for this plan (1.0 for exact).
         predicted_us: the cost model's time for this plan; torch_topk_us: for torch.topk.
         reason: why this plan (for the rewrite report).
@@ -72,6 +73,7 @@ class TopkPlan:
     select: str = "bisect"
     sort_here: bool = True
     num_warps: int = 8
+    sort_warps: int = 1
     expected_recall: float = 1.0
     predicted_us: float = float("nan")
     torch_topk_us: float = float("nan")
@@ -117,10 +119,18 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def warps_for(lanes: int) -> int:
+def warps_for(lanes: int, candidates: int = 0) -> int:
     """Warps of a program streaming ``lanes`` elements a step (buckets, or the row held in
-    registers): up to 8, none without a lane of its own."""
-    return min(8, max(1, lanes // 32))
+    registers), none without a lane of its own: 8, or 16 where it holds over 4096 candidates
+    (8 warps spill there: ptxas -v on sm_90a, ``python -m benchmarks.compile_check``)."""
+    return min(16 if candidates > 4096 else 8, max(1, lanes // 32))
+
+
+def sort_warps_for(k: int, elem: int) -> int:
+    """Warps of the separate sort launch: at most 32 order entries a thread (16 when they are
+    int64), which keeps it within registers (ptxas -v on sm_90a)."""
+    per_warp = 1024 if elem == 2 else 512
+    return min(8, max(1, _pow2(k) // per_warp))
 
 
 def _us(seconds) -> float:
@@ -146,7 +156,7 @@ def kernel_options(rows, n, k, b, kb, elem, sorted_, profile, layout):
     for select, sort_here in _finishes(k, sorted_):
         if ns <= MAX_REGISTER_SURVIVORS[elem] and (select != "bitonic" or n <= 2**16):
             t = cost_model.fused_time(rows, n, k, b, kb, elem, sorted_, select, sort_here, profile)
-            yield t, "fused", 1, select, sort_here, warps_for(b)
+            yield t, "fused", 1, select, sort_here, warps_for(b, ns)
         if layout == "contiguous" or ns > MAX_REGISTER_SURVIVORS[2] or select == "bitonic":
             continue
         segments = 2
@@ -179,15 +189,16 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
     for select, sort_here in _finishes(k, sorted_):
         if n_pow2 <= MAX_REGISTER_SURVIVORS[elem] and (select != "bitonic" or n <= 2**16):
             t = _us(cost_model.select_time(rows, n, k, elem, sorted_, select, sort_here, profile))
-            plans.append(TopkPlan("exact", "select", select=select, sort_here=sort_here, num_warps=warps_for(n_pow2 // 8),
-                                  predicted_us=t, torch_topk_us=torch_us, reason="exact Triton selection"))
+            plans.append(TopkPlan("exact", "select", select=select, sort_here=sort_here, num_warps=warps_for(n_pow2 // 8, n_pow2),
+                                  sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us, reason="exact Triton selection"))
     for b, kb in filtered_bucketings(n, k, elem):
         for select, sort_here in _finishes(k, sorted_):
             if select == "bitonic":
                 continue
             t = _us(cost_model.filtered_time(rows, n, k, b, kb, elem, sorted_, select, sort_here, profile))
-            plans.append(TopkPlan("exact", "filtered", b, kb, select=select, sort_here=sort_here, num_warps=8,
-                                  predicted_us=t, torch_topk_us=torch_us, reason="exact Triton filtered selection"))
+            plans.append(TopkPlan("exact", "filtered", b, kb, select=select, sort_here=sort_here,
+                                  num_warps=warps_for(b, b * _pow2(kb)),
+                                  sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us, reason="exact Triton filtered selection"))
     return plans
 
 
@@ -225,8 +236,8 @@ def plan_topk(
         if not options:
             options = [(cost_model.reference_time(rows, n, k, b, kb, elem, profile), "reference", 1, "bisect", True, 0)]
         for t, kernel, segments, select, sort_here, warps in options:
-            plan = TopkPlan("bucketed", kernel, b, kb, segments, select, sort_here, warps, recall, _us(t),
-                            best_exact.torch_topk_us)
+            plan = TopkPlan("bucketed", kernel, b, kb, segments, select, sort_here, warps, sort_warps_for(k, elem),
+                            recall, _us(t), best_exact.torch_topk_us)
             if best is None or plan.predicted_us < best.predicted_us:
                 best = plan
     if best is None:

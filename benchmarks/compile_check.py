@@ -1,0 +1,155 @@
+"""Compile our Triton kernels for a Hopper GPU on a machine without one, and report their
+registers and spills.
+
+The Triton interpreter (how CI runs every kernel) accepts code that the compiler rejects, such as
+an integer literal that overflows int32, or returns of two types under a constexpr ``if``.
+This catches those here, at no GPU time. Each launcher is called on small CPU tensors with its
+kernels' launches intercepted: a launch's arguments become the kernel's signature (pointer
+dtypes, 32-bit ints marked divisible by 16 where they are, as Triton specialises them), its
+keyword constexprs and ``num_warps`` the compile options. ``triton.compile`` then runs down to a
+cubin with the ptxas that ships with Triton; nothing is launched.
+
+    PYTHONPATH=. python -m benchmarks.compile_check                 # every variant of the sweep
+    PYTHONPATH=. python -m benchmarks.compile_check --shapes k=2048 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+HOPPER = GPUTarget("cuda", 90, 32)
+_TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+                    torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}
+
+
+def _signature(fn: triton.JITFunction, args, kwargs):
+    """(signature, constexprs, attrs, options) of one launch of ``fn``."""
+    bound = dict(zip(fn.arg_names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = bound[name]
+        if i in fn.constexprs:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TORCH_TO_TRITON[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0 and name not in fn.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
+    return signature, constexprs, attrs, options
+
+
+@contextlib.contextmanager
+def intercepted_launches(records: list):
+    """Within the block, ``kernel[grid](...)`` of any JITFunction records the launch instead of running."""
+    original = triton.JITFunction.__getitem__
+
+    def getitem(fn, grid):
+        def launch(*args, **kwargs):
+            records.append((fn, args, kwargs))
+        return launch
+
+    triton.JITFunction.__getitem__ = getitem
+    try:
+        yield
+    finally:
+        triton.JITFunction.__getitem__ = original
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers and local memory (spills) of a cubin, as cuobjdump (shipped with Triton) reads them."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {"registers": int(usage["REG"]), "spills": int(usage["LOCAL"]) + int(usage["STACK"])}
+
+
+def compile_launch(fn, args, kwargs) -> dict:
+    signature, constexprs, attrs, options = _signature(fn, args, kwargs)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=HOPPER, options=options)
+    return {"kernel": fn.__name__, **_resource_usage(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
+            "num_warps": options.get("num_warps", 4)}
+
+
+def launches_of(call) -> list:
+    """The kernel launches ``call()`` makes (nothing runs)."""
+    records = []
+    with intercepted_launches(records):
+        call()
+    return records
+
+
+def _variant_launches(rows, n, k, dname, v):
+    from benchmarks.calibrate_cost_model import DTYPES, run_variant
+
+    x = torch.empty(2, n, dtype=DTYPES[dname])
+    return launches_of(lambda: run_variant(x, k, v))
+
+
+def _check_variant(item):
+    shape, v = item
+    out = []
+    try:
+        for fn, args, kwargs in _variant_launches(*shape, v):
+            out.append({**compile_launch(fn, args, kwargs)})
+    except Exception as error:  # reported per variant
+        out.append({"error": f"{type(error).__name__}: {str(error)[-600:]}"})
+    return shape, v, out
+
+
+def main(argv=None) -> int:
+    from benchmarks.calibrate_cost_model import DTYPES, HEADLINE, SPREAD, _describe, variants
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", metavar="PATTERN")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+    items, seen = [], set()
+    for shape in HEADLINE + SPREAD:
+        name = f"{shape[0]}x{shape[1]} k={shape[2]} {shape[3]}"
+        if args.shapes and not any(p in name for p in args.shapes):
+            continue
+        for v in variants(*shape[:3], DTYPES[shape[3]]):
+            if v["kernel"] == "torch":
+                continue
+            key = (shape[1], shape[2], shape[3], _describe(v))
+            if key not in seen:
+                seen.add(key)
+                items.append((shape, v))
+    failures = 0
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for shape, v, results in pool.map(_check_variant, items):
+            for r in results:
+                failures += "error" in r or r.get("spills", 0) > 0
+                print(f"{shape[0]}x{shape[1]} k={shape[2]} {shape[3]:<5} {_describe(v):<64} {r}", flush=True)
+    print(f"{len(items)} variants, {failures} with errors or spills")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
