@@ -3,7 +3,7 @@
     # on the GPU (one device call; writes $OUT/calibration.json and prints the best variant per shape)
     python -m benchmarks.calibrate_cost_model measure [--quick] [--jobs 16]
     # here: fit the weights, write topk_compiler/lowering/calibration.py, report predicted vs measured
-    python -m benchmarks.calibrate_cost_model fit benchmarks/results/calibration_h100.json
+    python -m benchmarks.calibrate_cost_model fit benchmarks/results/calibration_h100_*.json
 
 Each variant is launched directly (not through the op), timed with triton.testing.do_bench
 (median of repetitions, L2 flushed between them), and checked: values equal the input at the
@@ -56,73 +56,78 @@ QUANTILES = [0.5, 0.2, 0.8]
 
 
 def _base_variant(kernel, **kw):
-    v = dict(kernel=kernel, num_buckets=0, per_bucket_k=0, segments=1, select="bisect", sort_here=True,
+    v = dict(kernel=kernel, num_buckets=0, per_bucket_k=0, segments=1, select="bisect", sort_with="program",
              sort_warps=1, num_warps=8, unroll=op.UNROLL, sorted=True, recall_target=1.0, base=True)
     v.update(kw)
     return v
 
 
-def _sort_here_default(k):
-    return plan._pow2(k) <= plan.MAX_BITONIC_K
+def _default_sort(k):
+    return "program" if plan._pow2(k) <= plan.MAX_BITONIC_K else "torch"
+
+
+def _split_configs(rows, n, k, elem):
+    """(b, kb, segments) for few rows: the fewest and the most buckets meeting the target, their
+    lanes spread over enough programs to fill the GPU twice."""
+    options = [(b, kb) for b, kb, _ in plan.bucketings(n, k, TARGET, "interleaved")
+               if b >= 256 and b * plan._pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[2]]
+    for b, kb in dict.fromkeys(options[:1] + options[-1:]):
+        segments = 2
+        while rows * segments < 264 and b // (2 * segments) >= plan.MIN_SEGMENT_LANES:
+            segments *= 2
+        yield b, kb, segments
 
 
 def variants(rows, n, k, dtype, quick=False):
     """Configurations to measure for one shape (see the module docstring)."""
     elem = torch.empty((), dtype=dtype).element_size()
     sort_warps = plan.sort_warps_for(k, elem)
+    sort = _default_sort(k)
 
     def _base(kernel, **kw):
-        return _base_variant(kernel, **{"sort_warps": sort_warps, **kw})
+        return _base_variant(kernel, **{"sort_warps": sort_warps, "sort_with": sort, **kw})
 
     out = [_base("torch"), _base("torch", sorted=False, base=False)]
-    here = _sort_here_default(k)
     finishes = list(plan._finishes(k, True))
     fused = [(b, kb) for b, kb, _ in plan.bucketings(n, k, TARGET, "interleaved")
              if b * plan._pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[elem]]
     fused = fused[max(0, len(fused) // 2 - 1): len(fused) // 2 + 2]
     for i, (b, kb) in enumerate(fused):
         middle = i == len(fused) // 2
-        fin = finishes if middle else [("bisect", here)]
-        for select, sort_here in fin:
-            out.append(_base("fused", num_buckets=b, per_bucket_k=kb, select=select, sort_here=sort_here,
+        fin = finishes if middle else sorted({("bisect", sort), ("bisect", "torch")})
+        for select, sort_with in fin:
+            out.append(_base("fused", num_buckets=b, per_bucket_k=kb, select=select, sort_with=sort_with,
                              num_warps=plan.warps_for(b, b * plan._pow2(kb)), recall_target=TARGET))
         if middle:
-            mid = {**out[-len(fin)], "select": "bisect", "sort_here": here, "base": False}
+            mid = {**out[-len(fin)], "select": "bisect", "sort_with": sort, "base": False}
             out += [{**mid, "num_warps": w} for w in (4, 8, 16) if w != mid["num_warps"] and w <= b // 32]
             out += [{**mid, "unroll": u} for u in (2, 8)]
             out.append({**mid, "sorted": False})
             out.append({**mid, "kernel": "survivors"})
-            if not here:
-                out += [{**mid, "sort_here": False, "sort_warps": w} for w in (sort_warps // 2, sort_warps * 2)
-                        if 1 <= w <= 8]
+            out += [{**mid, "sort_with": "launch", "sort_warps": w} for w in (sort_warps // 2, sort_warps * 2)
+                    if 1 <= w <= 8]
     if rows < 256:
-        for b, kb, _ in plan.bucketings(n, k, TARGET, "interleaved"):
-            ns = b * plan._pow2(kb)
-            segments = 2
-            while rows * segments < 264 and b // (2 * segments) >= plan.MIN_SEGMENT_LANES:
-                segments *= 2
-            if ns > plan.MAX_REGISTER_SURVIVORS[2] or b < 256 or b // segments < plan.MIN_SEGMENT_LANES:
-                continue
-            for sort_here in ((True, False) if not here else (True,)):
-                out.append(_base("split", num_buckets=b, per_bucket_k=kb, segments=segments, sort_here=sort_here,
+        for b, kb, segments in _split_configs(rows, n, k, elem):
+            for sort_with in sorted({"program", sort}):
+                out.append(_base("split", num_buckets=b, per_bucket_k=kb, segments=segments, sort_with=sort_with,
                                  num_warps=plan.warps_for(b // segments), recall_target=TARGET))
-            break
     if not quick:
         for target in SPREAD_TARGETS:
             options = [(b, kb) for b, kb, _ in plan.bucketings(n, k, target, "interleaved")
                        if b * plan._pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[elem]]
             if options:
                 b, kb = options[len(options) // 2]
-                out.append(_base("fused", num_buckets=b, per_bucket_k=kb, sort_here=here,
+                out.append(_base("fused", num_buckets=b, per_bucket_k=kb,
                                  num_warps=plan.warps_for(b, b * plan._pow2(kb)), recall_target=target))
     n_pow2 = plan._pow2(n)
     if n_pow2 <= plan.MAX_REGISTER_SURVIVORS[elem]:
-        for select in ("bisect", "radix") + (("bitonic",) if plan._pow2(k) <= plan.MAX_BITONIC_K else ()):
-            out.append(_base("select", select=select, sort_here=here or select == "bitonic",
-                             num_warps=plan.warps_for(n_pow2 // 8, n_pow2)))
+        for select, sort_with in [("bisect", "program"), ("bisect", "torch"), ("radix", sort)] + (
+                [("bitonic", "program")] if plan._pow2(k) <= plan.MAX_BITONIC_K else []):
+            out.append(_base("select", select=select, sort_with=sort_with, num_warps=plan.warps_for(n_pow2 // 8, n_pow2)))
     for i, (b, kb) in enumerate(list(plan.filtered_bucketings(n, k, elem))[:2]):
-        for select in ("bisect", "radix") if i == 0 else ("bisect",):
-            out.append(_base("filtered", num_buckets=b, per_bucket_k=kb, select=select, sort_here=here,
+        for select, sort_with in sorted({("bisect", sort), ("bisect", "torch"), ("radix", sort)}) if i == 0 else \
+                [("bisect", sort)]:
+            out.append(_base("filtered", num_buckets=b, per_bucket_k=kb, select=select, sort_with=sort_with,
                              num_warps=plan.warps_for(b, b * plan._pow2(kb))))
     return out
 
@@ -135,7 +140,7 @@ def run_variant(x, k, v):
 
     if v["kernel"] == "torch":
         return torch.topk(x, k, dim=1, sorted=v["sorted"])
-    finish = dict(sorted=v["sorted"], select=v["select"], sort_here=v["sort_here"], sort_warps=v["sort_warps"])
+    finish = dict(sorted=v["sorted"], select=v["select"], sort_with=v["sort_with"], sort_warps=v["sort_warps"])
     bucketing = dict(num_buckets=v["num_buckets"], per_bucket_k=v["per_bucket_k"], largest=True, unroll=v["unroll"])
     if v["kernel"] == "select":
         return select_kernels.exact_topk(x, k, largest=True, num_warps=v["num_warps"], **finish)
@@ -152,7 +157,7 @@ def run_variant(x, k, v):
 def predicted_us(rows, n, k, elem, v, profile):
     """The cost model's time for variant ``v`` (None for variants it does not model)."""
     kernel = v["kernel"]
-    common = (elem, v["sorted"], v["select"], v["sort_here"], profile)
+    common = (elem, v["sorted"], v["select"], v["sort_with"], profile)
     if kernel == "torch":
         t = cost_model.torch_topk_time(rows, n, k, elem, profile) if v["sorted"] else None
     elif kernel == "fused":
@@ -181,10 +186,29 @@ def _compile_worker(n, k, dname, chunk):
     return errors
 
 
-def precompile(shapes, quick, jobs):
+def _key(rows, n, k, dname, v):
+    return (rows, n, k, dname, _describe(v))
+
+
+def known_keys(paths) -> set:
+    """Variants already measured in these calibration files (skipped by ``--known``)."""
+    keys = set()
+    for path in paths or ():
+        with open(path) as f:
+            for r in json.load(f)["records"]:
+                if r["kernel"] != "torch":
+                    keys.add(_key(r["rows"], r["n"], r["k"], r["dtype"], r))
+    return keys
+
+
+def to_measure(rows, n, k, dname, quick, known):
+    return [v for v in variants(rows, n, k, DTYPES[dname], quick) if _key(rows, n, k, dname, v) not in known]
+
+
+def precompile(shapes, quick, jobs, known):
     tasks = []
     for rows, n, k, dname in shapes:
-        vs = [(i, v) for i, v in enumerate(variants(rows, n, k, DTYPES[dname], quick)) if v["kernel"] != "torch"]
+        vs = [(i, v) for i, v in enumerate(to_measure(rows, n, k, dname, quick, known)) if v["kernel"] != "torch"]
         for j in range(0, len(vs), 4):
             tasks.append((n, k, dname, vs[j:j + 4]))
     start = time.time()
@@ -222,8 +246,9 @@ def measure(args) -> None:
     shapes = HEADLINE if args.quick else HEADLINE + SPREAD
     if args.shapes:
         shapes = [s for s in shapes if any(p in f"{s[0]}x{s[1]} k={s[2]} {s[3]}" for p in args.shapes)]
+    known = known_keys(args.known)
     if args.jobs > 1:
-        precompile(shapes, args.quick, args.jobs)
+        precompile(shapes, args.quick, args.jobs, known)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                 command=" ".join(sys.argv), defaults=dict(unroll=op.UNROLL))
@@ -239,7 +264,7 @@ def measure(args) -> None:
             elem = torch.empty((), dtype=dtype).element_size()
             x = torch.randn(rows, n, device="cuda", dtype=torch.float32).to(dtype)
             base = dict(rows=rows, n=n, k=k, dtype=dname, floor_us=rows * n * elem / profile.bandwidth * 1e6)
-            for v in variants(rows, n, k, dtype, args.quick):
+            for v in to_measure(rows, n, k, dname, args.quick, known):
                 rec = {**base, **v}
                 try:
                     out = run_variant(x, k, v)
@@ -268,7 +293,7 @@ def _describe(r):
     if r["kernel"] == "torch":
         return f"torch sorted={r['sorted']}"
     return (f"{r['kernel']} b={r['num_buckets']} kb={r['per_bucket_k']} seg={r['segments']} {r['select']} "
-            f"here={int(r['sort_here'])} w={r['num_warps']} u={r['unroll']} sw={r['sort_warps']} "
+            f"{r['sort_with']} w={r['num_warps']} u={r['unroll']} sw={r['sort_warps']} "
             f"sorted={int(r['sorted'])}")
 
 
@@ -339,9 +364,13 @@ def fitted_records(data):
 def fit(args) -> None:
     import numpy as np
 
-    with open(args.path) as f:
-        data = json.load(f)
-    records = fitted_records(data)
+    records, metas = [], []
+    for path in args.paths:
+        with open(path) as f:
+            data = json.load(f)
+        records += fitted_records(data)
+        metas.append(data["meta"])
+    data = {"meta": metas[-1]}
     base_profile = cost_model.DeviceProfile("cuda", data["meta"]["device"], 132, 3.0e12,
                                             dict(cost_model._DEFAULT_CUDA_WEIGHTS))
     fitted = {}
@@ -373,7 +402,7 @@ def fit(args) -> None:
             '"""Cost-model weights fitted to measurements (written by benchmarks/calibrate_cost_model.py).\n\n'
             "Keyed by a substring of the device name; ``cost_model.device_profile`` uses the first match and\n"
             "falls back to its uncalibrated defaults for other devices.\n"
-            f'Fitted from {os.path.basename(args.path)}: {data["meta"]["device"]}, torch {data["meta"]["torch"]}, '
+            f'Fitted from {", ".join(os.path.basename(p) for p in args.paths)}: {data["meta"]["device"]}, torch {data["meta"]["torch"]}, '
             f'triton {data["meta"]["triton"]}, {data["meta"]["date"]};\n'
             f"median |log(predicted / measured)| = {np.median(errors):.3f} over {len(records)} timings.\n"
             '"""\n\n'
@@ -392,9 +421,10 @@ def main(argv=None) -> None:
     m.add_argument("--shapes", nargs="+", metavar="PATTERN", help='keep shapes whose name contains any PATTERN')
     m.add_argument("--jobs", type=int, default=1, help="processes compiling the kernels first")
     m.add_argument("--budget-s", type=float, default=480.0, help="stop starting shapes after this many seconds")
+    m.add_argument("--known", nargs="+", metavar="JSON", help="skip variants these calibration files measured")
     m.add_argument("--out")
     f = sub.add_parser("fit")
-    f.add_argument("path")
+    f.add_argument("paths", nargs="+")
     f.add_argument("--write", default="topk_compiler/lowering/calibration.py")
     args = parser.parse_args(argv)
     measure(args) if args.mode == "measure" else fit(args)

@@ -36,8 +36,10 @@ def assert_matches_reference(values, indices, ref_values, x, sorted_, largest=Tr
     torch.testing.assert_close(values, ref_values, rtol=0, atol=0, equal_nan=True)
 
 
-# Ways to finish stage 2: (select, sort_here); the sort runs in the program or as its own launch.
-FINISHES = [("bisect", True), ("bisect", False), ("radix", True), ("radix", False), ("bitonic", True)]
+# Ways to finish stage 2: (select, sort_with); the sort runs in the program, as its own launch, or
+# through torch.sort.
+FINISHES = [("bisect", "program"), ("bisect", "launch"), ("radix", "program"), ("radix", "torch"),
+            ("bitonic", "program")]
 
 
 @pytest.mark.parametrize("rows,n,k,b,kb", CASES)
@@ -53,13 +55,13 @@ def test_fused_equals_reference(rows, n, k, b, kb, dtype, layout):
 
 @pytest.mark.parametrize("rows,n,k,b,kb", CASES[:2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("select,sort_here", FINISHES)
-def test_every_finish_and_unroll_equals_reference(rows, n, k, b, kb, dtype, select, sort_here):
+@pytest.mark.parametrize("select,sort_with", FINISHES)
+def test_every_finish_and_unroll_equals_reference(rows, n, k, b, kb, dtype, select, sort_with):
     unroll = 1 if select == "bisect" else 8
     x = torch.randn(rows, n).to(dtype).to(KERNEL_DEVICE)
     ref_values, _ = reference(x, k, b, kb, "interleaved", largest=True)
     values, indices = fused_bucketed_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=True,
-                                          select=select, sort_here=sort_here, unroll=unroll)
+                                          select=select, sort_with=sort_with, unroll=unroll)
     assert_matches_reference(values, indices, ref_values, x, sorted_=True)
 
 
@@ -68,11 +70,11 @@ def test_every_finish_and_unroll_equals_reference(rows, n, k, b, kb, dtype, sele
 def test_split_equals_reference(rows, n, k, b, kb, layout):
     x = torch.randn(rows, n).to(KERNEL_DEVICE)
     ref_values, _ = reference(x, k, b, kb, layout, largest=False)
-    for segments, select, sort_here, sorted_ in ((2, "bisect", True, True), (b // 8, "radix", False, True),
-                                                 (4, "bisect", True, False)):
+    for segments, select, sort_with, sorted_ in ((2, "bisect", "program", True), (b // 8, "radix", "launch", True),
+                                                 (4, "bisect", "torch", True), (4, "bisect", "program", False)):
         values, indices = split_bucketed_topk(x, k, num_buckets=b, per_bucket_k=kb, segments=segments,
                                               largest=False, sorted=sorted_, layout_id=LAYOUT_IDS[layout], seed=11,
-                                              select=select, sort_here=sort_here)
+                                              select=select, sort_with=sort_with)
         assert_matches_reference(values, indices, ref_values, x, sorted_, largest=False)
 
 

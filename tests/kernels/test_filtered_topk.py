@@ -21,12 +21,12 @@ def test_filtered_equals_torch_topk(rows, n, k, b, kb, dtype):
     assert_exact(values, indices, x, k, True, sorted_=True)
 
 
-@pytest.mark.parametrize("select,sort_here,sorted_", [("bisect", False, True), ("radix", True, True),
-                                                      ("bisect", True, False)])
-def test_filtered_finishes_and_smallest(select, sort_here, sorted_):
+@pytest.mark.parametrize("select,sort_with,sorted_", [("bisect", "launch", True), ("radix", "torch", True),
+                                                      ("bisect", "program", False)])
+def test_filtered_finishes_and_smallest(select, sort_with, sorted_):
     x = torch.randn(2, 1500).to(KERNEL_DEVICE)
     values, indices = filtered_topk(x, 70, num_buckets=64, per_bucket_k=2, largest=False, sorted=sorted_,
-                                    select=select, sort_here=sort_here, block=256)
+                                    select=select, sort_with=sort_with, block=256)
     assert_exact(values, indices, x, 70, False, sorted_)
 
 
@@ -40,5 +40,5 @@ def test_filtered_special_values_ties_and_fallback(dtype):
     x = torch.cat([x, periodic.to(dtype).to(KERNEL_DEVICE)])
     for largest in (True, False):
         values, indices = filtered_topk(x, 32, num_buckets=16, per_bucket_k=2, largest=largest, sorted=True,
-                                        sort_here=False, block=256)
+                                        sort_with="launch", block=256)
         assert_exact(values, indices, x, 32, largest, sorted_=True)

@@ -35,16 +35,16 @@ def special_rows(dtype, n):
 
 
 # Odd lengths, k = 1 and k = n, each with one way to finish (every finish appears).
-EXACT_CASES = [(1023, 1, "bisect", True), (1023, 100, "radix", False), (300, 300, "bisect", False),
-               (64, 17, "bitonic", True), (200, 50, "radix", True)]
+EXACT_CASES = [(1023, 1, "bisect", "program"), (1023, 100, "radix", "launch"), (300, 300, "bisect", "torch"),
+               (64, 17, "bitonic", "program"), (200, 50, "radix", "program")]
 
 
-@pytest.mark.parametrize("n,k,select,sort_here", EXACT_CASES)
+@pytest.mark.parametrize("n,k,select,sort_with", EXACT_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_exact_topk_equals_torch(n, k, select, sort_here, dtype):
+def test_exact_topk_equals_torch(n, k, select, sort_with, dtype):
     x = torch.randn(3, n).to(dtype).to(KERNEL_DEVICE)
     for largest in (True, False):
-        values, indices = exact_topk(x, k, largest=largest, sorted=True, select=select, sort_here=sort_here)
+        values, indices = exact_topk(x, k, largest=largest, sorted=True, select=select, sort_with=sort_with)
         assert_exact(values, indices, x, k, largest, sorted_=True)
 
 
@@ -53,17 +53,17 @@ def test_exact_topk_equals_torch(n, k, select, sort_here, dtype):
 def test_exact_topk_special_values_and_ties(dtype, select):
     x = special_rows(dtype, 500)
     for largest, sorted_ in ((True, True), (False, False)):
-        values, indices = exact_topk(x, 60, largest=largest, sorted=sorted_, select=select, sort_here=False)
+        values, indices = exact_topk(x, 60, largest=largest, sorted=sorted_, select=select, sort_with="torch")
         assert_exact(values, indices, x, 60, largest, sorted_)
 
 
-@pytest.mark.parametrize("select,sort_here", [("bisect", False), ("radix", True), ("bitonic", True)])
-def test_select_topk_over_candidates_in_memory(select, sort_here):
+@pytest.mark.parametrize("select,sort_with", [("bisect", "launch"), ("radix", "torch"), ("bitonic", "program")])
+def test_select_topk_over_candidates_in_memory(select, sort_with):
     """Candidates are (key, index) pairs of a subset of the row: the top k of that subset."""
     x = torch.randn(2, 900).to(KERNEL_DEVICE)
     idx = torch.stack([torch.randperm(900)[:300] for _ in range(2)]).to(torch.int32).to(KERNEL_DEVICE)
     keys = order_keys(x.cpu(), True).gather(1, idx.cpu().long()).to(torch.int32).to(KERNEL_DEVICE)
-    values, indices = select_topk(keys, idx, x, 50, key_bits=32, sorted=True, select=select, sort_here=sort_here)
+    values, indices = select_topk(keys, idx, x, 50, key_bits=32, sorted=True, select=select, sort_with=sort_with)
     subset = x.cpu().gather(1, idx.cpu().long())
     torch.testing.assert_close(values.cpu(), subset.topk(50, dim=1).values, rtol=0, atol=0)
     assert torch.equal(x.cpu().gather(1, indices.cpu()), values.cpu())

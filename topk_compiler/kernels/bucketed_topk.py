@@ -209,9 +209,9 @@ def stage1_meta(x2d: torch.Tensor, num_buckets: int, per_bucket_k: int, blanes: 
 
 def fused_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
                         sorted: bool, layout_id: int = 0, seed: int = 0, select: str = "bisect",
-                        sort_here: bool = True, sort_warps: int = 1, unroll: int = 4, num_warps: int = 8):
+                        sort_with: str = "program", sort_warps: int = 1, unroll: int = 4, num_warps: int = 8):
     """Stage 1 and stage 2 in one program per row of ``x2d`` ([rows, n], unit last stride); with
-    ``sorted`` and not ``sort_here`` the sort is a second launch (``select_topk.sort_selected``)."""
+    ``sorted``, ``sort_with`` says where the k selected are sorted (``select_topk.finish_sort``)."""
     check_stage1(x2d, k, num_buckets, per_bucket_k, layout_id, unroll)
     rows, n = x2d.shape
     slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets, layout_id, unroll, largest)
@@ -219,10 +219,10 @@ def fused_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_buck
     if rows:
         _fused_bucketed_topk_kernel[(rows,)](
             x2d, values, indices, order, n, k, num_buckets, slots, seed, x2d.stride(0), k, **meta,
-            **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_here=sort_here),
+            **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
             num_warps=num_warps,
         )
-    return finish_sort(values, indices, order, sorted=sorted, select=select, sort_here=sort_here,
+    return finish_sort(values, indices, order, sorted=sorted, select=select, sort_with=sort_with,
                        sort_warps=sort_warps)
 
 
@@ -245,12 +245,15 @@ def bucket_survivors(x2d: torch.Tensor, *, num_buckets: int, per_bucket_k: int, 
 
 def split_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, segments: int,
                         largest: bool, sorted: bool, layout_id: int = 0, seed: int = 0, select: str = "bisect",
-                        sort_here: bool = True, sort_warps: int = 1, unroll: int = 4, num_warps: int = 4,
-                        select_num_warps: int = 8):
-    """Stage 1 over ``segments`` programs per row, then a second launch for stage 2."""
+                        sort_with: str = "program", sort_warps: int = 1, unroll: int = 4, num_warps: int = 4,
+                        select_num_warps: int | None = None):
+    """Stage 1 over ``segments`` programs per row, then a second launch for stage 2 (by default
+    16 warps past 4096 candidates, where 8 spill: ``python -m benchmarks.compile_check``)."""
+    if select_num_warps is None:
+        select_num_warps = 16 if num_buckets * triton.next_power_of_2(per_bucket_k) > 4096 else 8
     keys, idx, key_bits = bucket_survivors(
         x2d, num_buckets=num_buckets, per_bucket_k=per_bucket_k, segments=segments, largest=largest,
         layout_id=layout_id, seed=seed, unroll=unroll, num_warps=num_warps,
     )
-    return select_topk(keys, idx, x2d, k, key_bits=key_bits, sorted=sorted, select=select, sort_here=sort_here,
+    return select_topk(keys, idx, x2d, k, key_bits=key_bits, sorted=sorted, select=select, sort_with=sort_with,
                        sort_warps=sort_warps, num_warps=select_num_warps)

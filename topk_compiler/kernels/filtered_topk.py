@@ -143,7 +143,7 @@ def _filtered_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, cand_keys_p
 
 
 def filtered_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool, sorted: bool,
-                  select: str = "bisect", sort_here: bool = True, sort_warps: int = 1, unroll: int = 4,
+                  select: str = "bisect", sort_with: str = "program", sort_warps: int = 1, unroll: int = 4,
                   block: int = FILTER_BLOCK, num_warps: int = 8):
     """Exact top-k of each row of ``x2d`` ([rows, n], unit last stride); ``num_buckets`` and
     ``per_bucket_k`` only set how tight the bound is (and so how many candidates pass), never
@@ -162,7 +162,7 @@ def filtered_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: 
         _filtered_topk_kernel[(rows,)](
             x2d, values, indices, order, cand_keys, cand_idx, indices, n, k, num_buckets, slots, x2d.stride(0), k,
             cap, CAP=cap, BLOCK=block, num_warps=num_warps, **meta,
-            **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_here=sort_here),
+            **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
         )
-    return finish_sort(values, indices, order, sorted=sorted, select=select, sort_here=sort_here,
+    return finish_sort(values, indices, order, sorted=sorted, select=select, sort_with=sort_with,
                        sort_warps=sort_warps)

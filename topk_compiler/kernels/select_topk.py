@@ -13,8 +13,9 @@ After ``bisect``/``radix`` the keys above the threshold, and as many ties as nee
 compacted in candidate order with a single prefix sum (above and tied counts packed in one
 int32) and written unsorted. With sorted output, a packed (key, output position) per selected
 element is written beside them and sorted, and the values and indices are permuted by it:
-either in the same program (``sort_here``) or by ``sort_selected``, a separate launch with
-few warps per row (a bitonic network whose stages stay inside a warp).
+in the same program (``sort_with="program"``), by ``sort_selected``, a separate launch of few
+warps per row (``"launch"``), or by ``torch.sort`` (``"torch"``: CUB's block radix sort, which
+beats a Triton bitonic network once k is in the thousands).
 
 Values are loaded from the input at the selected indices, so a NaN keeps its payload.
 """
@@ -26,6 +27,7 @@ import triton.language as tl
 from topk_compiler.kernels.order_key import order_key
 
 SELECT_METHODS = {"bitonic": 0, "bisect": 1, "radix": 2}
+SORT_WITH = ("program", "launch", "torch")
 
 
 @triton.jit
@@ -264,51 +266,58 @@ def sort_selected(values: torch.Tensor, indices: torch.Tensor, order: torch.Tens
                                        num_warps=num_warps)
 
 
-def select_meta(k: int, key_bits: int, n: int, *, sorted: bool, select: str, sort_here: bool) -> dict:
+def select_meta(k: int, key_bits: int, n: int, *, sorted: bool, select: str, sort_with: str) -> dict:
     """The constexprs ``select_and_store`` takes beside KEY_BITS, from the launcher's arguments."""
     assert select in SELECT_METHODS, f"select must be one of {list(SELECT_METHODS)}, got {select!r}"
+    assert sort_with in SORT_WITH, f"sort_with must be one of {SORT_WITH}, got {sort_with!r}"
     return dict(K_POW2=triton.next_power_of_2(k), SORTED=sorted, SELECT=SELECT_METHODS[select],
-                SORT_HERE=sort_here or select == "bitonic", ORDER32=order32(key_bits, k),
+                SORT_HERE=sort_with == "program" or select == "bitonic", ORDER32=order32(key_bits, k),
                 PACK32=key_bits == 16 and n <= 2**16)
 
 
-def finish_sort(values, indices, order, *, sorted: bool, select: str, sort_here: bool, sort_warps: int):
-    """Runs ``sort_selected`` where the selection left the sort to it."""
-    if sorted and not sort_here and select != "bitonic":
+def finish_sort(values, indices, order, *, sorted: bool, select: str, sort_with: str, sort_warps: int):
+    """Sorts the selected (values, indices) where the selecting program left the sort to a
+    separate launch or to torch.sort."""
+    if not sorted or select == "bitonic" or sort_with == "program":
+        return values, indices
+    if sort_with == "launch":
         sort_selected(values, indices, order, num_warps=sort_warps)
-    return values, indices
+        return values, indices
+    # The entries are distinct (each holds its position), so the order is fully determined.
+    permutation = torch.argsort(order, dim=1, descending=True)
+    return values.gather(1, permutation), indices.gather(1, permutation)
 
 
-def _launch(keys, idx, x2d, k, m, cand_row_stride, *, key_bits, sorted, select, sort_here, sort_warps, raw,
+def _launch(keys, idx, x2d, k, m, cand_row_stride, *, key_bits, sorted, select, sort_with, sort_warps, raw,
             largest, num_warps):
     values, indices, order = new_outputs(x2d, k, key_bits, sorted)
     if x2d.shape[0]:
         _select_topk_kernel[(x2d.shape[0],)](
             keys, idx, x2d, values, indices, order, k, m, cand_row_stride, x2d.stride(0), k,
             NS=triton.next_power_of_2(m), KEY_BITS=key_bits, RAW=raw, LARGEST=largest, num_warps=num_warps,
-            **select_meta(k, key_bits, x2d.shape[1], sorted=sorted, select=select, sort_here=sort_here),
+            **select_meta(k, key_bits, x2d.shape[1], sorted=sorted, select=select, sort_with=sort_with),
         )
-    return finish_sort(values, indices, order, sorted=sorted, select=select, sort_here=sort_here,
+    return finish_sort(values, indices, order, sorted=sorted, select=select, sort_with=sort_with,
                        sort_warps=sort_warps)
 
 
 def select_topk(keys: torch.Tensor, idx: torch.Tensor, x2d: torch.Tensor, k: int, *, key_bits: int, sorted: bool,
-                select: str = "radix", sort_here: bool = False, sort_warps: int = 1, num_warps: int = 8):
+                select: str = "radix", sort_with: str = "launch", sort_warps: int = 1, num_warps: int = 8):
     """Top k of the candidates ``keys``/``idx`` ([rows, m] int32 each) of the rows of ``x2d``."""
     rows, m = keys.shape
     assert idx.shape == keys.shape and keys.dtype == torch.int32, "select_topk: int32 [rows, m] keys and indices"
     assert x2d.dim() == 2 and x2d.shape[0] == rows and x2d.stride(1) == 1, "select_topk: x2d must be [rows, n], unit last stride"
     assert 0 < k <= m, f"select_topk: need 0 < k <= m, got k={k}, m={m}"
     return _launch(keys, idx, x2d, k, m, keys.stride(0), key_bits=key_bits, sorted=sorted, select=select,
-                   sort_here=sort_here, sort_warps=sort_warps, raw=False, largest=True, num_warps=num_warps)
+                   sort_with=sort_with, sort_warps=sort_warps, raw=False, largest=True, num_warps=num_warps)
 
 
 def exact_topk(x2d: torch.Tensor, k: int, *, largest: bool, sorted: bool, select: str = "radix",
-               sort_here: bool = False, sort_warps: int = 1, num_warps: int = 8):
+               sort_with: str = "launch", sort_warps: int = 1, num_warps: int = 8):
     """Exact top-k of each row of ``x2d`` ([rows, n], unit last stride), the row held in registers."""
     assert x2d.dim() == 2 and x2d.stride(1) == 1, "exact_topk: x2d must be [rows, n], unit last stride"
     assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"exact_topk: unsupported dtype {x2d.dtype}"
     assert 0 < k <= x2d.shape[1], f"exact_topk: need 0 < k <= n, got k={k}, n={x2d.shape[1]}"
     key_bits = 16 if x2d.element_size() == 2 else 32
     return _launch(x2d, x2d, x2d, k, x2d.shape[1], 0, key_bits=key_bits, sorted=sorted, select=select,
-                   sort_here=sort_here, sort_warps=sort_warps, raw=True, largest=largest, num_warps=num_warps)
+                   sort_with=sort_with, sort_warps=sort_warps, raw=True, largest=largest, num_warps=num_warps)

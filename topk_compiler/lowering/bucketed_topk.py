@@ -63,7 +63,7 @@ def _run(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan,
 
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
-    finish = dict(sorted=sorted, select=plan.select, sort_here=plan.sort_here, sort_warps=plan.sort_warps)
+    finish = dict(sorted=sorted, select=plan.select, sort_with=plan.sort_with, sort_warps=plan.sort_warps)
     if plan.kernel == "select":
         return select_kernels.exact_topk(x2d, k, largest=largest, num_warps=plan.num_warps, **finish)
     bucketing = dict(num_buckets=plan.num_buckets, per_bucket_k=plan.per_bucket_k, largest=largest, unroll=UNROLL)

@@ -40,6 +40,7 @@ MAX_BITONIC_K = 256
 FILTER_RECALL = 0.8
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SELECTS = ("bisect", "radix", "bitonic")
+SORT_WITH = ("program", "launch", "torch")
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,9 @@ class TopkPlan:
         segments: programs per row of the split kernel's stage 1.
         select: how the k-th largest key is found: "bisect" (one count per key bit), "radix" (one
             histogram per 8-bit digit) or "bitonic" (a top-k network that also sorts).
-        sort_here: with sorted output, sort the k selected in the selecting program; otherwise in
-            a separate launch of ``sort_warps`` warps per row.
+        sort_with: with sorted output, where the k selected are sorted: "program" (in the
+            selecting program), "launch" (a separate launch of ``sort_warps`` warps per row) or
+            "torch" (torch.sort of their order entries: CUB's block radix sort).
         num_warps: warps per program of the main kernel.
         sort_warps: warps per program of the separate sort launch.
         expected_recall: the recall model's value for this plan (1.0 for exact).
@@ -71,7 +73,7 @@ class TopkPlan:
     per_bucket_k: int = 0
     segments: int = 1
     select: str = "bisect"
-    sort_here: bool = True
+    sort_with: str = "program"
     num_warps: int = 8
     sort_warps: int = 1
     expected_recall: float = 1.0
@@ -138,31 +140,30 @@ def _us(seconds) -> float:
 
 
 def _finishes(k: int, sorted_: bool):
-    """(select, sort_here) pairs to consider for k selected."""
+    """(select, sort_with) pairs to consider for k selected."""
     selects = [s for s in SELECTS if s != "bitonic" or _pow2(k) <= MAX_BITONIC_K]
     for select in selects:
         if not sorted_ or select == "bitonic":
-            yield select, True
+            yield select, "program"
         else:
-            yield select, True
-            yield select, False
+            yield from ((select, where) for where in SORT_WITH)
 
 
 def kernel_options(rows, n, k, b, kb, elem, sorted_, profile, layout):
-    """(time, kernel, segments, select, sort_here, num_warps) of each Triton kernel that runs (b, kb)."""
+    """(time, kernel, segments, select, sort_with, num_warps) of each Triton kernel that runs (b, kb)."""
     if b & (b - 1) or kb > MAX_PER_BUCKET_K:
         return
     ns = b * _pow2(kb)
-    for select, sort_here in _finishes(k, sorted_):
+    for select, sort_with in _finishes(k, sorted_):
         if ns <= MAX_REGISTER_SURVIVORS[elem] and (select != "bitonic" or n <= 2**16):
-            t = cost_model.fused_time(rows, n, k, b, kb, elem, sorted_, select, sort_here, profile)
-            yield t, "fused", 1, select, sort_here, warps_for(b, ns)
+            t = cost_model.fused_time(rows, n, k, b, kb, elem, sorted_, select, sort_with, profile)
+            yield t, "fused", 1, select, sort_with, warps_for(b, ns)
         if layout == "contiguous" or ns > MAX_REGISTER_SURVIVORS[2] or select == "bitonic":
             continue
         segments = 2
         while segments <= MAX_SEGMENTS and b // segments >= MIN_SEGMENT_LANES:
-            t = cost_model.split_time(rows, n, k, b, kb, segments, elem, sorted_, select, sort_here, profile)
-            yield t, "split", segments, select, sort_here, warps_for(b // segments)
+            t = cost_model.split_time(rows, n, k, b, kb, segments, elem, sorted_, select, sort_with, profile)
+            yield t, "split", segments, select, sort_with, warps_for(b // segments)
             segments *= 2
 
 
@@ -186,17 +187,17 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
     if not triton_ok:
         return plans
     n_pow2 = _pow2(n)
-    for select, sort_here in _finishes(k, sorted_):
+    for select, sort_with in _finishes(k, sorted_):
         if n_pow2 <= MAX_REGISTER_SURVIVORS[elem] and (select != "bitonic" or n <= 2**16):
-            t = _us(cost_model.select_time(rows, n, k, elem, sorted_, select, sort_here, profile))
-            plans.append(TopkPlan("exact", "select", select=select, sort_here=sort_here, num_warps=warps_for(n_pow2 // 8, n_pow2),
+            t = _us(cost_model.select_time(rows, n, k, elem, sorted_, select, sort_with, profile))
+            plans.append(TopkPlan("exact", "select", select=select, sort_with=sort_with, num_warps=warps_for(n_pow2 // 8, n_pow2),
                                   sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us, reason="exact Triton selection"))
     for b, kb in filtered_bucketings(n, k, elem):
-        for select, sort_here in _finishes(k, sorted_):
+        for select, sort_with in _finishes(k, sorted_):
             if select == "bitonic":
                 continue
-            t = _us(cost_model.filtered_time(rows, n, k, b, kb, elem, sorted_, select, sort_here, profile))
-            plans.append(TopkPlan("exact", "filtered", b, kb, select=select, sort_here=sort_here,
+            t = _us(cost_model.filtered_time(rows, n, k, b, kb, elem, sorted_, select, sort_with, profile))
+            plans.append(TopkPlan("exact", "filtered", b, kb, select=select, sort_with=sort_with,
                                   num_warps=warps_for(b, b * _pow2(kb)),
                                   sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us, reason="exact Triton filtered selection"))
     return plans
@@ -235,8 +236,8 @@ def plan_topk(
         options = list(kernel_options(rows, n, k, b, kb, elem, sorted, profile, layout)) if triton_ok else []
         if not options:
             options = [(cost_model.reference_time(rows, n, k, b, kb, elem, profile), "reference", 1, "bisect", True, 0)]
-        for t, kernel, segments, select, sort_here, warps in options:
-            plan = TopkPlan("bucketed", kernel, b, kb, segments, select, sort_here, warps, sort_warps_for(k, elem),
+        for t, kernel, segments, select, sort_with, warps in options:
+            plan = TopkPlan("bucketed", kernel, b, kb, segments, select, sort_with, warps, sort_warps_for(k, elem),
                             recall, _us(t), best_exact.torch_topk_us)
             if best is None or plan.predicted_us < best.predicted_us:
                 best = plan
