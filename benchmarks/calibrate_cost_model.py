@@ -353,6 +353,8 @@ def fitted_records(data):
     for r in data["records"]:
         if "time_us" not in r or not r.get("correct") or r.get("predicted_us") is None or not r.get("base"):
             continue
+        if r["kernel"] != "torch" and r["sort_with"] not in plan.SORT_WITH:
+            continue  # a finish the product no longer has (torch.sort: measured, never won)
         elem = torch.empty((), dtype=DTYPES[r["dtype"]]).element_size()
         if r["kernel"] != "torch" and (r["unroll"], r["sort_warps"]) != (defaults.get("unroll", r["unroll"]),
                                                                           plan.sort_warps_for(r["k"], elem)):

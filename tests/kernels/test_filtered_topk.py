@@ -21,7 +21,7 @@ def test_filtered_equals_torch_topk(rows, n, k, b, kb, dtype):
     assert_exact(values, indices, x, k, True, sorted_=True)
 
 
-@pytest.mark.parametrize("select,sort_with,sorted_", [("bisect", "launch", True), ("radix", "torch", True),
+@pytest.mark.parametrize("select,sort_with,sorted_", [("bisect", "launch", True), ("radix", "program", True),
                                                       ("bisect", "program", False)])
 def test_filtered_finishes_and_smallest(select, sort_with, sorted_):
     x = torch.randn(2, 1500).to(KERNEL_DEVICE)

@@ -220,3 +220,44 @@ def test_bad_arguments_raise_clear_errors():
         approx_topk([1.0, 2.0], 1)
     with pytest.raises(RuntimeError, match="bool"):
         approx_topk(torch.ones(4, 3000, dtype=torch.bool), 3)
+
+
+def _plan(kernel, predicted_us, algorithm="bucketed"):
+    from topk_compiler.lowering.plan import TopkPlan
+
+    return TopkPlan(algorithm, kernel, predicted_us=predicted_us)
+
+
+def test_first_call_picks_the_measured_fastest_plan_not_the_predicted_one():
+    from topk_compiler.lowering.bucketed_topk import pick_measured
+
+    fused, split = _plan("fused", 10.0), _plan("split", 20.0)
+    torch_topk, select = _plan("torch", 300.0, "exact"), _plan("select", 100.0, "exact")
+    measured = {fused: 90.0, split: 40.0, torch_topk: 100.0, select: 250.0}
+    chosen = pick_measured([fused, split], [select, torch_topk], measured.get, exact_only=False, approx_only=False)
+    assert chosen.kernel == "split" and "2.5x faster than exact" in chosen.reason
+    assert pick_measured([fused, split], [select, torch_topk], measured.get, exact_only=True,
+                         approx_only=False).kernel == "torch"
+
+
+def test_first_call_keeps_exact_unless_approximation_is_measured_faster_by_the_margin():
+    from topk_compiler.lowering.bucketed_topk import pick_measured
+    from topk_compiler.lowering.plan import MIN_SPEEDUP
+
+    fused, torch_topk = _plan("fused", 10.0), _plan("torch", 300.0, "exact")
+    almost = {fused: 100.0 / MIN_SPEEDUP * 1.01, torch_topk: 100.0}
+    assert pick_measured([fused], [torch_topk], almost.get, exact_only=False, approx_only=False).kernel == "torch"
+    # rewrite="always" (or a fixed bucketing) takes the fastest approximation whatever exact costs
+    assert pick_measured([fused], [torch_topk], almost.get, exact_only=False, approx_only=True).kernel == "fused"
+    # a plan that fails to run (None) is out of the race
+    failing = {fused: None, torch_topk: 100.0}
+    assert pick_measured([fused], [torch_topk], failing.get, exact_only=False, approx_only=False).kernel == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="plans are timed on the GPU only")
+def test_first_call_on_the_gpu_records_the_plan_it_runs():
+    from topk_compiler.lowering.bucketed_topk import lookup_tuned
+
+    x = torch.randn(64, 16384, device="cuda")
+    approx_topk(x, 16, recall_target=0.95)
+    assert lookup_tuned(64, 16384, 16, x.dtype, str(x.device), True, True, 0.95) is not None

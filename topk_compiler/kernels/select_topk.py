@@ -13,9 +13,9 @@ After ``bisect``/``radix`` the keys above the threshold, and as many ties as nee
 compacted in candidate order with a single prefix sum (above and tied counts packed in one
 int32) and written unsorted. With sorted output, a packed (key, output position) per selected
 element is written beside them and sorted, and the values and indices are permuted by it:
-in the same program (``sort_with="program"``), by ``sort_selected``, a separate launch of few
-warps per row (``"launch"``), or by ``torch.sort`` (``"torch"``: CUB's block radix sort, which
-beats a Triton bitonic network once k is in the thousands).
+in the same program (``sort_with="program"``) or by ``sort_selected``, a separate launch of few
+warps per row (``"launch"``). (torch.argsort of the entries plus two gathers was measured too and
+never won: benchmarks/results/calibration_h100_sweep2.json, e.g. +120 us at 1024 x 2048.)
 
 Values are loaded from the input at the selected indices, so a NaN keeps its payload.
 """
@@ -27,7 +27,7 @@ import triton.language as tl
 from topk_compiler.kernels.order_key import order_key
 
 SELECT_METHODS = {"bitonic": 0, "bisect": 1, "radix": 2}
-SORT_WITH = ("program", "launch", "torch")
+SORT_WITH = ("program", "launch")
 
 
 @triton.jit
@@ -276,16 +276,10 @@ def select_meta(k: int, key_bits: int, n: int, *, sorted: bool, select: str, sor
 
 
 def finish_sort(values, indices, order, *, sorted: bool, select: str, sort_with: str, sort_warps: int):
-    """Sorts the selected (values, indices) where the selecting program left the sort to a
-    separate launch or to torch.sort."""
-    if not sorted or select == "bitonic" or sort_with == "program":
-        return values, indices
-    if sort_with == "launch":
+    """Runs ``sort_selected`` where the selecting program left the sort to a separate launch."""
+    if sorted and select != "bitonic" and sort_with == "launch":
         sort_selected(values, indices, order, num_warps=sort_warps)
-        return values, indices
-    # The entries are distinct (each holds its position), so the order is fully determined.
-    permutation = torch.argsort(order, dim=1, descending=True)
-    return values.gather(1, permutation), indices.gather(1, permutation)
+    return values, indices
 
 
 def _launch(keys, idx, x2d, k, m, cand_row_stride, *, key_bits, sorted, select, sort_with, sort_warps, raw,

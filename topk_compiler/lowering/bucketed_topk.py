@@ -1,8 +1,10 @@
 """``torch.ops.topk_compiler.bucketed_topk``: top-k that may approximate, within a recall target.
 
 The op picks its plan (``lowering/plan.py``) from the concrete sizes on every call, so one graph
-compiled with dynamic shapes serves every length with the right algorithm; plans are cached, and
-choosing one never touches device memory, so the op runs under CUDA graph capture.
+compiled with dynamic shapes serves every length with the right algorithm. On the GPU the cost
+model only shortlists: the first call of a shape times the shortlisted plans on its input and keeps
+the fastest (``tuned_plan``), so a prediction the model gets wrong costs one first call, never a
+slower model. Later calls, and calls under CUDA graph capture, only look the plan up.
 
 Implementations: Triton kernels on CUDA for fp32/fp16/bf16; plain torch ops elsewhere
 (``bucketed_reference.py``, or torch.topk itself when exact is chosen or the dtype is not a
@@ -19,7 +21,7 @@ import torch
 from topk_compiler.config import check_layout, check_recall_target
 from topk_compiler.lowering.bucketed_reference import bucketed_topk_torch
 from topk_compiler.lowering.layouts import LAYOUT_IDS, MAX_SEED
-from topk_compiler.lowering.plan import TopkPlan, plan_topk
+from topk_compiler.lowering.plan import MIN_SPEEDUP, TopkPlan, plan_topk, shortlist
 from topk_compiler.lowering.recall_model import survivors
 
 # Loads in flight per lane in stage 1, chosen by the sweep of benchmarks/calibrate_cost_model.py
@@ -77,6 +79,88 @@ def _run(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan,
     return bucketed_kernels.split_bucketed_topk(x2d, k, segments=plan.segments, **bucketing, **layout_args, **finish)
 
 
+# Repetitions timed per shortlisted plan at a shape's first call (after one untimed call that
+# compiles its kernels).
+TUNING_REPS = 5
+# (device, rows, n, k, dtype, largest, sorted, recall target, layout, num_buckets, per_bucket_k,
+# rewrite) -> the plan measured fastest.
+_TUNED: dict[tuple, TopkPlan] = {}
+
+
+def _time_us(fn) -> float:
+    """Median of TUNING_REPS CUDA-event timings of ``fn`` (after one call that compiles)."""
+    fn()
+    times = []
+    for _ in range(TUNING_REPS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def pick_measured(approx: list[TopkPlan], exact: list[TopkPlan], time_us, *, exact_only: bool,
+                  approx_only: bool) -> TopkPlan:
+    """The fastest of the plans by ``time_us(plan)`` (None: the plan failed to run); an approximate
+    one must beat the fastest exact one by MIN_SPEEDUP unless ``approx_only``."""
+    def fastest(plans):
+        timed = [(t, p) for p in plans if (t := time_us(p)) is not None]
+        return min(timed, key=lambda tp: tp[0], default=(None, None))
+
+    t_exact, best_exact = fastest(exact) if not approx_only else (None, None)
+    t_approx, best_approx = fastest(approx) if not exact_only else (None, None)
+    if best_approx is None:
+        return _with_reason(best_exact, f"measured fastest at the first call ({t_exact:.1f} us)")
+    if best_exact is None:
+        return _with_reason(best_approx, f"measured fastest approximate plan at the first call ({t_approx:.1f} us)")
+    if t_approx * MIN_SPEEDUP <= t_exact:
+        return _with_reason(best_approx, f"measured {t_exact / t_approx:.1f}x faster than exact at the first call "
+                                         f"({t_approx:.1f} us vs {t_exact:.1f} us)")
+    return _with_reason(best_exact, f"exact measured faster at the first call ({t_exact:.1f} us vs bucketed "
+                                    f"{t_approx:.1f} us)")
+
+
+def _with_reason(plan: TopkPlan, reason: str) -> TopkPlan:
+    return TopkPlan(**{**plan.__dict__, "reason": reason})
+
+
+def tuned_plan(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, model_plan: TopkPlan, recall_target: float,
+               num_buckets: int, per_bucket_k: int, layout: str, seed: int, rewrite: str) -> TopkPlan:
+    """The plan measured fastest for this shape on its device, timed at its first call (cached);
+    the cost model's ``model_plan`` while a CUDA graph is being captured (nothing can be timed)."""
+    rows, n = x2d.shape
+    key = (str(x2d.device), rows, n, k, x2d.dtype, largest, sorted, recall_target, layout, num_buckets,
+           per_bucket_k, rewrite)
+    if key in _TUNED:
+        return _TUNED[key]
+    if torch.cuda.is_current_stream_capturing():
+        return model_plan
+    approx, exact = shortlist(rows, n, k, x2d.dtype, str(x2d.device), recall_target, layout, sorted,
+                              num_buckets or None, per_bucket_k or None)
+
+    def time_plan(plan):
+        try:
+            return _time_us(lambda: _run(x2d, k, largest, sorted, plan, layout, seed))
+        except Exception:  # e.g. a launch the device cannot fit: that plan is out of the race
+            return None
+
+    forced = bool(num_buckets)
+    _TUNED[key] = pick_measured(list(approx), list(exact), time_plan,
+                                exact_only=recall_target >= 1.0 and not forced,
+                                approx_only=forced or rewrite == "always")
+    return _TUNED[key]
+
+
+def lookup_tuned(rows: int, n: int, k: int, dtype: torch.dtype, device: str, largest: bool, sorted: bool,
+                 recall_target: float, layout: str = "interleaved", num_buckets: int = 0, per_bucket_k: int = 0,
+                 rewrite: str = "auto") -> TopkPlan | None:
+    """The plan ``tuned_plan`` measured for these arguments, if their shape has run on ``device``."""
+    return _TUNED.get((device, rows, n, k, dtype, largest, sorted, recall_target, layout, num_buckets,
+                       per_bucket_k, rewrite))
+
+
 @torch.library.custom_op("topk_compiler::bucketed_topk", mutates_args=())
 def bucketed_topk(
     x: torch.Tensor,
@@ -121,6 +205,9 @@ def bucketed_topk(
         return values.contiguous(), indices.contiguous()
     moved = x.movedim(dim, -1)
     x2d = moved.reshape(-1, n)
+    if x2d.is_cuda:
+        plan = tuned_plan(x2d, k, largest, sorted, plan, recall_target, num_buckets, per_bucket_k, layout, seed,
+                          rewrite)
     values, indices = _run(x2d, k, largest, sorted, plan, layout, seed)
     out_shape = (*moved.shape[:-1], k)
     return (values.view(out_shape).movedim(-1, dim).contiguous(),

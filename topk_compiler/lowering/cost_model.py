@@ -84,7 +84,6 @@ WORK_TERMS = (
     "scan",           # per candidate (prefix sum and compacting stores)
     "network",        # per element per compare-and-swap stage, in the selecting program
     "sort_network",   # per element per stage, in the separate few-warp sort launch
-    "torch_sort_key", # per order entry sorted by torch.sort (radix passes, gathers)
     "filter",         # per element of the exact kernel's second pass over its row
     "sync",           # per block-wide synchronisation (latency a program cannot hide)
     # torch.topk (a fitted formula of the same shape)
@@ -99,13 +98,13 @@ _LANE_OP = 1.0 / (128 * 1.7e9)
 _DEFAULT_CUDA_WEIGHTS = {
     "launch": 4e-6, "byte": 0.0, "element": 8 * _LANE_OP, "slot": 2 * _LANE_OP,
     "bisect": 2 * _LANE_OP, "radix": 110 * _LANE_OP, "scan": 8 * _LANE_OP, "network": 8 * _LANE_OP,
-    "sort_network": 3 * _LANE_OP, "torch_sort_key": 1e-11, "filter": 8 * _LANE_OP, "sync": 1.5e-7,
+    "sort_network": 3 * _LANE_OP, "filter": 8 * _LANE_OP, "sync": 1.5e-7,
     "torch_launch": 1.5e-5, "torch_element": 3.5e-12, "torch_sort": 1.2e-11, "torch_row": 2e-7,
 }
 # Plain-torch implementations on a CPU, fitted on the 2-core CI machine (see module docstring).
 _DEFAULT_CPU_WEIGHTS = {
     "launch": 2e-5, "byte": 0.0, "element": 1.1e-9, "slot": 6e-10,
-    "bisect": 0.0, "radix": 0.0, "scan": 0.0, "network": 0.0, "sort_network": 0.0, "torch_sort_key": 2e-9, "filter": 0.0, "sync": 0.0,
+    "bisect": 0.0, "radix": 0.0, "scan": 0.0, "network": 0.0, "sort_network": 0.0, "filter": 0.0, "sync": 0.0,
     "torch_launch": 1e-5, "torch_element": 1.0e-9, "torch_sort": 2e-10, "torch_row": 1e-6,
 }
 
@@ -180,20 +179,13 @@ def sort_time(rows, k, p: DeviceProfile):
                                                     + 2 * p.weight("sync"))
 
 
-def torch_sort_time(rows, k, p: DeviceProfile):
-    """torch.argsort of the order entries, then two gathers (a few launches)."""
-    return 3 * p.weight("launch") + rows * k * p.weight("torch_sort_key")
-
-
 def _finish(rows, k, sorted_, select, sort_with, p: DeviceProfile):
     """(time inside the selecting program, time of the sort after it)."""
     if not sorted_ or select == "bitonic":
         return 0, 0
     if sort_with == "program":
         return _sort_here(k, p), 0
-    if sort_with == "launch":
-        return 0, sort_time(rows, k, p)
-    return 0, torch_sort_time(rows, k, p)
+    return 0, sort_time(rows, k, p)
 
 
 def _key_bits(elem_bytes):

@@ -21,8 +21,12 @@ import torch
 from topk_compiler.lowering import cost_model
 from topk_compiler.lowering.recall_model import expected_recall, guaranteed_recall, survivors
 
-# An approximate plan must be predicted at least this much faster than exact top-k.
+# An approximate plan must be predicted (and, on the GPU, measured) at least this much faster
+# than exact top-k.
 MIN_SPEEDUP = 1.1
+# Plans of each kind (approximate, exact) timed at a shape's first call on the GPU, each of a
+# different kernel, bucketing or split.
+SHORTLIST = 4
 # Bucket counts tried by the solver (powers of two: the kernels' lanes).
 BUCKET_CHOICES = tuple(2**i for i in range(4, 14))
 # Kept slots per bucket: the kernels hold them in registers (a max/min pair each).
@@ -40,7 +44,7 @@ MAX_BITONIC_K = 256
 FILTER_RECALL = 0.8
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SELECTS = ("bisect", "radix", "bitonic")
-SORT_WITH = ("program", "launch", "torch")
+SORT_WITH = ("program", "launch")
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,7 @@ class TopkPlan:
         select: how the k-th largest key is found: "bisect" (one count per key bit), "radix" (one
             histogram per 8-bit digit) or "bitonic" (a top-k network that also sorts).
         sort_with: with sorted output, where the k selected are sorted: "program" (in the
-            selecting program), "launch" (a separate launch of ``sort_warps`` warps per row) or
-            "torch" (torch.sort of their order entries: CUB's block radix sort).
+            selecting program) or "launch" (a separate launch of ``sort_warps`` warps per row).
         num_warps: warps per program of the main kernel.
         sort_warps: warps per program of the separate sort launch.
         expected_recall: the recall model's value for this plan (1.0 for exact).
@@ -203,6 +206,34 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
     return plans
 
 
+def _ranked(rows, n, k, dtype, device, recall_target, layout, sorted_, forced):
+    """(approximate plans, exact plans), each cheapest first by the cost model."""
+    profile = cost_model.device_profile(device)
+    triton_ok = _triton_ok(device, dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    exact = sorted(_exact_plans(rows, n, k, elem, sorted_, profile, triton_ok), key=lambda p: p.predicted_us)
+    torch_us = exact[0].torch_topk_us
+    approx = []
+    if recall_target < 1.0 or forced is not None:
+        for b, kb, recall in bucketings(n, k, recall_target, layout, forced):
+            options = list(kernel_options(rows, n, k, b, kb, elem, sorted_, profile, layout)) if triton_ok else []
+            if not options:
+                t = cost_model.reference_time(rows, n, k, b, kb, elem, profile)
+                options = [(t, "reference", 1, "bisect", "program", 0)]
+            for t, kernel, segments, select, sort_with, warps in options:
+                approx.append(TopkPlan("bucketed", kernel, b, kb, segments, select, sort_with, warps,
+                                       sort_warps_for(k, elem), recall, _us(t), torch_us))
+    return sorted(approx, key=lambda p: p.predicted_us), exact
+
+
+def _trivial(rows, n, k, dtype) -> TopkPlan | None:
+    if not dtype.is_floating_point:
+        return TopkPlan("exact", "torch", reason=f"{dtype} is not a floating type: exact top-k")
+    if rows == 0 or k == 0 or k >= n:
+        return TopkPlan("exact", "torch", reason="nothing to approximate (k = 0, k = n or no rows)")
+    return None
+
+
 @functools.lru_cache(maxsize=8192)
 def plan_topk(
     rows: int,
@@ -217,32 +248,18 @@ def plan_topk(
     per_bucket_k: int | None = None,
     rewrite: str = "auto",
 ) -> TopkPlan:
-    """The plan for top-k of ``rows`` rows of length ``n`` (concrete ints)."""
-    profile = cost_model.device_profile(device)
-    triton_ok = _triton_ok(device, dtype)
-    if not dtype.is_floating_point:
-        return TopkPlan("exact", "torch", reason=f"{dtype} is not a floating type: exact top-k")
-    if rows == 0 or k == 0 or k >= n:
-        return TopkPlan("exact", "torch", reason="nothing to approximate (k = 0, k = n or no rows)")
-    elem = torch.empty((), dtype=dtype).element_size()
-    exact = _exact_plans(rows, n, k, elem, sorted, profile, triton_ok)
-    best_exact = min(exact, key=lambda p: p.predicted_us)
+    """The cost model's plan for top-k of ``rows`` rows of length ``n`` (concrete ints)."""
+    trivial = _trivial(rows, n, k, dtype)
+    if trivial is not None:
+        return trivial
     forced = (num_buckets, per_bucket_k) if num_buckets is not None else None
+    approx, exact = _ranked(rows, n, k, dtype, device, recall_target, layout, sorted, forced)
+    best_exact = exact[0]
     if recall_target >= 1.0 and forced is None:
         return best_exact
-
-    best = None
-    for b, kb, recall in bucketings(n, k, recall_target, layout, forced):
-        options = list(kernel_options(rows, n, k, b, kb, elem, sorted, profile, layout)) if triton_ok else []
-        if not options:
-            options = [(cost_model.reference_time(rows, n, k, b, kb, elem, profile), "reference", 1, "bisect", True, 0)]
-        for t, kernel, segments, select, sort_with, warps in options:
-            plan = TopkPlan("bucketed", kernel, b, kb, segments, select, sort_with, warps, sort_warps_for(k, elem),
-                            recall, _us(t), best_exact.torch_topk_us)
-            if best is None or plan.predicted_us < best.predicted_us:
-                best = plan
-    if best is None:
+    if not approx:
         return _with_reason(best_exact, f"no bucketing reaches recall {recall_target:g} more cheaply: exact")
+    best = approx[0]
     if forced is not None or rewrite == "always":
         return _with_reason(best, "bucketing fixed by the caller" if forced else "rewrite='always'")
     if best.predicted_us * MIN_SPEEDUP > best_exact.predicted_us:
@@ -251,6 +268,47 @@ def plan_topk(
             f"exact predicted faster ({best_exact.predicted_us:.1f} us vs bucketed {best.predicted_us:.1f} us)",
         )
     return _with_reason(best, f"predicted {best_exact.predicted_us / best.predicted_us:.1f}x faster than exact")
+
+
+@functools.lru_cache(maxsize=8192)
+def shortlist(
+    rows: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    device: str,
+    recall_target: float,
+    layout: str = "interleaved",
+    sorted: bool = True,
+    num_buckets: int | None = None,
+    per_bucket_k: int | None = None,
+) -> tuple[tuple[TopkPlan, ...], tuple[TopkPlan, ...]]:
+    """The plans worth timing at a shape's first call on the device (``bucketed_topk.tuned_plan``):
+    the cost model's cheapest ``SHORTLIST`` approximate and exact ones, torch.topk always among the
+    exact. The model is fitted within ~17% (median) but can be far off where it extrapolates."""
+    trivial = _trivial(rows, n, k, dtype)
+    if trivial is not None:
+        return (), (trivial,)
+    forced = (num_buckets, per_bucket_k) if num_buckets is not None else None
+    approx, exact = _ranked(rows, n, k, dtype, device, recall_target, layout, sorted, forced)
+    chosen_exact = _distinct(exact)
+    if not any(p.kernel == "torch" for p in chosen_exact):
+        chosen_exact.append(next(p for p in exact if p.kernel == "torch"))
+    return tuple(_distinct(approx)), tuple(chosen_exact)
+
+
+def _distinct(plans: list[TopkPlan]) -> list[TopkPlan]:
+    """The cheapest SHORTLIST plans of different (kernel, bucketing, split): the model ranks the
+    ways to finish one bucketing reliably; it is the bucketings and kernels it may misjudge."""
+    chosen, seen = [], set()
+    for p in plans:
+        key = (p.kernel, p.num_buckets, p.per_bucket_k, p.segments)
+        if key not in seen:
+            seen.add(key)
+            chosen.append(p)
+        if len(chosen) == SHORTLIST:
+            break
+    return chosen
 
 
 def _with_reason(plan: TopkPlan, reason: str) -> TopkPlan:

@@ -1,0 +1,57 @@
+"""The cost model: concrete and symbolic sizes, the fitted profile, and the planner's shortlist."""
+
+import dataclasses
+
+import pytest
+import sympy
+import torch
+
+from topk_compiler.lowering import cost_model, plan
+from topk_compiler.lowering.calibration import CUDA_WEIGHTS
+
+H100 = cost_model.DeviceProfile("cuda", "NVIDIA H100 80GB HBM3", 132, 3.0e12,
+                                {**cost_model._DEFAULT_CUDA_WEIGHTS, **CUDA_WEIGHTS["H100"]})
+
+
+def test_fitted_weights_cover_every_term():
+    assert set(CUDA_WEIGHTS["H100"]) == set(cost_model.WORK_TERMS)
+    assert all(w >= 0 for w in CUDA_WEIGHTS["H100"].values())
+
+
+@pytest.mark.parametrize("formula", ["fused", "split", "select", "filtered", "torch"])
+def test_formulas_evaluate_symbolically_and_agree_with_concrete_sizes(formula):
+    n = sympy.Symbol("n", positive=True, integer=True)
+    args = {
+        "fused": lambda n_: cost_model.fused_time(64, n_, 256, 512, 2, 2, True, "bisect", "program", H100),
+        "split": lambda n_: cost_model.split_time(8, n_, 256, 512, 2, 4, 2, True, "radix", "launch", H100),
+        "select": lambda n_: cost_model.select_time(64, n_, 256, 2, True, "bisect", "program", H100),
+        "filtered": lambda n_: cost_model.filtered_time(64, n_, 256, 512, 2, 2, False, "bisect", "program", H100),
+        "torch": lambda n_: cost_model.torch_topk_time(64, n_, 256, 2, H100),
+    }[formula]
+    expr = args(n)
+    assert isinstance(expr, sympy.Expr) and expr.free_symbols == {n}
+    assert float(expr.subs(n, 32768)) == pytest.approx(float(args(32768)), rel=1e-9)
+
+
+def test_longer_rows_cost_more():
+    times = [cost_model.fused_time(256, n, 64, 512, 2, 2, True, "bisect", "program", H100) for n in (8192, 65536)]
+    assert times[0] < times[1]
+    times = [cost_model.torch_topk_time(256, n, 64, 2, H100) for n in (8192, 65536)]
+    assert times[0] < times[1]
+
+
+def test_shortlist_always_offers_torch_topk_among_exact_plans(monkeypatch):
+    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
+    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
+    plan.shortlist.cache_clear()
+    approx, exact = plan.shortlist(16384, 8192, 64, torch.float16, "cuda", 0.95)
+    plan.shortlist.cache_clear()
+    assert 1 <= len(approx) <= plan.SHORTLIST and any(p.kernel == "torch" for p in exact)
+    assert all(p.expected_recall >= 0.95 for p in approx)
+    assert [p.predicted_us for p in approx] == sorted(p.predicted_us for p in approx)
+
+
+def test_cpu_profile_keeps_torch_topk():
+    chosen = plan.plan_topk(64, 65536, 64, torch.float32, "cpu", 0.95)
+    assert chosen.kernel == "torch" and "exact predicted faster" in chosen.reason
+    assert dataclasses.asdict(chosen)["predicted_us"] > 0
