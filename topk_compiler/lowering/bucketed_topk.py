@@ -111,6 +111,9 @@ def pick_measured(approx: list[TopkPlan], exact: list[TopkPlan], time_us, *, exa
 
     t_exact, best_exact = fastest(exact) if not approx_only else (None, None)
     t_approx, best_approx = fastest(approx) if not exact_only else (None, None)
+    if best_approx is None and best_exact is None:
+        fallback = (approx if approx_only else exact)[0]
+        return _with_reason(fallback, "no shortlisted plan could be timed: the cost model's choice")
     if best_approx is None:
         return _with_reason(best_exact, f"measured fastest at the first call ({t_exact:.1f} us)")
     if best_exact is None:
@@ -147,9 +150,9 @@ def tuned_plan(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, model_pla
             return None
 
     forced = bool(num_buckets)
-    _TUNED[key] = pick_measured(list(approx), list(exact), time_plan,
-                                exact_only=recall_target >= 1.0 and not forced,
-                                approx_only=forced or rewrite == "always")
+    exact_only = recall_target >= 1.0 and not forced
+    _TUNED[key] = pick_measured(list(approx), list(exact), time_plan, exact_only=exact_only,
+                                approx_only=(forced or rewrite == "always") and not exact_only)
     return _TUNED[key]
 
 
