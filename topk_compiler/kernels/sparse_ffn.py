@@ -67,7 +67,10 @@ def _select_neurons_kernel(pred_ptr, slots_ptr, count_ptr,   # pointers
             p = tl.load(row_ptr + n, mask=in_n, other=float("-inf"))
             any_row = any_row | (p.to(tl.float32) > threshold).to(tl.int32)
             row_ptr += pred_row_stride
-        chosen = any_row != 0
+        # Lanes past the row are never chosen: the padding ``other`` is -inf for float predictions,
+        # but for the uint8 mask of several rows its conversion is undefined (0 in the
+        # interpreter, not on the GPU).
+        chosen = (any_row != 0) & in_n
         position = count + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
         tl.store(slots_ptr + position, n.to(tl.int64), mask=chosen)
         count += tl.sum(chosen.to(tl.int32), axis=0)
