@@ -52,9 +52,10 @@ PROVIDERS = ("torch", "compiled", *OURS)
 GRAPH_PROVIDERS = ("torch", *OURS)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# HBM read rate of an H100 SXM the floor is quoted against (the issue's figure); the run also
-# measures a device-to-device copy and reports it next to this.
-DEFAULT_BANDWIDTH = 3.0e12
+# The floor's bandwidth, unless --bandwidth gives one: the run's own device-to-device copy
+# (bytes read + written per second; 3.0 TB/s on the H100 the issue quotes, ~4.3 on an H200), or
+# this on a CPU.
+CPU_BANDWIDTH = 2.0e10
 # Below this many input elements launch and dispatch overhead, not memory, bound the time.
 LATENCY_BOUND_ELEMENTS = 2**20
 # Sweep shapes whose input is larger than this are skipped (1024 x 1M fp32 is 4 GiB).
@@ -441,15 +442,16 @@ def run(args: argparse.Namespace) -> dict:
         precompile(shapes, args.jobs)
     deadline = started + args.budget_s
     main_deadline = deadline - (PEER_RESERVE_S if args.peer else 0.0)
-    report = {"environment": environment(device, args.bandwidth), "shapes": []}
-    print(f"{report['environment']['device']}: {len(shapes)} shapes", flush=True)
-    report["copy"] = measure_copy(device, 2**30 if device.type == "cuda" else 2**24)
+    copy = measure_copy(device, 2**30 if device.type == "cuda" else 2**24)
+    bandwidth = args.bandwidth or (copy["read_write_bytes_per_s"] if device.type == "cuda" else CPU_BANDWIDTH)
+    report = {"environment": environment(device, bandwidth), "copy": copy, "shapes": []}
+    print(f"{report['environment']['device']}: {len(shapes)} shapes, floor at {bandwidth / 1e12:.2f} TB/s", flush=True)
     for shape in shapes:
         if time.perf_counter() > main_deadline:
             report["shapes"].append({"shape": {**dataclasses.asdict(shape), "name": shape.name},
                                      "skipped": "time budget"})
             continue
-        record = bench_shape(shape, device, args.bandwidth)
+        record = bench_shape(shape, device, bandwidth)
         report["shapes"].append(record)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -475,7 +477,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer", type=Path, metavar="PATH", help="checkout of graphcore-research/pytorch-approx-topk")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "benchmarks/results"))
     parser.add_argument("--jobs", type=int, default=1, help="processes compiling our kernels before timing")
-    parser.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH, help="bytes/s of the HBM floor")
+    parser.add_argument("--bandwidth", type=float, default=None,
+                        help="bytes/s of the HBM floor (default: the measured device-to-device copy)")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                         help="stop starting new shapes after this many seconds (skipped ones are recorded)")
     return parser.parse_args(argv)

@@ -9,6 +9,7 @@ import torch
 
 import topk_compiler
 from topk_compiler import measured_recall
+from topk_compiler.config import ApproxTopkConfig
 
 ALWAYS = {"recall_target": 0.9, "rewrite": "always"}
 
@@ -101,9 +102,15 @@ def test_runs_under_cuda_graphs():
     torch._dynamo.reset()
     x = torch.randn(512, 32768, device="cuda", dtype=torch.bfloat16)
     fn = torch.compile(lambda x: torch.topk(x, 2048, dim=-1), backend="approx_topk",
-                       options={"recall_target": 0.95}, mode="reduce-overhead")
+                       options={"recall_target": 0.95, "mode": "reduce-overhead"})
     for _ in range(3):  # warm-up, record, replay
         values, indices = fn(x)
     torch.cuda.synchronize()
     assert measured_recall(x, indices, 2048) >= 0.95 - 0.02
     torch.testing.assert_close(x.gather(1, indices), values, rtol=0, atol=0)
+
+
+def test_mode_travels_in_options_because_torch_compile_refuses_both():
+    assert ApproxTopkConfig.from_options({"mode": "reduce-overhead"}).mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ApproxTopkConfig.from_options({"mode": "fast"})

@@ -34,13 +34,15 @@ def approx_topk_backend(gm: torch.fx.GraphModule, example_inputs: list, *,
     """torch.compile backend: rewrite top-k sites, then compile the graph with Inductor.
 
     ``options`` are ours (``ApproxTopkConfig.from_options``); ``mode`` is torch.compile's
-    ("reduce-overhead", "max-autotune", ...) and means what it means for Inductor.
+    ("reduce-overhead", "max-autotune", ...) and means what it means for Inductor. torch.compile
+    passes one of the two, never both, so with options the mode comes as ``options["mode"]``.
     """
     config = ApproxTopkConfig.from_options(options)
     run_passes(gm, example_inputs, config)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
+    mode = mode or config.mode
     patches = {**(list_mode_options(mode) if mode else {}), **config.inductor}
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 

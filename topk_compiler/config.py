@@ -265,7 +265,9 @@ _TOPK_OPTIONS = {
     "seed": "seed",
     "rewrite": "rewrite",
 }
-_TOP_LEVEL_OPTIONS = ("recall_target", "site_overrides", "hire", "inductor")
+_TOP_LEVEL_OPTIONS = ("recall_target", "site_overrides", "hire", "inductor", "mode")
+# Inductor's compile modes. torch.compile refuses mode= beside options=, so ours carries it.
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -280,6 +282,9 @@ class ApproxTopkConfig:
         topk: settings of the top-k rewrite pass.
         hire: settings of the HiRE rewrites.
         inductor: Inductor config patches applied when compiling the rest of the graph.
+        mode: Inductor's compile mode (one of ``MODES``), as torch.compile's ``mode=`` would set
+            it: torch.compile takes either ``mode=`` or ``options=``, so with options it goes here
+            (``"reduce-overhead"`` captures CUDA graphs). Patches in ``inductor`` win over it.
     """
 
     recall_target: float = 0.95
@@ -287,6 +292,7 @@ class ApproxTopkConfig:
     topk: TopkPassConfig = field(default_factory=TopkPassConfig)
     hire: HireConfig = field(default_factory=HireConfig)
     inductor: Mapping[str, Any] = field(default_factory=dict)
+    mode: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "recall_target", check_recall_target(self.recall_target))
@@ -297,6 +303,8 @@ class ApproxTopkConfig:
                 raise ValueError(f"site_overrides[{site!r}] must be a SiteOverride, got {override!r}")
         if not isinstance(self.inductor, Mapping):
             raise ValueError(f"inductor must be a dict of Inductor config patches, got {self.inductor!r}")
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None, got {self.mode!r}")
 
     @classmethod
     def valid_options(cls) -> list[str]:
@@ -333,6 +341,7 @@ class ApproxTopkConfig:
             topk=topk,
             hire=HireConfig(**hire),
             inductor=dict(options.get("inductor", {})),
+            mode=options.get("mode"),
         )
 
     def override_for(self, location: str | None) -> tuple[str | None, SiteOverride]:

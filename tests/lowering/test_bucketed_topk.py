@@ -252,6 +252,8 @@ def test_first_call_keeps_exact_unless_approximation_is_measured_faster_by_the_m
     # a plan that fails to run (None) is out of the race
     failing = {fused: None, torch_topk: 100.0}
     assert pick_measured([fused], [torch_topk], failing.get, exact_only=False, approx_only=False).kernel == "torch"
+    # rewrite="always" where no bucketing meets the target (short rows, high targets): exact races
+    assert pick_measured([], [torch_topk], failing.get, exact_only=False, approx_only=True).kernel == "torch"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="plans are timed on the GPU only")

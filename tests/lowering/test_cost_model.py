@@ -55,3 +55,9 @@ def test_cpu_profile_keeps_torch_topk():
     chosen = plan.plan_topk(64, 65536, 64, torch.float32, "cpu", 0.95)
     assert chosen.kernel == "torch" and "exact predicted faster" in chosen.reason
     assert dataclasses.asdict(chosen)["predicted_us"] > 0
+
+
+def test_h200_borrows_the_h100_weights():
+    h200 = cost_model._calibrated_weights("NVIDIA H200")
+    assert h200 is CUDA_WEIGHTS["H100"]
+    assert cost_model._calibrated_weights("NVIDIA A100-SXM4-80GB") is None

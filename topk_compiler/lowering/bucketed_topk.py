@@ -104,7 +104,10 @@ def _time_us(fn) -> float:
 def pick_measured(approx: list[TopkPlan], exact: list[TopkPlan], time_us, *, exact_only: bool,
                   approx_only: bool) -> TopkPlan:
     """The fastest of the plans by ``time_us(plan)`` (None: the plan failed to run); an approximate
-    one must beat the fastest exact one by MIN_SPEEDUP unless ``approx_only``."""
+    one must beat the fastest exact one by MIN_SPEEDUP unless ``approx_only`` (moot where no
+    approximate plan meets the target: exact ones race then)."""
+    approx_only = approx_only and bool(approx)
+
     def fastest(plans):
         timed = [(t, p) for p in plans if (t := time_us(p)) is not None]
         return min(timed, key=lambda tp: tp[0], default=(None, None))

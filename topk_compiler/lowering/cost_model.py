@@ -113,12 +113,21 @@ _DEFAULT_CPU_WEIGHTS = {
 _KNOWN_BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}
 
 
+# A device with no weights of its own borrows those of a calibrated one of the same SM design:
+# the weights are per unit of SM work, and the H200's SMs and clocks are the H100's (only its
+# memory is faster, which the profile's own bandwidth carries).
+_SAME_SM = {"H200": "H100"}
+
+
 def _calibrated_weights(name: str) -> Mapping[str, float] | None:
     from topk_compiler.lowering import calibration
 
     for key, weights in calibration.CUDA_WEIGHTS.items():
         if key in name:
             return weights
+    for key, twin in _SAME_SM.items():
+        if key in name and twin in calibration.CUDA_WEIGHTS:
+            return calibration.CUDA_WEIGHTS[twin]
     return None
 
 
