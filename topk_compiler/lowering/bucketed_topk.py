@@ -19,6 +19,7 @@ import math
 import torch
 
 from topk_compiler.config import check_layout, check_recall_target
+from topk_compiler.lowering import device_timing
 from topk_compiler.lowering.bucketed_reference import bucketed_topk_torch
 from topk_compiler.lowering.layouts import LAYOUT_IDS, MAX_SEED
 from topk_compiler.lowering.plan import MIN_SPEEDUP, TopkPlan, plan_topk, shortlist
@@ -79,26 +80,9 @@ def _run(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan,
     return bucketed_kernels.split_bucketed_topk(x2d, k, segments=plan.segments, **bucketing, **layout_args, **finish)
 
 
-# Repetitions timed per shortlisted plan at a shape's first call (after one untimed call that
-# compiles its kernels).
-TUNING_REPS = 10
 # (device, rows, n, k, dtype, largest, sorted, recall target, layout, num_buckets, per_bucket_k,
 # rewrite) -> the plan measured fastest.
 _TUNED: dict[tuple, TopkPlan] = {}
-
-
-def _time_us(fn) -> float:
-    """Median of TUNING_REPS CUDA-event timings of ``fn`` (after one call that compiles)."""
-    fn()
-    times = []
-    for _ in range(TUNING_REPS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def pick_measured(approx: list[TopkPlan], exact: list[TopkPlan], time_us, *, exact_only: bool,
@@ -141,14 +125,14 @@ def tuned_plan(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, model_pla
            per_bucket_k, rewrite)
     if key in _TUNED:
         return _TUNED[key]
-    if torch.cuda.is_current_stream_capturing():
+    if not device_timing.can_time():
         return model_plan
     approx, exact = shortlist(rows, n, k, x2d.dtype, str(x2d.device), recall_target, layout, sorted,
                               num_buckets or None, per_bucket_k or None)
 
     def time_plan(plan):
         try:
-            return _time_us(lambda: _run(x2d, k, largest, sorted, plan, layout, seed))
+            return device_timing.gpu_time_us(lambda: _run(x2d, k, largest, sorted, plan, layout, seed))
         except Exception:  # e.g. a launch the device cannot fit: that plan is out of the race
             return None
 

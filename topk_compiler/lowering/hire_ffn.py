@@ -20,8 +20,9 @@ neuron whose pre-activation is negative contributes exactly 0, so the output is 
 ``C_m`` holds every active neuron; the error is the dropped active neurons' contribution. For
 GELU a dropped neuron's small negative output is lost as well.
 
-With ``rewrite="auto"`` the op asks the HiRE cost model for the batch it is given and runs the
-dense FFN where that is cheaper (a batch whose rows together need most neurons).
+With ``rewrite="auto"`` the op runs the dense FFN where that is faster for the batch it is given
+(a batch whose rows together need most neurons): on the GPU as measured at the first call of a
+shape (``device_timing.dense_wins``), elsewhere as the HiRE cost model predicts.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from topk_compiler.lowering import cost_model, hire_cost_model, hire_predictor
+from topk_compiler.lowering import cost_model, device_timing, hire_cost_model, hire_predictor
 from topk_compiler.lowering.hire_predictor import PREDICTOR_KINDS, predictor_for, transposed_copy
 
 ACTIVATIONS = ("relu", "relu_squared", "gelu")
@@ -115,6 +116,23 @@ def _hire_ffn(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expecte
     return out.reshape(*x.shape[:-1], d_out)
 
 
+def runs_dense(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expected_neurons) -> bool:
+    """Whether ``hire_ffn`` with ``rewrite="auto"`` runs the dense FFN on ``x``: on the GPU as
+    timed at the shape's first call, elsewhere (and while a graph is captured) as predicted."""
+    d_ff, d = w1.shape
+    rows = x.numel() // d
+    model_prefers_dense = dense_is_cheaper(rows, d, d_ff, w2.shape[0], expected_neurons, predictor, rank, x.dtype,
+                                           str(x.device))
+    if not hire_predictor.uses_kernel(x):
+        return model_prefers_dense
+    key = ("ffn", str(x.device), tuple(x.shape), x.dtype, tuple(w1.shape), w2.shape[0], b1 is None, b2 is None,
+           activation, predictor, rank, threshold, expected_neurons)
+    return device_timing.dense_wins(
+        key, model_prefers_dense, lambda: dense_ffn(x, w1, b1, w2, b2, activation),
+        lambda: _hire_ffn(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expected_neurons),
+        hire_cost_model.MIN_SPEEDUP)
+
+
 @torch.library.custom_op("topk_compiler::hire_ffn", mutates_args=())
 def hire_ffn(
     x: torch.Tensor,
@@ -134,11 +152,9 @@ def hire_ffn(
     ``expected_neurons``: about how many neurons a row keeps (the cost model's and the kernel's
     sizing; it does not change the result)."""
     check_ffn_arguments(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expected_neurons, rewrite)
-    d_ff, d = w1.shape
-    rows = x.numel() // d if d else 0
-    if (rows == 0
-            or rewrite == "auto" and dense_is_cheaper(rows, d, d_ff, w2.shape[0], expected_neurons, predictor, rank,
-                                                      x.dtype, str(x.device))):
+    rows = x.numel() // w1.shape[1] if w1.shape[1] else 0
+    if rows == 0 or rewrite == "auto" and runs_dense(x, w1, b1, w2, b2, activation, predictor, rank, threshold,
+                                                     expected_neurons):
         return dense_ffn(x, w1, b1, w2, b2, activation)
     return _hire_ffn(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expected_neurons)
 

@@ -16,9 +16,10 @@ error: ``Z_hat / Z - 1 = sum_{j not in C} exp(s_j) (exp(p_j - s_j) - 1) / Z``, s
 returned probability is off by the factor ``Z / Z_hat`` (log_softmax: by ``log(Z_hat / Z)``).
 The mass ``rho`` outside the top k' is small exactly when the head is peaked.
 
-With ``rewrite="auto"`` the op asks the HiRE cost model for the batch it is given and runs the
-dense form (F.linear, the same scale and normalisation, torch.topk) where that is cheaper, so a
-graph compiled for batch 1 stays fast at batch 256.
+With ``rewrite="auto"`` the op runs the dense form (F.linear, the same scale and normalisation,
+torch.topk) where that is faster for the batch it is given, so a graph compiled for batch 1 stays
+fast at batch 256: on the GPU as measured at the first call of a shape
+(``device_timing.dense_wins``), elsewhere as the HiRE cost model predicts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from topk_compiler.lowering import hire_cost_model, hire_predictor
+from topk_compiler.lowering import device_timing, hire_cost_model, hire_predictor
 from topk_compiler.lowering.hire_candidates import candidate_slots
 from topk_compiler.lowering.hire_predictor import PREDICTOR_KINDS, predictor_for
 
@@ -129,6 +130,25 @@ def _hire_logits_topk(x, weight, bias, k, largest, sorted, scale, normalize, out
     return values.reshape(out_shape).contiguous(), indices.reshape(out_shape).contiguous()
 
 
+def runs_dense(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype, predictor, rank, candidates) -> bool:
+    """Whether ``hire_logits_topk`` with ``rewrite="auto"`` runs the dense form on ``x``: on the
+    GPU as timed at the shape's first call, elsewhere (and while a graph is captured) as predicted."""
+    n, d = weight.shape
+    rows = x.numel() // d
+    model_prefers_dense = dense_is_cheaper(rows, d, n, k, candidates, predictor, rank, x.dtype, str(x.device),
+                                           normalize)
+    if not hire_predictor.uses_kernel(x):
+        return model_prefers_dense
+    key = ("logits", str(x.device), tuple(x.shape), x.dtype, (n, d), bias is None, k, largest, sorted, scale,
+           normalize, out_dtype, predictor, rank, candidates)
+    return device_timing.dense_wins(
+        key, model_prefers_dense,
+        lambda: dense_logits_topk(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype),
+        lambda: _hire_logits_topk(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype, predictor, rank,
+                                  candidates),
+        hire_cost_model.MIN_SPEEDUP)
+
+
 @torch.library.custom_op("topk_compiler::hire_logits_topk", mutates_args=())
 def hire_logits_topk(
     x: torch.Tensor,
@@ -149,11 +169,10 @@ def hire_logits_topk(
     (``normalize``: "none", "softmax" or "log_softmax"; ``scale`` > 0), with k' = ``candidates``
     rows scored exactly after the ``predictor`` ("lowrank" of ``rank``, "int8", "int4")."""
     check_logits_arguments(x, weight, bias, k, scale, normalize, predictor, rank, candidates, rewrite)
-    n, d = weight.shape
-    rows = x.numel() // d if d else 0
+    rows = x.numel() // weight.shape[1] if weight.shape[1] else 0
     if (rows == 0 or k == 0
-            or rewrite == "auto" and dense_is_cheaper(rows, d, n, k, candidates, predictor, rank, x.dtype,
-                                                      str(x.device), normalize)):
+            or rewrite == "auto" and runs_dense(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype,
+                                                predictor, rank, candidates)):
         return dense_logits_topk(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype)
     return _hire_logits_topk(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype, predictor, rank,
                              candidates)

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from topk_compiler.lowering import device_timing
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """gpu_time_us reads the time each form reports; counts how often a form is timed."""
+    timed = []
+
+    def gpu_time_us(fn):
+        timed.append(fn)
+        return fn()
+
+    monkeypatch.setattr(device_timing, "gpu_time_us", gpu_time_us)
+    monkeypatch.setattr(device_timing, "_DENSE_VS_HIRE", {})
+    return timed
+
+
+def test_hire_must_be_measured_faster_by_the_margin(fake_clock, monkeypatch):
+    monkeypatch.setattr(device_timing, "can_time", lambda: True)
+    assert device_timing.dense_wins(("a",), False, lambda: 100.0, lambda: 90.0, 1.2)  # 1.11x is not enough
+    assert not device_timing.dense_wins(("b",), True, lambda: 100.0, lambda: 50.0, 1.2)  # measured beats model
+    assert device_timing.measured_dense_vs_hire(("b",)) == (100.0, 50.0)
+
+
+def test_a_shape_is_timed_once(fake_clock, monkeypatch):
+    monkeypatch.setattr(device_timing, "can_time", lambda: True)
+    for _ in range(3):
+        assert not device_timing.dense_wins(("c",), True, lambda: 100.0, lambda: 10.0, 1.2)
+    assert len(fake_clock) == 2
+
+
+def test_while_capturing_the_cost_model_decides_and_nothing_is_cached(fake_clock, monkeypatch):
+    monkeypatch.setattr(device_timing, "can_time", lambda: False)
+    assert device_timing.dense_wins(("d",), True, lambda: 100.0, lambda: 10.0, 1.2)
+    assert not device_timing.dense_wins(("d",), False, lambda: 100.0, lambda: 1000.0, 1.2)
+    assert fake_clock == [] and device_timing.measured_dense_vs_hire(("d",)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times CUDA graph replays")
+def test_gpu_time_is_the_replayed_work():
+    x = torch.randn(4096, 4096, device="cuda")
+    one = device_timing.gpu_time_us(lambda: x @ x)
+    four = device_timing.gpu_time_us(lambda: [x @ x for _ in range(4)])
+    assert 2.5 * one < four < 6 * one
