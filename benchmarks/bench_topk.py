@@ -40,7 +40,7 @@ import torch
 
 from benchmarks import report_topk
 from topk_compiler import approx_topk, expected_recall, measured_recall
-from topk_compiler.lowering.bucketed_topk import lookup_tuned
+from topk_compiler.lowering.bucketed_topk import LATENCY_BOUND_ELEMENTS, lookup_tuned
 from topk_compiler.lowering.plan import plan_topk, shortlist
 
 QUANTILES = [0.5, 0.2, 0.8]
@@ -56,8 +56,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (bytes read + written per second; 3.0 TB/s on the H100 the issue quotes, ~4.3 on an H200), or
 # this on a CPU.
 CPU_BANDWIDTH = 2.0e10
-# Below this many input elements launch and dispatch overhead, not memory, bound the time.
-LATENCY_BOUND_ELEMENTS = 2**20
 # Sweep shapes whose input is larger than this are skipped (1024 x 1M fp32 is 4 GiB).
 MAX_INPUT_BYTES = 2 * 1024**3
 SWEEP_N = (1024, 4096, 16384, 65536, 262144, 1048576)

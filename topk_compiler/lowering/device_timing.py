@@ -1,12 +1,17 @@
 """GPU time of a call, measured at a shape's first call to choose between ways of computing it.
 
 The ops time their candidate plans once per shape (``bucketed_topk.tuned_plan``, and dense
-against HiRE in ``hire_logits`` / ``hire_ffn``) and keep the fastest. What is timed is the
-device's work: the call is captured in a CUDA graph and its replays are timed between two
-events. Timing eager calls instead measures the host's dispatch wherever the kernels are shorter
-than it (a few rows, a decode step: H200 runs of benchmarks/bench_topk.py, 2026-12-01, timed
-torch.topk at 75 us eager and our plans at 218 us eager but 14 us replayed for 1 x 16384), and
-picked plans that lose under CUDA graphs, where such shapes run.
+against HiRE in ``hire_logits`` / ``hire_ffn``) and keep the fastest. Two ways to time, for two
+regimes (H200 runs of benchmarks/bench_topk.py, 2026-12-01, results in benchmarks/results/):
+
+* Latency-bound calls (a few rows, a decode step) are captured in a CUDA graph and its replays
+  are timed: timed eagerly, the host's dispatch hides the device's work (1 x 16384 fp32, k=16:
+  torch.topk 75 us eager and our plans 218 us eager, but 14 us replayed), and such calls run
+  under CUDA graphs in practice. Timed this way our plans won at every latency-bound shape.
+* Larger calls are timed eagerly between events: their device work dwarfs the dispatch, and
+  replaying one graph over the same buffers keeps part of them in L2 (60 MB on an H200), which
+  favoured plans that are slower once memory is cold (256 x 128256 fp32, k=50: 180 us instead
+  of 86 us under ``triton.testing.do_bench``, which flushes L2).
 """
 
 from __future__ import annotations
@@ -45,18 +50,20 @@ def _eager_us(fn: Callable[[], object], replays: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def gpu_time_us(fn: Callable[[], object], replays: int = REPLAYS) -> float:
-    """Microseconds of device time per call of ``fn`` (its first call, which compiles, untimed).
+def gpu_time_us(fn: Callable[[], object], replay: bool, replays: int = REPLAYS) -> float:
+    """Microseconds per call of ``fn`` (its first call, which compiles, untimed): replays of a
+    CUDA graph of it with ``replay`` (latency-bound calls), else eager calls between events.
 
-    A call that cannot be captured (it synchronises with the host) is timed eagerly instead.
+    A call that cannot be captured (it synchronises with the host) is timed eagerly.
     """
     fn()
     torch.cuda.synchronize()
-    try:
-        return _replayed_us(fn, replays)
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return _eager_us(fn, replays)
+    if replay:
+        try:
+            return _replayed_us(fn, replays)
+        except RuntimeError:
+            torch.cuda.synchronize()
+    return _eager_us(fn, replays)
 
 
 def can_time() -> bool:
@@ -72,11 +79,12 @@ _DENSE_VS_HIRE: dict[tuple, tuple[float, float]] = {}
 def dense_wins(key: tuple, model_prefers_dense: bool, dense: Callable[[], object], hire: Callable[[], object],
                min_speedup: float) -> bool:
     """Whether a HiRE op runs its dense form: on the GPU by the times of both forms at ``key``'s
-    first call (HiRE must be ``min_speedup`` faster), else by the cost model's verdict."""
+    first call (HiRE must be ``min_speedup`` faster), else by the cost model's verdict. Both are
+    timed as replayed graphs: HiRE pays where a decode step is dispatch-bound, so under graphs."""
     if key not in _DENSE_VS_HIRE:
         if not can_time():
             return model_prefers_dense
-        _DENSE_VS_HIRE[key] = (gpu_time_us(dense), gpu_time_us(hire))
+        _DENSE_VS_HIRE[key] = (gpu_time_us(dense, replay=True), gpu_time_us(hire, replay=True))
     dense_us, hire_us = _DENSE_VS_HIRE[key]
     return hire_us * min_speedup > dense_us
 
