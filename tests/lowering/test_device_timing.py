@@ -23,7 +23,7 @@ def test_hire_must_be_measured_faster_by_the_margin(fake_clock, monkeypatch):
     monkeypatch.setattr(device_timing, "can_time", lambda: True)
     assert device_timing.dense_wins(("a",), False, lambda: 100.0, lambda: 90.0, 1.2)  # 1.11x is not enough
     assert not device_timing.dense_wins(("b",), True, lambda: 100.0, lambda: 50.0, 1.2)  # measured beats model
-    assert device_timing.measured_dense_vs_hire(("b",)) == (100.0, 50.0)
+    assert device_timing._DENSE_VS_HIRE[("b",)] == (100.0, 50.0)
 
 
 def test_a_shape_is_timed_once(fake_clock, monkeypatch):
@@ -37,7 +37,7 @@ def test_while_capturing_the_cost_model_decides_and_nothing_is_cached(fake_clock
     monkeypatch.setattr(device_timing, "can_time", lambda: False)
     assert device_timing.dense_wins(("d",), True, lambda: 100.0, lambda: 10.0, 1.2)
     assert not device_timing.dense_wins(("d",), False, lambda: 100.0, lambda: 1000.0, 1.2)
-    assert fake_clock == [] and device_timing.measured_dense_vs_hire(("d",)) is None
+    assert fake_clock == [] and ("d",) not in device_timing._DENSE_VS_HIRE
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times CUDA graph replays")

@@ -87,8 +87,3 @@ def dense_wins(key: tuple, model_prefers_dense: bool, dense: Callable[[], object
         _DENSE_VS_HIRE[key] = (gpu_time_us(dense, replay=True), gpu_time_us(hire, replay=True))
     dense_us, hire_us = _DENSE_VS_HIRE[key]
     return hire_us * min_speedup > dense_us
-
-
-def measured_dense_vs_hire(key: tuple) -> tuple[float, float] | None:
-    """(dense us, HiRE us) that ``dense_wins`` measured for ``key``, if it has."""
-    return _DENSE_VS_HIRE.get(key)
