@@ -25,7 +25,7 @@ where the op declines, it runs the dense form, so its speed-up there is 1 by con
 own time is still reported. Writes ``bench_hire.json`` and ``bench_hire.md`` under
 ``--out`` (default ``$OUT``, else benchmarks/results) and prints the table last.
 
-    python benchmarks/bench_hire.py            # H100, about 3 minutes
+    python benchmarks/bench_hire.py            # a GPU: about 2 minutes on an H200
     python benchmarks/bench_hire.py --smoke    # CPU, tiny sizes: checks that the script runs
 """
 

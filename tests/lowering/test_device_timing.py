@@ -21,22 +21,22 @@ def fake_clock(monkeypatch):
 
 def test_hire_must_be_measured_faster_by_the_margin(fake_clock, monkeypatch):
     monkeypatch.setattr(device_timing, "can_time", lambda: True)
-    assert device_timing.dense_wins(("a",), False, lambda: 100.0, lambda: 90.0, 1.2)  # 1.11x is not enough
-    assert not device_timing.dense_wins(("b",), True, lambda: 100.0, lambda: 50.0, 1.2)  # measured beats model
+    assert device_timing.dense_wins(("a",), False, lambda: 100.0, lambda: 90.0, 1.2, measure=True)  # 1.11x is not enough
+    assert not device_timing.dense_wins(("b",), True, lambda: 100.0, lambda: 50.0, 1.2, measure=True)  # measured beats model
     assert device_timing._DENSE_VS_HIRE[("b",)] == (100.0, 50.0)
 
 
 def test_a_shape_is_timed_once(fake_clock, monkeypatch):
     monkeypatch.setattr(device_timing, "can_time", lambda: True)
     for _ in range(3):
-        assert not device_timing.dense_wins(("c",), True, lambda: 100.0, lambda: 10.0, 1.2)
+        assert not device_timing.dense_wins(("c",), True, lambda: 100.0, lambda: 10.0, 1.2, measure=True)
     assert len(fake_clock) == 2
 
 
 def test_while_capturing_the_cost_model_decides_and_nothing_is_cached(fake_clock, monkeypatch):
     monkeypatch.setattr(device_timing, "can_time", lambda: False)
-    assert device_timing.dense_wins(("d",), True, lambda: 100.0, lambda: 10.0, 1.2)
-    assert not device_timing.dense_wins(("d",), False, lambda: 100.0, lambda: 1000.0, 1.2)
+    assert device_timing.dense_wins(("d",), True, lambda: 100.0, lambda: 10.0, 1.2, measure=True)
+    assert not device_timing.dense_wins(("d",), False, lambda: 100.0, lambda: 1000.0, 1.2, measure=True)
     assert fake_clock == [] and ("d",) not in device_timing._DENSE_VS_HIRE
 
 

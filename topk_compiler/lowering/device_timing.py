@@ -77,10 +77,13 @@ _DENSE_VS_HIRE: dict[tuple, tuple[float, float]] = {}
 
 
 def dense_wins(key: tuple, model_prefers_dense: bool, dense: Callable[[], object], hire: Callable[[], object],
-               min_speedup: float) -> bool:
-    """Whether a HiRE op runs its dense form: on the GPU by the times of both forms at ``key``'s
-    first call (HiRE must be ``min_speedup`` faster), else by the cost model's verdict. Both are
-    timed as replayed graphs: HiRE pays where a decode step is dispatch-bound, so under graphs."""
+               min_speedup: float, measure: bool) -> bool:
+    """Whether a HiRE op runs its dense form: with ``measure`` (its kernels run on the GPU) by the
+    times of both forms at ``key``'s first call (HiRE must be ``min_speedup`` faster), else by the
+    cost model's verdict. Both are timed as replayed graphs: HiRE pays where a decode step is
+    dispatch-bound, so under graphs."""
+    if not measure:
+        return model_prefers_dense
     if key not in _DENSE_VS_HIRE:
         if not can_time():
             return model_prefers_dense

@@ -137,8 +137,6 @@ def runs_dense(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype,
     rows = x.numel() // d
     model_prefers_dense = dense_is_cheaper(rows, d, n, k, candidates, predictor, rank, x.dtype, str(x.device),
                                            normalize)
-    if not hire_predictor.uses_kernel(x):
-        return model_prefers_dense
     key = ("logits", str(x.device), tuple(x.shape), x.dtype, (n, d), bias is None, k, largest, sorted, scale,
            normalize, out_dtype, predictor, rank, candidates)
     return device_timing.dense_wins(
@@ -146,7 +144,7 @@ def runs_dense(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype,
         lambda: dense_logits_topk(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype),
         lambda: _hire_logits_topk(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype, predictor, rank,
                                   candidates),
-        hire_cost_model.MIN_SPEEDUP)
+        hire_cost_model.MIN_SPEEDUP, measure=hire_predictor.uses_kernel(x))
 
 
 @torch.library.custom_op("topk_compiler::hire_logits_topk", mutates_args=())
