@@ -37,14 +37,17 @@ MMA_CONFIGS = ((256, 256, 1, 4, 2), (128, 128, 1, 4, 2), (256, 256, 2, 4, 2), (1
 MAX_GEMV_BLOCK_S = 16
 MMA_BLOCK_S = 16
 MAX_BLOCK_M = 16
-# Predicted scores the selection program reads per step, and the tile (rows x neurons) of each
+# Predicted scores the selection program reads per step (the whole row of a d_ff <= 16384: one
+# dependent round trip to memory instead of one per 2048), and the tile (rows x neurons) of each
 # program of the many-row reduction.
-SELECT_BLOCK = 2048
+SELECT_BLOCK = 16384
 _ANY_BLOCK_ROWS = 16
 _ANY_BLOCK_COLS = 256
-# Partial sums added per step by the reduction, and output columns per reduction program.
-_REDUCE_BLOCK_P = 8
-_REDUCE_BLOCK_N = 256
+# Partial sums added per step by the reduction, and output columns per reduction program: 64
+# programs per row of a 4096-wide output, each with 8 KB of loads in flight (16 programs with
+# 8 partials a step took 13 us for 117 partials on an H200: benchmarks/results/profile_stages.json).
+_REDUCE_BLOCK_P = 32
+_REDUCE_BLOCK_N = 64
 
 
 def _configs(table):
@@ -191,7 +194,9 @@ def select_neurons(pred: torch.Tensor, threshold: float) -> tuple[torch.Tensor, 
         _any_above_kernel[(triton.cdiv(n, _ANY_BLOCK_COLS),)](pred, mask, rows, n, threshold, pred.stride(0),
                                                             BLOCK_ROWS=_ANY_BLOCK_ROWS, BLOCK_COLS=_ANY_BLOCK_COLS)
         pred, rows, threshold = mask, 1, 0.5
-    _select_neurons_kernel[(1,)](pred, slots, count, rows, n, threshold, pred.stride(0), BLOCK=SELECT_BLOCK)
+    block = min(SELECT_BLOCK, triton.next_power_of_2(n))
+    _select_neurons_kernel[(1,)](pred, slots, count, rows, n, threshold, pred.stride(0), BLOCK=block,
+                                 num_warps=16 if block >= 8192 else 4)
     return slots, count
 
 

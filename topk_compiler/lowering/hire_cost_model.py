@@ -53,7 +53,7 @@ _CPU_GATHER_PASSES = 3
 # The FFN's neuron selection compacts the chosen neurons in one program, one dependent round trip
 # to memory (about a microsecond) per SELECT_BLOCK (kernels/sparse_ffn.py) predicted scores.
 SELECT_ROUND_SECONDS = 1e-6
-SELECT_BLOCK = 2048
+SELECT_BLOCK = 16384
 
 
 @dataclass(frozen=True)
