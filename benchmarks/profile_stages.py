@@ -1,0 +1,257 @@
+"""Where the time goes, on one GPU, in one run: large-k bucketed top-k stage by stage, and the
+HiRE FFN kernel by kernel. No counters are needed: stages are timed as variants of the fused
+kernel that stop after them, and differences are read off.
+
+Top-k, per shape and bucketing (one program per row, as the fused kernel runs; ``:u8`` = 8
+loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
+
+* ``stream``: stage 1 alone; its survivors reduced to one integer per row (nothing is selected).
+* ``threshold:<select>``: stage 1 and the k-th largest survivor key (bisect, radix4).
+* ``compact``: + the compaction's positions (reduced to a number); ``compact_store``: + the
+  stores of the selected indices and keys, without loading their values from the input.
+* ``unsorted:<select>``: the fused kernel with ``sorted=False`` (threshold, compaction, stores).
+* ``sorted:<select>:<sort_with>``: the fused kernel as the op runs it.
+* ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
+  stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
+  ``torch_sort``: ``torch.sort`` of them.
+
+HiRE FFN (bf16, d=4096, d_ff=16384, 10% active, batch 1, calibrated as in bench_hire.py): device
+time of each kernel the op launches (torch.profiler), the op's CUDA-graph replay, and dense; then
+the sparse FFN alone (selection, FFN, reduction) with 132, 264 and 528 programs.
+
+    PYTHONPATH=. python3 -m benchmarks.profile_stages --out $OUT    # a GPU, about 3 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, fused_bucketed_topk, stage1_meta
+from topk_compiler.kernels.select_topk import compact_positions, kth_key_bisect, kth_key_radix, kth_key_radix4, sort_selected
+from topk_compiler.kernels.sparse_ffn import sparse_ffn
+from topk_compiler.lowering.hire_cost_model import expected_union
+from topk_compiler.lowering.hire_predictor import predictor_for, transposed_copy
+from topk_compiler.lowering.plan import warps_for
+
+SELECTS = {"bisect": 1, "radix": 2, "radix4": 3}
+# (rows, n, k, dtype, [(num_buckets, per_bucket_k), ...], focus): headline shapes and the bucketings
+# the planner picked at recall 0.9 / 0.95 (benchmarks/results/bench_topk.json). "select": large k,
+# where stage 2 dominates; "stream": small k, where stage 1 does.
+SHAPES = [
+    (1024, 32768, 2048, torch.bfloat16, [(1024, 4), (2048, 2)], "select"),
+    (64, 131072, 2048, torch.bfloat16, [(1024, 4)], "select"),
+    (4096, 4096, 512, torch.bfloat16, [(256, 4), (512, 2)], "select"),
+    (16, 14336, 1434, torch.float32, [(2048, 2)], "select"),
+    (16384, 8192, 64, torch.float16, [(128, 2), (256, 1)], "stream"),
+    (256, 128256, 50, torch.float32, [(1024, 1)], "stream"),
+    (1024, 65536, 100, torch.float32, [(1024, 1)], "stream"),
+]
+
+
+@triton.jit
+def _stage_probe_kernel(x_ptr, out_ptr, idx_out_ptr, key_out_ptr, n, k, num_buckets, slots, x_row_stride,
+                        BLANES: tl.constexpr, KB: tl.constexpr, KBP: tl.constexpr, UNROLL: tl.constexpr,
+                        KEY_BITS: tl.constexpr, POS_BITS: tl.constexpr, LAYOUT: tl.constexpr, LARGEST: tl.constexpr,
+                        SELECT: tl.constexpr, STAGE: tl.constexpr):
+    """STAGE 0: stage 1 alone; 1: + threshold by SELECT; 2: + compaction positions (reduced to a
+    number); 3: + stores of the selected indices and keys (no gather of values from x)."""
+    row = tl.program_id(0).to(tl.int64)
+    keys, idx = bucket_survivors_of(x_ptr + row * x_row_stride, row, 0, n, num_buckets, slots, 0,
+                                    BLANES, KB, KBP, LAYOUT, UNROLL, LARGEST, KEY_BITS, POS_BITS)
+    if STAGE == 0:
+        r = tl.max(keys ^ idx, axis=0)
+    else:
+        if SELECT == 1:
+            r = kth_key_bisect(keys, k, KEY_BITS)
+        elif SELECT == 2:
+            r = kth_key_radix(keys, k, KEY_BITS)
+        else:
+            r = kth_key_radix4(keys, k, KEY_BITS)
+        if STAGE >= 2:
+            need = k - tl.sum((keys > r).to(tl.int32), axis=0)
+            zero = tl.zeros([], dtype=tl.int32)
+            chosen, position, _, _ = compact_positions(keys, r, need, zero, zero)
+            if STAGE == 2:
+                r = tl.sum(tl.where(chosen, position, 0), axis=0)
+            else:
+                tl.store(idx_out_ptr + row * k + position, idx.to(tl.int64), mask=chosen)
+                tl.store(key_out_ptr + row * k + position, keys, mask=chosen)
+    tl.store(out_ptr + row, r)
+
+
+@triton.jit
+def _register_sort_kernel(src_ptr, dst_ptr, K_POW2: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, K_POW2)
+    tl.store(dst_ptr + row * K_POW2 + o, tl.sort(tl.load(src_ptr + row * K_POW2 + o), descending=True))
+
+
+def probe(x, k, b, kb, select, stage, unroll=4, warps=None):
+    slots, meta = stage1_meta(x, b, kb, b, 0, unroll, True)
+    rows = x.shape[0]
+    out = torch.empty(rows, dtype=torch.int32, device=x.device)
+    idx_out = torch.empty(rows, k, dtype=torch.int64, device=x.device)
+    key_out = torch.empty(rows, k, dtype=torch.int32, device=x.device)
+    warps = warps or warps_for(b, b * meta["KBP"])
+    return lambda: _stage_probe_kernel[(rows,)](x, out, idx_out, key_out, x.shape[1], k, b, slots, x.stride(0),
+                                                **meta, SELECT=SELECTS.get(select, 0), STAGE=stage, num_warps=warps)
+
+
+def timed(fn) -> dict:
+    fn()
+    torch.cuda.synchronize()
+    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=60)
+    return dict(us=1e3 * med, p20_us=1e3 * p20, p80_us=1e3 * p80)
+
+
+def topk_stages(rows, n, k, dtype, bucketings, focus) -> list[dict]:
+    x = torch.randn(rows, n, device="cuda", dtype=dtype)
+    nbytes = x.numel() * x.element_size()
+    out = []
+
+    def record(variant, b, kb, fn):
+        try:
+            t = timed(fn)
+        except Exception as e:  # a variant that fails to compile must not lose the others
+            t = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+        row = dict(rows=rows, n=n, k=k, dtype=str(dtype).split(".")[-1], num_buckets=b, per_bucket_k=kb,
+                   variant=variant, **t)
+        if "us" in t:
+            row["read_tb_s"] = nbytes / t["us"] / 1e6
+        print(json.dumps(row), flush=True)
+        out.append(row)
+
+    def fused(b, kb, select, sorted_, sort_with="program", unroll=4, warps=None):
+        warps = warps or warps_for(b, b * triton.next_power_of_2(kb))
+        return lambda: fused_bucketed_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=sorted_,
+                                           select=select, sort_with=sort_with, sort_warps=2, unroll=unroll,
+                                           num_warps=warps)
+
+    for b, kb in bucketings:
+        default_warps = warps_for(b, b * triton.next_power_of_2(kb))
+        if focus == "select":
+            record("stream", b, kb, probe(x, k, b, kb, "stream", 0))
+            record("stream:u8", b, kb, probe(x, k, b, kb, "stream", 0, unroll=8))
+            for select in ("bisect", "radix4"):
+                record(f"threshold:{select}", b, kb, probe(x, k, b, kb, select, 1))
+            record("compact:bisect", b, kb, probe(x, k, b, kb, "bisect", 2))
+            record("compact_store:bisect", b, kb, probe(x, k, b, kb, "bisect", 3))
+            for select in ("bisect", "radix4"):
+                record(f"unsorted:{select}", b, kb, fused(b, kb, select, False))
+            record("sorted:bisect:program", b, kb, fused(b, kb, "bisect", True))
+            record("sorted:radix4:program", b, kb, fused(b, kb, "radix4", True))
+            record("sorted:radix4:program:u8", b, kb, fused(b, kb, "radix4", True, unroll=8))
+            record("sorted:radix4:launch", b, kb, fused(b, kb, "radix4", True, sort_with="launch"))
+        else:
+            for warps in (default_warps, 4, 2, 1):
+                if warps > default_warps or (warps < default_warps and warps == 1 and b > 256):
+                    continue
+                for unroll in (4, 8):
+                    record(f"stream:w{warps}:u{unroll}", b, kb, probe(x, k, b, kb, "stream", 0, unroll, warps))
+                    record(f"sorted:bitonic:w{warps}:u{unroll}", b, kb, fused(b, kb, "bitonic", True,
+                                                                            unroll=unroll, warps=warps))
+    if focus == "select":
+        sorts(rows, n, k, dtype, record)
+    return out
+
+
+def sorts(rows, n, k, dtype, record):
+    """The sort of k selected per row alone: the separate launch, tl.sort in registers, torch.sort."""
+    k_pow2 = triton.next_power_of_2(k)
+    entries = torch.randint(-2**30, 2**30, (rows, k_pow2), device="cuda", dtype=torch.int32)
+    values = torch.randn(rows, k, device="cuda", dtype=dtype)
+    indices = torch.randint(0, n, (rows, k), device="cuda")
+    order = (entries[:, :k] & ~0xFFFF) | (0xFFFF - torch.arange(k, device="cuda", dtype=torch.int32))
+    dst = torch.empty_like(entries)
+    for warps in (1, 2, 4, 8):
+        record(f"sort_launch:{warps}", 0, 0, lambda w=warps: sort_selected(values, indices, order, num_warps=w))
+        record(f"register_sort:{warps}", 0, 0,
+               lambda w=warps: _register_sort_kernel[(rows,)](entries, dst, K_POW2=k_pow2, num_warps=w))
+    record("torch_sort", 0, 0, lambda: torch.sort(order, dim=1, descending=True))
+
+
+def hire_ffn_kernels() -> dict:
+    from benchmarks import bench_hire
+
+    cfg = dict(bench_hire.FULL)
+    gen = torch.Generator().manual_seed(0)
+    dtype, d, d_ff = torch.bfloat16, cfg["d"], cfg["d_ff"]
+    w1 = bench_hire.structured_weight(d_ff, d, gen, "cuda", dtype)
+    w2 = (torch.randn(d, d_ff, generator=gen) / d_ff ** 0.5).to("cuda", dtype)
+    b2 = (0.1 * torch.randn(d, generator=gen)).to("cuda", dtype)
+    cut = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.9)).item()
+    b1 = (-w1.float().norm(dim=1) * cut).to(dtype)
+    entry = bench_hire.calibrated(bench_hire.Ffn(w1, b1, w2, b2), d, 1, cfg, "cuda", dtype, 0.96, seed=4)
+    x = bench_hire.inputs(1, d, 6, "cuda", dtype)
+
+    def hire():
+        return torch.ops.topk_compiler.hire_ffn(x, w1, b1, w2, b2, "relu", "lowrank", entry["rank"],
+                                                entry["threshold"], entry["candidates"], "always")
+
+    _, graphed = bench_hire.timer("cuda")
+    result = dict(rank=entry["rank"], threshold=entry["threshold"], neurons=entry["candidates"],
+                  hire_graph_us=graphed(hire)[0],
+                  dense_graph_us=graphed(lambda: bench_hire.dense_ffn(x, w1, b1, w2, b2, "relu"))[0],
+                  kernels=kernel_times(hire))
+    pred = predictor_for(w1, "lowrank", entry["rank"]).scores(x, b1).contiguous()
+    w2t = transposed_copy(w2)
+    union = math.ceil(expected_union(1, entry["candidates"], d_ff))
+    result["sparse_ffn"] = []
+    for programs in (132, 264, 528):
+        def run(p=programs):
+            return sparse_ffn(x, w1, b1, w2t, b2, pred, entry["threshold"], activation="relu", programs=p,
+                              expected=union)
+        result["sparse_ffn"].append(dict(programs=programs, graph_us=graphed(run)[0], kernels=kernel_times(run)))
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
+def kernel_times(fn, reps=20) -> list[dict]:
+    """Device time of each kernel ``fn`` launches, per call (torch.profiler)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = []
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if total > 0:
+            kernels.append(dict(name=e.key[:120], calls_per_op=e.count / reps, us_per_op=total / reps))
+    return sorted(kernels, key=lambda r: -r["us_per_op"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    parser.add_argument("--skip-hire", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.time()
+    stages = []
+    for rows, n, k, dtype, bucketings, focus in SHAPES:
+        stages += topk_stages(rows, n, k, dtype, bucketings, focus)
+    payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   python=platform.python_version(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   command="PYTHONPATH=. python3 -m benchmarks.profile_stages", topk=stages)
+    if not args.skip_hire:
+        payload["hire_ffn"] = hire_ffn_kernels()
+    payload["seconds"] = round(time.time() - start, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile_stages.json").write_text(json.dumps(payload, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
