@@ -38,7 +38,7 @@ def assert_matches_reference(values, indices, ref_values, x, sorted_, largest=Tr
 
 # Ways to finish stage 2: (select, sort_with); the sort runs in the program or as its own launch.
 FINISHES = [("bisect", "program"), ("bisect", "launch"), ("radix", "program"), ("radix", "launch"),
-            ("radix4", "program"), ("radix4", "launch"), ("bitonic", "program")]
+            ("bitonic", "program")]
 
 
 @pytest.mark.parametrize("rows,n,k,b,kb", CASES)
@@ -70,7 +70,7 @@ def test_split_equals_reference(rows, n, k, b, kb, layout):
     x = torch.randn(rows, n).to(KERNEL_DEVICE)
     ref_values, _ = reference(x, k, b, kb, layout, largest=False)
     for segments, select, sort_with, sorted_ in ((2, "bisect", "program", True), (b // 8, "radix", "launch", True),
-                                                 (4, "radix4", "launch", True), (4, "bisect", "program", False)):
+                                                 (4, "bisect", "launch", True), (4, "bisect", "program", False)):
         values, indices = split_bucketed_topk(x, k, num_buckets=b, per_bucket_k=kb, segments=segments,
                                               largest=False, sorted=sorted_, layout_id=LAYOUT_IDS[layout], seed=11,
                                               select=select, sort_with=sort_with)
@@ -84,7 +84,7 @@ def test_unsorted_smallest_and_special_values(dtype):
     x[1, ::53] = float("-inf")
     x[1, 5::61] = float("inf")
     x = x.to(dtype).to(KERNEL_DEVICE)
-    for largest, select in ((True, "bisect"), (False, "radix"), (True, "radix4")):
+    for largest, select in ((True, "bisect"), (False, "radix")):
         ref_values, _ = reference(x, 300, 128, 4, "interleaved", largest)
         values, indices = fused_bucketed_topk(x, 300, num_buckets=128, per_bucket_k=4, largest=largest, sorted=False,
                                               select=select)

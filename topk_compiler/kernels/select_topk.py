@@ -1,6 +1,6 @@
 """Exact top-k of m candidates per row, and the sort of the k selected.
 
-Candidates are (int32 order key, element index) pairs held in registers by one program. Four
+Candidates are (int32 order key, element index) pairs held in registers by one program. Three
 ways to select, picked by the cost model (``SELECT``):
 
 * ``bitonic`` (0): pack key and index into one integer and let ``tl.topk`` (a bitonic top-k
@@ -8,9 +8,6 @@ ways to select, picked by the cost model (``SELECT``):
 * ``bisect`` (1): the k-th largest key by bisection over its bits, one block-wide count per bit.
 * ``radix`` (2): the k-th largest key by 8-bit digits, one ``tl.histogram`` per digit (2 for
   16-bit keys, 4 for 32-bit ones) instead of one count per bit.
-* ``radix4`` (3): the k-th largest key by 4-bit digits, the 16 counts of a digit packed 16 bits
-  each into four int64 and summed in one block-wide reduction (4 rounds for 16-bit keys, 8 for
-  32-bit ones): a quarter of bisect's cross-warp exchanges, and no histogram op.
 
 After ``bisect``/``radix`` the keys above the threshold, and as many ties as needed, are
 compacted in candidate order with a single prefix sum (above and tied counts packed in one
@@ -29,7 +26,7 @@ import triton.language as tl
 
 from topk_compiler.kernels.order_key import order_key
 
-SELECT_METHODS = {"bitonic": 0, "bisect": 1, "radix": 2, "radix4": 3}
+SELECT_METHODS = {"bitonic": 0, "bisect": 1, "radix": 2}
 SORT_WITH = ("program", "launch")
 
 
@@ -98,40 +95,6 @@ def kth_key_radix(keys, k, KEY_BITS: tl.constexpr):
             h = tl.histogram(digit, 256, mask=radix_prefix_match(keys, t, p, KEY_BITS))
         t, above = radix_step(h, t, above, k)
     return radix_threshold(t, KEY_BITS)
-
-
-@triton.jit
-def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
-
-
-@triton.jit
-def kth_key_radix4(keys, k, KEY_BITS: tl.constexpr):
-    """Largest T with count(keys >= T) >= k, one 4-bit digit a round.
-
-    A key's digit q is counted as 1 << (16 * (q % 4)) in int64 number q // 4, so one reduction
-    of four int64 gives the round's 16-bin histogram (16-bit fields: fewer than 2**16 keys).
-    Keys below the decided prefix count nowhere; keys above its window count in the top bin.
-    """
-    tl.static_assert(keys.numel < 65536, "radix4 packs counts into 16-bit fields")
-    offset = keys.to(tl.int64) + (1 << (KEY_BITS - 1))  # offset binary: orders like the key
-    t_off = tl.zeros([], dtype=tl.int64)
-    bins = tl.arange(0, 16)
-    for r in tl.static_range(KEY_BITS // 4):
-        shift = KEY_BITS - 4 * (r + 1)
-        rel = offset - t_off
-        q = tl.minimum(rel >> shift, 15)
-        one = tl.where(rel >= 0, tl.full(q.shape, 1, tl.int64) << ((q & 3) * 16), 0)
-        word = q >> 2
-        c0, c1, c2, c3 = tl.reduce((tl.where(word == 0, one, 0), tl.where(word == 1, one, 0),
-                                    tl.where(word == 2, one, 0), tl.where(word == 3, one, 0)), 0, _add4)
-        group = bins >> 2
-        packed = tl.where(group == 0, c0, tl.where(group == 1, c1, tl.where(group == 2, c2, c3)))
-        h = ((packed >> ((bins & 3) * 16)) & 0xFFFF).to(tl.int32)
-        at_least = tl.cumsum(h, axis=0, reverse=True)  # keys with digit >= d
-        d = tl.max(tl.where(at_least >= k, bins, 0), axis=0)
-        t_off += d.to(tl.int64) << shift
-    return (t_off - (1 << (KEY_BITS - 1))).to(tl.int32)
 
 
 @triton.jit
@@ -229,10 +192,8 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
     else:
         if SELECT == 1:
             threshold = kth_key_bisect(keys, k, KEY_BITS)
-        elif SELECT == 2:
-            threshold = kth_key_radix(keys, k, KEY_BITS)
         else:
-            threshold = kth_key_radix4(keys, k, KEY_BITS)
+            threshold = kth_key_radix(keys, k, KEY_BITS)
         need = k - tl.sum((keys > threshold).to(tl.int32), axis=0)
         zero = tl.zeros([], dtype=tl.int32)
         chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
