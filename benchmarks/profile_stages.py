@@ -6,7 +6,7 @@ Top-k, per shape and bucketing (one program per row, as the fused kernel runs; `
 loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
 
 * ``stream``: stage 1 alone; its survivors reduced to one integer per row (nothing is selected).
-* ``threshold:<select>``: stage 1 and the k-th largest survivor key (bisect, radix4).
+* ``threshold:<select>``: stage 1 and the k-th largest survivor key (bisect, radix).
 * ``compact``: + the compaction's positions (reduced to a number); ``compact_store``: + the
   stores of the selected indices and keys, without loading their values from the input.
 * ``unsorted:<select>``: the fused kernel with ``sorted=False`` (threshold, compaction, stores).
@@ -19,7 +19,11 @@ HiRE FFN (bf16, d=4096, d_ff=16384, 10% active, batch 1, calibrated as in bench_
 time of each kernel the op launches (torch.profiler), the op's CUDA-graph replay, and dense; then
 the sparse FFN alone (selection, FFN, reduction) with 132, 264 and 528 programs.
 
-    PYTHONPATH=. python3 -m benchmarks.profile_stages --out $OUT    # a GPU, about 3 minutes
+    PYTHONPATH=. python3 -m benchmarks.profile_stages --out $OUT    # a GPU, about 4 minutes
+
+benchmarks/results/profile_stages_h200.json was written by this script at commit e05b592, whose
+variants timed a ``radix4`` selection in place of ``radix`` (4-bit digits counted in packed
+int64 fields; 1.5-2x slower than bisect at every shape, and removed).
 """
 
 from __future__ import annotations
@@ -38,13 +42,13 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, fused_bucketed_topk, stage1_meta
-from topk_compiler.kernels.select_topk import compact_positions, kth_key_bisect, kth_key_radix, kth_key_radix4, sort_selected
+from topk_compiler.kernels.select_topk import compact_positions, kth_key_bisect, kth_key_radix, sort_selected
 from topk_compiler.kernels.sparse_ffn import sparse_ffn
 from topk_compiler.lowering.hire_cost_model import expected_union
 from topk_compiler.lowering.hire_predictor import predictor_for, transposed_copy
 from topk_compiler.lowering.plan import warps_for
 
-SELECTS = {"bisect": 1, "radix": 2, "radix4": 3}
+SELECTS = {"bisect": 1, "radix": 2}
 # (rows, n, k, dtype, [(num_buckets, per_bucket_k), ...], focus): headline shapes and the bucketings
 # the planner picked at recall 0.9 / 0.95 (benchmarks/results/bench_topk.json). "select": large k,
 # where stage 2 dominates; "stream": small k, where stage 1 does.
@@ -74,10 +78,8 @@ def _stage_probe_kernel(x_ptr, out_ptr, idx_out_ptr, key_out_ptr, n, k, num_buck
     else:
         if SELECT == 1:
             r = kth_key_bisect(keys, k, KEY_BITS)
-        elif SELECT == 2:
-            r = kth_key_radix(keys, k, KEY_BITS)
         else:
-            r = kth_key_radix4(keys, k, KEY_BITS)
+            r = kth_key_radix(keys, k, KEY_BITS)
         if STAGE >= 2:
             need = k - tl.sum((keys > r).to(tl.int32), axis=0)
             zero = tl.zeros([], dtype=tl.int32)
@@ -143,16 +145,15 @@ def topk_stages(rows, n, k, dtype, bucketings, focus) -> list[dict]:
         if focus == "select":
             record("stream", b, kb, probe(x, k, b, kb, "stream", 0))
             record("stream:u8", b, kb, probe(x, k, b, kb, "stream", 0, unroll=8))
-            for select in ("bisect", "radix4"):
+            for select in ("bisect", "radix"):
                 record(f"threshold:{select}", b, kb, probe(x, k, b, kb, select, 1))
             record("compact:bisect", b, kb, probe(x, k, b, kb, "bisect", 2))
             record("compact_store:bisect", b, kb, probe(x, k, b, kb, "bisect", 3))
-            for select in ("bisect", "radix4"):
+            for select in ("bisect", "radix"):
                 record(f"unsorted:{select}", b, kb, fused(b, kb, select, False))
             record("sorted:bisect:program", b, kb, fused(b, kb, "bisect", True))
-            record("sorted:radix4:program", b, kb, fused(b, kb, "radix4", True))
-            record("sorted:radix4:program:u8", b, kb, fused(b, kb, "radix4", True, unroll=8))
-            record("sorted:radix4:launch", b, kb, fused(b, kb, "radix4", True, sort_with="launch"))
+            record("sorted:bisect:program:u8", b, kb, fused(b, kb, "bisect", True, unroll=8))
+            record("sorted:bisect:launch", b, kb, fused(b, kb, "bisect", True, sort_with="launch"))
         else:
             for warps in (default_warps, 4, 2, 1):
                 if warps > default_warps or (warps < default_warps and warps == 1 and b > 256):
