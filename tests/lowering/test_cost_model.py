@@ -61,3 +61,28 @@ def test_h200_borrows_the_h100_weights():
     h200 = cost_model._calibrated_weights("NVIDIA H200")
     assert h200 is CUDA_WEIGHTS["H100"]
     assert cost_model._calibrated_weights("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_fused_warps_keep_the_grid_resident_without_spilling():
+    assert plan.fused_warps(16384, 256, 256, 132) == 1  # many rows: one warp each fills the SMs
+    assert plan.fused_warps(1024, 1024, 1024, 132) == 4
+    assert plan.fused_warps(256, 1024, 1024, 132) == 8  # few rows: every warp a program may have
+    assert plan.fused_warps(16384, 1024, 4096, 132) == 8  # 4096 candidates need 8 warps in registers
+    assert plan.fused_warps(16384, 32, 32, 132) == 1
+
+
+def test_shortlist_times_both_warp_counts_of_a_fused_bucketing(monkeypatch):
+    """The cost model does not see warps: where the grid-filling count differs from the default,
+    the first call times both."""
+    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
+    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
+    plan.shortlist.cache_clear()
+    approx, _ = plan.shortlist(16384, 8192, 64, torch.float16, "cuda", 0.95)
+    plan.shortlist.cache_clear()
+    fused = {}
+    for p in approx:
+        if p.kernel == "fused":
+            fused.setdefault((p.num_buckets, p.per_bucket_k), set()).add(p.num_warps)
+    best = approx[0]
+    assert best.kernel == "fused" and best.num_warps == plan.fused_warps(16384, best.num_buckets, best.num_buckets * plan._pow2(best.per_bucket_k), 132)
+    assert fused[(best.num_buckets, best.per_bucket_k)] == {best.num_warps, plan.warps_for(best.num_buckets, best.num_buckets * plan._pow2(best.per_bucket_k))}

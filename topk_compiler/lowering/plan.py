@@ -37,6 +37,11 @@ MAX_REGISTER_SURVIVORS = {2: 8192, 4: 4096}
 # Programs per row the split kernel may use, and the fewest lanes each keeps (one warp).
 MAX_SEGMENTS = 64
 MIN_SEGMENT_LANES = 32
+# Warps per SM the fused kernel's grid should keep resident (``fused_warps``). On an H200
+# (benchmarks/results/profile_stages_h200.json), 16384 x 8192 fp16 k=64 with 256 buckets ran in
+# 115 us with 1 warp a program and 222 us with 8; 256 x 128256 fp32 k=50 with 1024 buckets in
+# 54 us with 8 and 85 us with 4; 1024 x 65536 fp32 k=100 in 103 us with 4 and 108 us with 8.
+RESIDENT_WARPS_PER_SM = 16
 # A bitonic selection network only pays for small k (its cost grows with log(k)**2 per survivor).
 MAX_BITONIC_K = 256
 # The exact filtered kernel's stage 1 keeps this expected recall, so that about k / recall
@@ -131,6 +136,17 @@ def warps_for(lanes: int, candidates: int = 0) -> int:
     return min(16 if candidates > 4096 else 8, max(1, lanes // 32))
 
 
+def fused_warps(rows: int, lanes: int, candidates: int, processors: int) -> int:
+    """Warps of a fused program chosen for stage 1's streaming: as few as keep
+    ``RESIDENT_WARPS_PER_SM`` warps per SM busy over the rows (fewer warps give each thread more
+    lanes, so wider loads and more bytes in flight), at least one per 512 candidates (16 keys and
+    indices a thread; more spill), at most ``warps_for``."""
+    most = warps_for(lanes, candidates)
+    least = _pow2(-(-candidates // 512))
+    want = _pow2(-(-RESIDENT_WARPS_PER_SM * processors // max(rows, 1)))
+    return max(1, least, min(most, want))
+
+
 def sort_warps_for(k: int, elem: int) -> int:
     """Warps of the separate sort launch: at most 32 order entries a thread (16 when they are
     int64), which keeps it within registers (ptxas -v on sm_90a)."""
@@ -153,14 +169,20 @@ def _finishes(k: int, sorted_: bool):
 
 
 def kernel_options(rows, n, k, b, kb, elem, sorted_, profile, layout):
-    """(time, kernel, segments, select, sort_with, num_warps) of each Triton kernel that runs (b, kb)."""
+    """(time, kernel, segments, select, sort_with, num_warps) of each Triton kernel that runs (b, kb).
+
+    The fused kernel comes with ``fused_warps`` and, where that differs, with ``warps_for``: the
+    cost model does not see warps, so both are shortlisted and the first call's timing decides.
+    """
     if b & (b - 1) or kb > MAX_PER_BUCKET_K:
         return
     ns = b * _pow2(kb)
+    fused_choices = dict.fromkeys((fused_warps(rows, b, ns, profile.processors), warps_for(b, ns)))
     for select, sort_with in _finishes(k, sorted_):
         if ns <= MAX_REGISTER_SURVIVORS[elem] and (select != "bitonic" or n <= 2**16):
             t = cost_model.fused_time(rows, n, k, b, kb, elem, sorted_, select, sort_with, profile)
-            yield t, "fused", 1, select, sort_with, warps_for(b, ns)
+            for warps in fused_choices:
+                yield t, "fused", 1, select, sort_with, warps
         if layout == "contiguous" or ns > MAX_REGISTER_SURVIVORS[2] or select == "bitonic":
             continue
         segments = 2
@@ -298,11 +320,12 @@ def shortlist(
 
 
 def _distinct(plans: list[TopkPlan]) -> list[TopkPlan]:
-    """The cheapest SHORTLIST plans of different (kernel, bucketing, split): the model ranks the
-    ways to finish one bucketing reliably; it is the bucketings and kernels it may misjudge."""
+    """The cheapest SHORTLIST plans of different (kernel, bucketing, split, warps): the model ranks
+    the ways to finish one bucketing reliably; it is the bucketings, kernels and warps (which it
+    does not see) it may misjudge."""
     chosen, seen = [], set()
     for p in plans:
-        key = (p.kernel, p.num_buckets, p.per_bucket_k, p.segments)
+        key = (p.kernel, p.num_buckets, p.per_bucket_k, p.segments, p.num_warps)
         if key not in seen:
             seen.add(key)
             chosen.append(p)
