@@ -9,8 +9,8 @@ def fake_clock(monkeypatch):
     """gpu_time_us reads the time each form reports; counts how often a form is timed."""
     timed = []
 
-    def gpu_time_us(fn, replay):
-        assert replay  # HiRE is timed as it runs in a decode loop: under graphs
+    def gpu_time_us(fn, cold):
+        assert not cold  # HiRE is timed as it runs in a decode loop: replayed back to back
         timed.append(fn)
         return fn()
 
@@ -43,7 +43,28 @@ def test_while_capturing_the_cost_model_decides_and_nothing_is_cached(fake_clock
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times CUDA graph replays")
 def test_gpu_time_is_the_replayed_work():
     x = torch.randn(4096, 4096, device="cuda")
-    for replay in (True, False):
-        one = device_timing.gpu_time_us(lambda: x @ x, replay)
-        four = device_timing.gpu_time_us(lambda: [x @ x for _ in range(4)], replay)
+    for cold in (True, False):
+        one = device_timing.gpu_time_us(lambda: x @ x, cold)
+        four = device_timing.gpu_time_us(lambda: [x @ x for _ in range(4)], cold)
         assert 2.5 * one < four < 6 * one
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times CUDA graph replays")
+def test_cold_timing_reads_memory_not_l2():
+    """A 16 MB read fits in L2: back to back it is served from there, cold it comes from HBM."""
+    x = torch.randn(4 * 2**20, device="cuda")
+    warm = device_timing.gpu_time_us(lambda: x.sum(), cold=False)
+    cold = device_timing.gpu_time_us(lambda: x.sum(), cold=True)
+    assert cold > 1.2 * warm
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times CUDA graph replays")
+def test_cold_timing_excludes_the_host_dispatch():
+    """A short kernel behind slow host code: replays time the kernel, not the Python around it."""
+    x = torch.randn(2**20, device="cuda")
+
+    def slow_host():
+        sum(range(100_000))  # a few milliseconds of Python
+        return x.sum()
+
+    assert device_timing.gpu_time_us(slow_host, cold=True) < 500

@@ -80,8 +80,8 @@ def _run(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan,
     return bucketed_kernels.split_bucketed_topk(x2d, k, segments=plan.segments, **bucketing, **layout_args, **finish)
 
 
-# Inputs below this many elements are latency-bound: their plans are timed as replayed CUDA
-# graphs (``device_timing``), larger ones eagerly.
+# Inputs below this many elements are latency-bound: their plans are timed as back-to-back
+# replays of a CUDA graph (``device_timing``), larger ones as replays with L2 evicted before each.
 LATENCY_BOUND_ELEMENTS = 2**20
 # (device, rows, n, k, dtype, largest, sorted, recall target, layout, num_buckets, per_bucket_k,
 # rewrite) -> the plan measured fastest.
@@ -136,7 +136,7 @@ def tuned_plan(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, model_pla
     def time_plan(plan):
         try:
             return device_timing.gpu_time_us(lambda: _run(x2d, k, largest, sorted, plan, layout, seed),
-                                             replay=x2d.numel() < LATENCY_BOUND_ELEMENTS)
+                                             cold=x2d.numel() >= LATENCY_BOUND_ELEMENTS)
         except Exception:  # e.g. a launch the device cannot fit: that plan is out of the race
             return None
 

@@ -8,10 +8,13 @@ regimes (H200 runs of benchmarks/bench_topk.py, 2026-12-01, results in benchmark
   are timed: timed eagerly, the host's dispatch hides the device's work (1 x 16384 fp32, k=16:
   torch.topk 75 us eager and our plans 218 us eager, but 14 us replayed), and such calls run
   under CUDA graphs in practice. Timed this way our plans won at every latency-bound shape.
-* Larger calls are timed eagerly between events: their device work dwarfs the dispatch, and
-  replaying one graph over the same buffers keeps part of them in L2 (60 MB on an H200), which
-  favoured plans that are slower once memory is cold (256 x 128256 fp32, k=50: 180 us instead
-  of 86 us under ``triton.testing.do_bench``, which flushes L2).
+* Larger calls are replayed too, each replay after a write of twice the L2 (60 MB on an H200)
+  that evicts the input, as ``triton.testing.do_bench`` does. Replaying one graph over the same
+  buffers without it kept part of them in L2, which favoured plans that are slower once memory
+  is cold (256 x 128256 fp32, k=50: 180 us instead of 86 us under do_bench). Timed eagerly
+  instead, a call whose device work is shorter than its dispatch (about 60-80 us for our op) is
+  measured as its dispatch, and every plan ties: on an H200 that kept 256 x 128256 fp32 k=50 at
+  82 us eagerly where its kernel takes 54 us (benchmarks/results/profile_stages_h200.json).
 """
 
 from __future__ import annotations
@@ -24,18 +27,42 @@ import torch
 REPLAYS = 10
 
 
-def _replayed_us(fn: Callable[[], object], replays: int) -> float:
+# Bytes written before each replay of a cold timing, per L2 byte (do_bench writes 256 MB).
+_FLUSH_PER_L2_BYTE = 2
+_FLUSH: dict[int, torch.Tensor] = {}
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _FLUSH:
+        l2 = getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or 64 * 2**20
+        _FLUSH[index] = torch.empty(_FLUSH_PER_L2_BYTE * l2, dtype=torch.int8, device=torch.device("cuda", index))
+    return _FLUSH[index]
+
+
+def _replayed_us(fn: Callable[[], object], replays: int, cold: bool) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use the GPU meanwhile
         fn()
     graph.replay()  # the first replay uploads the graph
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
+    if not cold:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / replays
+    flush = _flush_buffer(torch.device("cuda", torch.cuda.current_device()))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        flush.zero_()  # takes longer than the host needs to enqueue the replay: no idle gap is timed
+        start.record()
         graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) * 1e3 for start, end in events)
+    return times[len(times) // 2]
 
 
 def _eager_us(fn: Callable[[], object], replays: int) -> float:
@@ -50,19 +77,18 @@ def _eager_us(fn: Callable[[], object], replays: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def gpu_time_us(fn: Callable[[], object], replay: bool, replays: int = REPLAYS) -> float:
-    """Microseconds per call of ``fn`` (its first call, which compiles, untimed): replays of a
-    CUDA graph of it with ``replay`` (latency-bound calls), else eager calls between events.
+def gpu_time_us(fn: Callable[[], object], cold: bool, replays: int = REPLAYS) -> float:
+    """Microseconds per call of ``fn`` (its first call, which compiles, untimed), as replays of a
+    CUDA graph of it: back to back, or with ``cold`` each after L2 is evicted (the median).
 
     A call that cannot be captured (it synchronises with the host) is timed eagerly.
     """
     fn()
     torch.cuda.synchronize()
-    if replay:
-        try:
-            return _replayed_us(fn, replays)
-        except RuntimeError:
-            torch.cuda.synchronize()
+    try:
+        return _replayed_us(fn, replays, cold)
+    except RuntimeError:
+        torch.cuda.synchronize()
     return _eager_us(fn, replays)
 
 
@@ -87,6 +113,6 @@ def dense_wins(key: tuple, model_prefers_dense: bool, dense: Callable[[], object
     if key not in _DENSE_VS_HIRE:
         if not can_time():
             return model_prefers_dense
-        _DENSE_VS_HIRE[key] = (gpu_time_us(dense, replay=True), gpu_time_us(hire, replay=True))
+        _DENSE_VS_HIRE[key] = (gpu_time_us(dense, cold=False), gpu_time_us(hire, cold=False))
     dense_us, hire_us = _DENSE_VS_HIRE[key]
     return hire_us * min_speedup > dense_us
