@@ -30,7 +30,8 @@ def ffn(rows, d, d_ff, d_out, dtype, seed):
     return x, w1, b1, w2, b2, pred
 
 
-@pytest.mark.parametrize("rows,n,threshold", [(1, 3000, 1.0), (4, 5000, 2.0), (1, 10, 0.0), (3, 7, 5.0)])
+@pytest.mark.parametrize("rows,n,threshold", [(1, 3000, 1.0), (4, 5000, 2.0), (1, 10, 0.0), (3, 7, 5.0),
+                                              (1, 40000, 2.5)])  # 40 blocks: counted in 3 steps
 def test_select_neurons_compacts_in_order(rows, n, threshold):
     pred = torch.randn(rows, n, generator=torch.Generator().manual_seed(n)).to(KERNEL_DEVICE)
     slots, count = select_neurons(pred, threshold)

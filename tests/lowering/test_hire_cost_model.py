@@ -49,7 +49,8 @@ def test_hire_cost_grows_with_candidates_and_rank():
 
 
 def test_ffn_programs_bounded_by_partial_bytes():
-    assert cm.ffn_programs(4000, 1, 4096, 132) == cm.FFN_PROGRAMS_PER_SM * 132
+    assert cm.ffn_programs(4000, 1, 4096, 132) == cm.FFN_ROW_PROGRAMS_PER_SM * 132
+    assert cm.ffn_programs(4000, 2, 4096, 132) == cm.FFN_PROGRAMS_PER_SM * 132
     assert cm.ffn_programs(10, 1, 4096, 132) == 10
     many_rows = cm.ffn_programs(40000, 16, 4096, 132)
     assert many_rows * 16 * 4096 * 4 <= cm.FFN_PARTIAL_BYTES

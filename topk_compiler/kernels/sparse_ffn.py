@@ -4,10 +4,14 @@ output weight, so that a neuron's outgoing weights are one contiguous row).
 
 Three launches, none waiting on the host:
 
-1. ``_select_neurons_kernel`` (one program): the neurons that some row predicts above the
-   threshold ``t``, compacted in order into ``slots``, and their number into ``count``. With
-   several rows, ``_any_above_kernel`` first reduces the rows to one mask, over many programs.
-2. ``_sparse_ffn_kernel``: a program takes blocks of ``BLOCK_S`` slots in turn (the number of
+1. ``_select_neurons_kernel`` (a program per 1024 neurons, each counting the chosen ones before
+   its block itself): the neurons that some row predicts above the threshold ``t``, compacted in
+   order into ``slots``, and their number into ``count``. With several rows,
+   ``_any_above_kernel`` first reduces the rows to one mask, over many programs.
+2. ``_sparse_ffn_row_kernel`` for one row of ``x`` (a decode step) of width up to 8192: a program
+   takes blocks of 4 slots in turn and loads each block's rows of W1 and W2T whole, at once, into
+   its registers; its fp32 partial sum of the output stays there until the end.
+   ``_sparse_ffn_kernel`` otherwise: a program takes blocks of ``BLOCK_S`` slots in turn (the number of
    blocks is read from ``count``). For each it computes the neurons' activations for ``BLOCK_M``
    rows of ``x`` (``gather_matmul.gather_dot``, bias and activation fused), zeroes those a row did
    not choose itself (``pred[m, j] <= t``), multiplies them by the neurons' rows of ``W2T`` and
@@ -36,11 +40,21 @@ GEMV_CONFIGS = ((256, 256, 1, 4, 3), (512, 512, 1, 4, 3), (512, 512, 1, 8, 3), (
 MMA_CONFIGS = ((256, 256, 1, 4, 2), (128, 128, 1, 4, 2), (256, 256, 2, 4, 2), (128, 256, 4, 8, 2))
 MAX_GEMV_BLOCK_S = 16
 MMA_BLOCK_S = 16
+# One row of x with d and d_out <= ROW_MAX_WIDTH: ``_sparse_ffn_row_kernel``, ROW_BLOCK_S neurons a
+# block, ROW_WARPS warps (spill-free on sm_90a at 8192 wide, ptxas -v). On an H200, the tiled GEMV
+# took 21-25 us for 1862 neurons of a 4096 x 16384 FFN (benchmarks/results/profile_stages_h200.json):
+# about 16 dependent round trips to memory per program of 16 neurons.
+ROW_MAX_WIDTH = 8192
+ROW_BLOCK_S = 4
+ROW_WARPS = 8
 MAX_BLOCK_M = 16
-# Predicted scores the selection program reads per step (the whole row of a d_ff <= 16384: one
-# dependent round trip to memory instead of one per 2048), and the tile (rows x neurons) of each
-# program of the many-row reduction.
-SELECT_BLOCK = 16384
+# Neurons each selection program compacts, and the earlier blocks it counts per step: with
+# d_ff = 16384 16 programs, each counting what comes before it in one step (one program
+# compacting all of them took 9.6 us on an H200, 14.4 us in steps of 2048:
+# benchmarks/results/profile_stages_h200.json). Then the tile (rows x neurons) of each program
+# of the many-row reduction.
+SELECT_BLOCK = 1024
+SELECT_EARLIER = 16
 _ANY_BLOCK_ROWS = 16
 _ANY_BLOCK_COLS = 256
 # Partial sums added per step by the reduction, and output columns per reduction program: 64
@@ -56,28 +70,42 @@ def _configs(table):
 
 
 @triton.jit
+def _chosen(pred_ptr, n, N, M, threshold, pred_row_stride):
+    """Whether some of the M rows of ``pred`` exceeds ``threshold`` at columns ``n`` (int32)."""
+    in_n = n < N
+    any_row = tl.zeros(n.shape, dtype=tl.int32)
+    row_ptr = pred_ptr
+    for _ in range(0, M):
+        p = tl.load(row_ptr + n, mask=in_n, other=float("-inf"))
+        any_row = any_row | (p.to(tl.float32) > threshold).to(tl.int32)
+        row_ptr += pred_row_stride
+    # Lanes past the row are never chosen: the padding ``other`` is -inf for float predictions,
+    # but for the uint8 mask of several rows its conversion is undefined (0 in the interpreter,
+    # not on the GPU).
+    return (any_row != 0) & in_n
+
+
+@triton.jit
 def _select_neurons_kernel(pred_ptr, slots_ptr, count_ptr,   # pointers
                            M, N, threshold,                  # sizes, threshold
                            pred_row_stride,                  # strides
-                           BLOCK: tl.constexpr):
-    count = tl.zeros([], dtype=tl.int32)
-    for n0 in range(0, N, BLOCK):
-        n = n0 + tl.arange(0, BLOCK)
-        in_n = n < N
-        any_row = tl.zeros([BLOCK], dtype=tl.int32)
-        row_ptr = pred_ptr
-        for _ in range(0, M):
-            p = tl.load(row_ptr + n, mask=in_n, other=float("-inf"))
-            any_row = any_row | (p.to(tl.float32) > threshold).to(tl.int32)
-            row_ptr += pred_row_stride
-        # Lanes past the row are never chosen: the padding ``other`` is -inf for float predictions,
-        # but for the uint8 mask of several rows its conversion is undefined (0 in the
-        # interpreter, not on the GPU).
-        chosen = (any_row != 0) & in_n
-        position = count + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-        tl.store(slots_ptr + position, n.to(tl.int64), mask=chosen)
-        count += tl.sum(chosen.to(tl.int32), axis=0)
-    tl.store(count_ptr, count)
+                           BLOCK: tl.constexpr, EARLIER: tl.constexpr):
+    """Program g compacts block g of the neurons. It counts the chosen neurons of the blocks
+    before its own itself, ``EARLIER`` blocks a step (no program waits on another), and the last
+    program stores the total."""
+    g = tl.program_id(0)
+    before = tl.zeros([], dtype=tl.int32)
+    for e0 in range(0, g, EARLIER):
+        e = e0 + tl.arange(0, EARLIER)
+        n = e[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        chosen = _chosen(pred_ptr, n, tl.minimum(g * BLOCK, N), M, threshold, pred_row_stride)
+        before += tl.sum(tl.sum(chosen.to(tl.int32), axis=1), axis=0)
+    n = g * BLOCK + tl.arange(0, BLOCK)
+    chosen = _chosen(pred_ptr, n, N, M, threshold, pred_row_stride)
+    position = before + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(slots_ptr + position, n.to(tl.int64), mask=chosen)
+    if g == tl.num_programs(0) - 1:
+        tl.store(count_ptr, before + tl.sum(chosen.to(tl.int32), axis=0))
 
 
 @triton.jit
@@ -152,6 +180,43 @@ def _sparse_ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr, pre
                      mask=in_m[:, None] & (n < n_stop)[None, :])
 
 
+@triton.jit
+def _sparse_ffn_row_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr, partial_ptr,  # pointers
+                           K, N, P,                                                         # sizes
+                           w1_row_stride, w2t_row_stride,                                   # strides
+                           HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
+                           K_POW2: tl.constexpr, N_POW2: tl.constexpr):
+    """One row of x. Program p takes slot blocks p, p + P, ...; of each it loads the neurons'
+    whole rows of W1 and of W2T at once (the W2T rows do not wait for the activations, so a
+    block is one round trip to memory), and it keeps its partial sum of the output in registers
+    until one store at the end."""
+    pid = tl.program_id(0)
+    k = tl.arange(0, K_POW2)
+    n = tl.arange(0, N_POW2)
+    in_k = k < K
+    in_n = n < N
+    x = tl.load(x_ptr + k, mask=in_k, other=0.0).to(tl.float32)
+    acc = tl.zeros([N_POW2], dtype=tl.float32)
+    count = tl.load(count_ptr)
+    for block in range(pid, tl.cdiv(count, BLOCK_S), P):
+        s = block * BLOCK_S + tl.arange(0, BLOCK_S)
+        slots = tl.load(slots_ptr + s, mask=s < count, other=-1)
+        valid = slots >= 0
+        safe = tl.where(valid, slots, 0).to(tl.int64)
+        w1 = tl.load(w1_ptr + safe[:, None] * w1_row_stride + k[None, :], mask=valid[:, None] & in_k[None, :],
+                     other=0.0)
+        w2 = tl.load(w2t_ptr + safe[:, None] * w2t_row_stride + n[None, :], mask=valid[:, None] & in_n[None, :],
+                     other=0.0)
+        h = tl.sum(w1.to(tl.float32) * x[None, :], axis=1)
+        if HAS_BIAS:
+            h += tl.load(b1_ptr + safe, mask=valid, other=0.0).to(tl.float32)
+        h = tl.where(valid, activate(h, ACTIVATION), 0.0)
+        # The dense FFN rounds the hidden activations to the weight dtype before the second matmul.
+        h = h.to(w2t_ptr.dtype.element_ty).to(tl.float32)
+        acc += tl.sum(h[:, None] * w2.to(tl.float32), axis=0)
+    tl.store(partial_ptr + pid.to(tl.int64) * N + n, acc, mask=in_n)
+
+
 _sparse_ffn_gemv_tuned = triton.autotune(configs=_configs(GEMV_CONFIGS), key=["M", "K", "N", "P"])(_sparse_ffn_kernel)
 _sparse_ffn_mma_tuned = triton.autotune(configs=_configs(MMA_CONFIGS), key=["M", "K", "N", "P"])(_sparse_ffn_kernel)
 
@@ -194,9 +259,8 @@ def select_neurons(pred: torch.Tensor, threshold: float) -> tuple[torch.Tensor, 
         _any_above_kernel[(triton.cdiv(n, _ANY_BLOCK_COLS),)](pred, mask, rows, n, threshold, pred.stride(0),
                                                             BLOCK_ROWS=_ANY_BLOCK_ROWS, BLOCK_COLS=_ANY_BLOCK_COLS)
         pred, rows, threshold = mask, 1, 0.5
-    block = min(SELECT_BLOCK, triton.next_power_of_2(n))
-    _select_neurons_kernel[(1,)](pred, slots, count, rows, n, threshold, pred.stride(0), BLOCK=block,
-                                 num_warps=16 if block >= 8192 else 4)
+    _select_neurons_kernel[(triton.cdiv(n, SELECT_BLOCK),)](pred, slots, count, rows, n, threshold, pred.stride(0),
+                                                           BLOCK=SELECT_BLOCK, EARLIER=SELECT_EARLIER, num_warps=8)
     return slots, count
 
 
@@ -218,6 +282,15 @@ def sparse_ffn(x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t
     if rows == 0:
         return out
     slots, count = select_neurons(pred, threshold)
+    if rows == 1 and max(k, n) <= ROW_MAX_WIDTH:
+        p = max(1, min(programs, triton.cdiv(max(expected, 1), ROW_BLOCK_S)))
+        partial = torch.empty(p, 1, n, dtype=torch.float32, device=x2d.device)
+        _sparse_ffn_row_kernel[(p,)](x2d, w1, b1 if b1 is not None else slots, w2t, slots, count, partial, k, n, p,
+                                     w1.stride(0), w2t.stride(0), HAS_BIAS=b1 is not None,
+                                     ACTIVATION=ACTIVATIONS[activation], BLOCK_S=ROW_BLOCK_S,
+                                     K_POW2=triton.next_power_of_2(k), N_POW2=triton.next_power_of_2(n),
+                                     num_warps=ROW_WARPS)
+        return _sum_partials(partial, b2, out)
     bm = min(block_m(rows), MAX_BLOCK_M)
     bs = neurons_per_program(expected, rows, programs)
     p = max(1, min(programs, triton.cdiv(max(expected, 1), bs)))
@@ -233,6 +306,12 @@ def sparse_ffn(x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t
         (_sparse_ffn_gemv_tuned if bm == 1 else _sparse_ffn_mma_tuned)[grid](*args, **meta)
     else:  # the interpreter: one fixed, small configuration
         _sparse_ffn_kernel[(p, 2, triton.cdiv(rows, bm))](*args, **meta, BLOCK_K=32, BLOCK_N=16, N_SPLIT=2)
+    return _sum_partials(partial, b2, out)
+
+
+def _sum_partials(partial: torch.Tensor, b2: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out = the sum of the partial sums [programs, rows, d_out] + b2, in out's dtype."""
+    p, rows, n = partial.shape
     _sum_partials_kernel[(rows, triton.cdiv(n, _REDUCE_BLOCK_N))](
         partial, b2 if b2 is not None else partial, out, p, rows, n, out.stride(0),
         HAS_BIAS=b2 is not None, BLOCK_P=_REDUCE_BLOCK_P, BLOCK_N=_REDUCE_BLOCK_N)

@@ -45,15 +45,20 @@ _CPU_FLOPS = 5e10
 # where more loads in flight pay) and the most bytes of partial sums it may write.
 FFN_PROGRAMS_PER_SM = 1
 FFN_PARTIAL_BYTES = 16 * 2**20
+# For one row of x (kernels/sparse_ffn.py's row kernel, 4 neurons a block): two programs per SM,
+# so that one's loads are in flight while the other reduces.
+FFN_ROW_PROGRAMS_PER_SM = 2
 # Rows of x per program of the FFN kernel (kernels/sparse_ffn.py MAX_BLOCK_M): more rows re-read
 # the weights once per block of rows.
 FFN_ROWS_PER_BLOCK = 16
 # The plain-torch path copies the gathered rows (index_select) before multiplying them.
 _CPU_GATHER_PASSES = 3
-# The FFN's neuron selection compacts the chosen neurons in one program, one dependent round trip
-# to memory (about a microsecond) per SELECT_BLOCK (kernels/sparse_ffn.py) predicted scores.
+# The FFN's neuron selection: programs of SELECT_BLOCK neurons, each counting the blocks before
+# it SELECT_EARLIER at a time (kernels/sparse_ffn.py): one dependent round trip to memory (about
+# a microsecond) per SELECT_EARLIER blocks before the last.
 SELECT_ROUND_SECONDS = 1e-6
-SELECT_BLOCK = 16384
+SELECT_BLOCK = 1024
+SELECT_EARLIER = 16
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,8 @@ def ffn_programs(slots: int, rows: int, d_out: int, processors: int) -> int:
     """Programs of the sparse FFN kernel (per block of rows): about FFN_PROGRAMS_PER_SM per SM,
     fewer when their fp32 partial sums would pass FFN_PARTIAL_BYTES."""
     by_bytes = FFN_PARTIAL_BYTES // max(1, min(rows, FFN_ROWS_PER_BLOCK) * d_out * 4)
-    return max(1, min(FFN_PROGRAMS_PER_SM * processors, by_bytes, slots))
+    per_sm = FFN_ROW_PROGRAMS_PER_SM if rows == 1 else FFN_PROGRAMS_PER_SM
+    return max(1, min(per_sm * processors, by_bytes, slots))
 
 
 def _predictor_cost(rows, n, d, kind, rank, elem):
@@ -206,7 +212,7 @@ def hire_ffn_cost(rows: int, d: int, d_ff: int, d_out: int, expected_neurons: in
     if profile.kind == "cuda":
         programs = ffn_programs(int(union), rows, d_out, profile.processors)
         bytes_ += 2 * programs * rows * d_out * 4
-        extra = math.ceil(d_ff / SELECT_BLOCK) * SELECT_ROUND_SECONDS
+        extra = (1 + math.ceil(d_ff / SELECT_BLOCK / SELECT_EARLIER)) * SELECT_ROUND_SECONDS
     flops += 2 * rows * union * (d + d_out)
     launches += 3 if rows == 1 else 4
     return _cost(bytes_, flops, launches, profile, e, extra)
