@@ -204,6 +204,19 @@ def time_us(fn, device: torch.device, warmup_ms: int = 25, rep_ms: int = 100) ->
     return {"median_us": ms[0] * 1e3, "p20_us": ms[1] * 1e3, "p80_us": ms[2] * 1e3}
 
 
+def memory_of(fn, device: torch.device) -> dict:
+    """Bytes one call allocates beyond its inputs at its peak, its outputs', and the rest
+    (intermediates: candidate scratch, sort entries)."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    outputs = sum(t.numel() * t.element_size() for t in out)
+    return {"peak_bytes": peak, "output_bytes": outputs, "intermediate_bytes": peak - outputs}
+
+
 def graph_replay(fn):
     """Captures one call of ``fn`` in a CUDA graph and returns its replay."""
     side = torch.cuda.Stream()
@@ -248,6 +261,8 @@ def bench_provider(provider: str, x: torch.Tensor, shape: Shape, graphs: bool) -
         result.update(time_us(fn, x.device))
         if provider in OURS:
             result["plan"] = plan_record(shape, provider, x)
+            if x.is_cuda:
+                result["memory"] = memory_of(fn, x.device)
     except Exception as error:
         result["error"] = _error(error)
         return result

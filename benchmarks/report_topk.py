@@ -130,6 +130,27 @@ def _plans_table(records: list[dict]) -> list[str]:
     return _table(header, rows)
 
 
+def _memory_table(records: list[dict]) -> list[str]:
+    """Intermediates our op allocated at its peak, against the survivors of its bucketing
+    (rows x num_buckets x per_bucket_k values and int32 indices): the issue's memory bound."""
+    rows = []
+    for r in records:
+        if r["shape"].get("group") != "headline":
+            continue
+        for provider in OURS:
+            result = r["results"].get(provider, {})
+            if "memory" not in result:
+                continue
+            plan, mem = result["plan"], result["memory"]
+            elem = r["input_bytes"] // (r["shape"]["rows"] * r["shape"]["n"])
+            bound = r["shape"]["rows"] * plan["num_buckets"] * plan["per_bucket_k"] * (elem + 4)
+            rows.append([r["shape"]["name"], provider, plan_text(plan), f"{mem['output_bytes'] / 2**20:.2f} MiB",
+                         f"{mem['intermediate_bytes'] / 2**20:.2f} MiB",
+                         f"{bound / 2**20:.2f} MiB" if bound else "—",
+                         ("yes" if mem["intermediate_bytes"] <= bound else "no") if bound else "—"])
+    return _table(["shape", "provider", "plan", "outputs", "intermediates", "survivors", "within"], rows)
+
+
 def _peer_section(report: dict, records: list[dict]) -> list[str]:
     peer = report["peer"]
     lines = ["## Peer: graphcore-research/pytorch-approx-topk", "", f"Checkout `{peer['checkout']}`."]
@@ -188,6 +209,11 @@ def markdown(report: dict) -> str:
     records = _sorted_records(report)
     lines = _header(report) + ["## Results", ""] + _results_table(records)
     lines += ["", "## Plans: cost model against measurement", ""] + _plans_table(records) + [""]
+    if any("memory" in res for r in records for res in r["results"].values()):
+        lines += ["## Memory at the peak of one call (headline shapes)", "",
+                  "Allocated beyond the input: the outputs, and intermediates against the survivors of the "
+                  "plan's bucketing (rows x num_buckets x per_bucket_k values + int32 indices).", ""]
+        lines += _memory_table(records) + [""]
     if "peer" in report:
         lines += _peer_section(report, records)
     if any(r["cuda_graphs"] for r in records):
