@@ -27,17 +27,15 @@ import torch
 REPLAYS = 10
 
 
-# Bytes written before each replay of a cold timing, per L2 byte (do_bench writes 256 MB).
+# Bytes written before each replay of a cold timing, per L2 byte (do_bench writes 256 MB). The
+# buffer lives only while a shape's plans are timed (the caching allocator keeps it for reuse).
 _FLUSH_PER_L2_BYTE = 2
-_FLUSH: dict[int, torch.Tensor] = {}
 
 
-def _flush_buffer(device: torch.device) -> torch.Tensor:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _FLUSH:
-        l2 = getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or 64 * 2**20
-        _FLUSH[index] = torch.empty(_FLUSH_PER_L2_BYTE * l2, dtype=torch.int8, device=torch.device("cuda", index))
-    return _FLUSH[index]
+def _flush_buffer() -> torch.Tensor:
+    index = torch.cuda.current_device()
+    l2 = getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or 64 * 2**20
+    return torch.empty(_FLUSH_PER_L2_BYTE * l2, dtype=torch.int8, device=torch.device("cuda", index))
 
 
 def _replayed_us(fn: Callable[[], object], replays: int, cold: bool) -> float:
@@ -53,7 +51,7 @@ def _replayed_us(fn: Callable[[], object], replays: int, cold: bool) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) * 1e3 / replays
-    flush = _flush_buffer(torch.device("cuda", torch.cuda.current_device()))
+    flush = _flush_buffer()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
     for start, end in events:
         flush.zero_()  # takes longer than the host needs to enqueue the replay: no idle gap is timed
