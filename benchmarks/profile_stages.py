@@ -19,7 +19,11 @@ HiRE FFN (bf16, d=4096, d_ff=16384, 10% active, batch 1, calibrated as in bench_
 time of each kernel the op launches (torch.profiler), the op's CUDA-graph replay, and dense; then
 the sparse FFN alone (selection, FFN, reduction) with 132, 264 and 528 programs.
 
+Host: the time per eager call of each layer of our op (custom-op dispatch, its Python body, the
+launcher, the bare Triton launch) on a small input, against torch.topk.
+
     PYTHONPATH=. python3 -m benchmarks.profile_stages --out $OUT    # a GPU, about 4 minutes
+    PYTHONPATH=. python3 -m benchmarks.profile_stages --only hire host --out $OUT
 
 benchmarks/results/profile_stages_h200.json was written by this script at commit e05b592, whose
 variants timed a ``radix4`` selection in place of ``radix`` (4-bit digits counted in packed
@@ -29,10 +33,12 @@ int64 fields; 1.5-2x slower than bisect at every shape, and removed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -235,20 +241,68 @@ def kernel_times(fn, reps=20) -> list[dict]:
     return sorted(kernels, key=lambda r: -r["us_per_op"])
 
 
+def host_overheads(calls: int = 2000) -> dict:
+    """Host time per eager call of each layer of our op, on 1 x 4096 fp32 k=16 (kernels of a few
+    microseconds, queued back to back: the host is the bottleneck), against torch.topk."""
+    from topk_compiler.kernels import bucketed_topk as kernels
+    from topk_compiler.kernels.select_topk import new_outputs, select_meta
+    from topk_compiler.lowering import bucketed_topk as op_module
+
+    x = torch.randn(1, 4096, device="cuda")
+    k = 16
+    args = (x, k, -1, True, True, 0.95, 0, 0, "interleaved", 0, "auto", 0)
+    op = torch.ops.topk_compiler.bucketed_topk
+    op(*args)  # the first call times the shortlist and keeps a plan
+    plan = op_module.lookup_tuned(1, 4096, k, x.dtype, str(x.device), True, True, 0.95)
+    layers = {
+        "torch.topk": lambda: torch.topk(x, k),
+        "torch.ops.topk_compiler.bucketed_topk": lambda: op(*args),
+        "the op's Python body (no custom-op layer)": lambda: op_module.bucketed_topk._init_fn(*args),
+        "lowering._run (plan looked up)": lambda: op_module._run(x, k, True, True, plan, "interleaved", 0),
+    }
+    if plan.kernel == "fused":
+        slots, meta = kernels.stage1_meta(x, plan.num_buckets, plan.per_bucket_k, plan.num_buckets, 0,
+                                          op_module.UNROLL, True)
+        values, indices, order = new_outputs(x, k, meta["KEY_BITS"], True)
+        finish = select_meta(k, meta["KEY_BITS"], x.shape[1], sorted=True, select=plan.select,
+                             sort_with=plan.sort_with)
+        layers["the Triton launch alone (outputs preallocated)"] = lambda: kernels._fused_bucketed_topk_kernel[(1,)](
+            x, values, indices, order, x.shape[1], k, plan.num_buckets, slots, 0, x.stride(0), k, **meta, **finish,
+            num_warps=plan.num_warps)
+        layers["torch.empty x3 (the outputs)"] = lambda: new_outputs(x, k, meta["KEY_BITS"], True)
+    result = {"plan": dataclasses.asdict(plan), "us_per_call": {}}
+    for name, fn in layers.items():
+        for _ in range(200):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        result["us_per_call"][name] = (time.perf_counter() - start) / calls * 1e6
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
+PARTS = ("topk", "hire", "host")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
-    parser.add_argument("--skip-hire", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     args = parser.parse_args(argv)
     start = time.time()
-    stages = []
-    for rows, n, k, dtype, bucketings, focus in SHAPES:
-        stages += topk_stages(rows, n, k, dtype, bucketings, focus)
     payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    python=platform.python_version(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   command="PYTHONPATH=. python3 -m benchmarks.profile_stages", topk=stages)
-    if not args.skip_hire:
+                   command="PYTHONPATH=. python3 -m benchmarks.profile_stages " + " ".join(argv or sys.argv[1:]))
+    if "topk" in args.only:
+        payload["topk"] = [row for rows, n, k, dtype, bucketings, focus in SHAPES
+                           for row in topk_stages(rows, n, k, dtype, bucketings, focus)]
+    if "hire" in args.only:
         payload["hire_ffn"] = hire_ffn_kernels()
+    if "host" in args.only:
+        payload["host"] = host_overheads()
     payload["seconds"] = round(time.time() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_stages.json").write_text(json.dumps(payload, indent=1) + "\n")
