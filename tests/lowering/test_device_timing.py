@@ -40,22 +40,31 @@ def test_while_capturing_the_cost_model_decides_and_nothing_is_cached(fake_clock
     assert fake_clock == [] and ("d",) not in device_timing._DENSE_VS_HIRE
 
 
+def holds_once(check, tries=3) -> bool:
+    """Timings on a GPU other test processes share (pytest -n): a correct timer meets ``check``
+    in one of a few tries; a wrong one (timing the host, or nothing) in none."""
+    return any(check() for _ in range(tries))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times CUDA graph replays")
-def test_gpu_time_is_the_replayed_work():
+@pytest.mark.parametrize("cold", [True, False])
+def test_gpu_time_is_the_replayed_work(cold):
     x = torch.randn(4096, 4096, device="cuda")
-    for cold in (True, False):
+
+    def four_times_the_work():
         one = device_timing.gpu_time_us(lambda: x @ x, cold)
         four = device_timing.gpu_time_us(lambda: [x @ x for _ in range(4)], cold)
-        assert 2.5 * one < four < 6 * one
+        return 2.5 * one < four < 6 * one
+
+    assert holds_once(four_times_the_work)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times CUDA graph replays")
 def test_cold_timing_reads_memory_not_l2():
     """A 16 MB read fits in L2: back to back it is served from there, cold it comes from HBM."""
     x = torch.randn(4 * 2**20, device="cuda")
-    warm = device_timing.gpu_time_us(lambda: x.sum(), cold=False)
-    cold = device_timing.gpu_time_us(lambda: x.sum(), cold=True)
-    assert cold > 1.2 * warm
+    assert holds_once(lambda: device_timing.gpu_time_us(lambda: x.sum(), cold=True)
+                      > 1.2 * device_timing.gpu_time_us(lambda: x.sum(), cold=False))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times CUDA graph replays")

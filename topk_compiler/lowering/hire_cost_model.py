@@ -45,9 +45,12 @@ _CPU_FLOPS = 5e10
 # where more loads in flight pay) and the most bytes of partial sums it may write.
 FFN_PROGRAMS_PER_SM = 1
 FFN_PARTIAL_BYTES = 16 * 2**20
-# For one row of x (kernels/sparse_ffn.py's row kernel, 4 neurons a block): two programs per SM,
-# so that one's loads are in flight while the other reduces.
-FFN_ROW_PROGRAMS_PER_SM = 2
+# For one row of x (kernels/sparse_ffn.py's row kernel, 4 neurons a block, each block's loads
+# all in flight at once): one program per SM. On an H200 (1862 of 16384 neurons, d = 4096,
+# benchmarks/results/profile_stages_h200_hire.json) selection + FFN + reduction took 29.9 us
+# replayed with 132 programs, 32.5 with 264 and 39.3 with 528: the reduction of the partial
+# sums grows with the programs (5.0, 8.6, 14.2 us) while the FFN kernel stays at 7-8 us.
+FFN_ROW_PROGRAMS_PER_SM = 1
 # Rows of x per program of the FFN kernel (kernels/sparse_ffn.py MAX_BLOCK_M): more rows re-read
 # the weights once per block of rows.
 FFN_ROWS_PER_BLOCK = 16
