@@ -138,3 +138,56 @@ def test_bad_arguments(kwargs, match):
         calibrate(TinyLM(), [])
     with pytest.raises(TypeError, match="sample"):
         calibrate(TinyLM(), [3])
+
+
+class GeluFfn(nn.Module):
+    """One GELU FFN whose inactive neurons' small negative outputs add up through W2: W2's
+    columns share a common direction."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.up, self.down = nn.Linear(D, D_FF), nn.Linear(D_FF, D)
+        with torch.no_grad():
+            self.up.weight.copy_(structured(D_FF, D, 6, 0.5, gen))
+            self.up.bias.copy_(-0.5 * self.up.weight.norm(dim=1))
+            common = torch.randn(D, 1, generator=gen)
+            self.down.weight.copy_((common + 0.3 * torch.randn(D, D_FF, generator=gen)) / D_FF**0.5)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+def gelu_output_error(model, rows, pred, threshold):
+    act = F.gelu(model.up(rows))
+    full = act @ model.down.weight.T
+    dropped = act.masked_fill(pred > threshold, 0.0) @ model.down.weight.T
+    return (dropped.norm(dim=1) / full.norm(dim=1)).mean().item()
+
+
+def test_gelu_threshold_bounds_the_output_error():
+    """Mass recall alone keeps too few neurons here (the dropped ones' outputs add up); the
+    calibrated threshold keeps the mean relative output error within 1 - recall_target."""
+    import importlib
+
+    from topk_compiler.lowering.hire_predictor import predictor_for
+
+    calibrate_module = importlib.import_module("topk_compiler.calibrate")  # the package exports the function
+
+    model = GeluFfn()
+    samples = [torch.randn(16, D, generator=torch.Generator().manual_seed(i)) for i in range(16)]
+    options = calibrate(model, samples, recall_target=0.9, predictors=["lowrank"], ranks=[2, 4],
+                        hire={"ffn_activations": ["gelu"]})
+    (entry,) = options["hire"]["calibration"].values()
+    rows = torch.cat(samples)
+    with torch.no_grad():
+        pred = predictor_for(model.up.weight, "lowrank", entry["rank"]).scores(rows, model.up.bias)
+        error = gelu_output_error(model, rows[:256], pred[:256], entry["threshold"])
+        site = calibrate_module._Site("m.py:1", "ffn", model.up.weight, model.up.bias, activation="gelu",
+                                      w2=model.down.weight)
+        curve = calibrate_module._ffn_curve(site, rows, lambda xs: predictor_for(
+            model.up.weight, "lowrank", entry["rank"]).scores(xs, model.up.bias).float())
+        mass_only, _, _ = calibrate_module._shared_threshold([curve], 0.9)
+        assert gelu_output_error(model, rows[:256], pred[:256], mass_only) > 0.1  # the case needs the bound
+    assert entry["output_error"] <= 0.1 and error == pytest.approx(entry["output_error"], abs=1e-4)
+    assert entry["threshold"] < mass_only

@@ -21,7 +21,8 @@ REWRITE_POLICIES = ("auto", "always")
 PREDICTORS = ("lowrank", "int8", "int4")
 FFN_ACTIVATIONS = ("relu", "relu_squared", "gelu")
 # Fields of one hire.calibration entry (what topk_compiler.calibrate writes).
-CALIBRATION_FIELDS = ("predictor", "rank", "candidates", "threshold", "recall_target", "recall", "rows")
+CALIBRATION_FIELDS = ("predictor", "rank", "candidates", "threshold", "recall_target", "recall", "output_error",
+                      "rows")
 
 # "path/to/model.py:42" (a path suffix and a line number).
 _SITE_KEY = re.compile(r"^(?P<path>.+):(?P<line>\d+)$")
@@ -251,6 +252,8 @@ def check_calibration_entry(site: Any, entry: Any) -> None:
         _check_finite_float(entry["threshold"], f"hire.calibration[{site!r}].threshold")
     if "recall" in entry:
         check_recall_target(entry["recall"], f"hire.calibration[{site!r}].recall")
+    if "output_error" in entry:
+        _check_finite_float(entry["output_error"], f"hire.calibration[{site!r}].output_error")
     if "rows" in entry:
         _check_nonnegative_int(entry["rows"], f"hire.calibration[{site!r}].rows")
 
