@@ -197,15 +197,21 @@ def bucketed_topk(
     if plan.kernel == "torch":
         values, indices = torch.topk(x, k, dim, largest, sorted)
         return values.contiguous(), indices.contiguous()
-    moved = x.movedim(dim, -1)
-    x2d = moved.reshape(-1, n)
+    # Every tensor call costs a dispatch: the usual [rows, n] along its last dim takes none here.
+    last = dim == x.dim() - 1
+    moved = x if last else x.movedim(dim, -1)
+    x2d = moved if moved.dim() == 2 else moved.reshape(-1, n)
     if x2d.is_cuda:
         plan = tuned_plan(x2d, k, largest, sorted, plan, recall_target, num_buckets, per_bucket_k, layout, seed,
                           rewrite)
-    values, indices = _run(x2d, k, largest, sorted, plan, layout, seed)
+    values, indices = _run(x2d, k, largest, sorted, plan, layout, seed)  # fresh, contiguous [rows, k]
+    if moved.dim() == 2 and last:
+        return values, indices
     out_shape = (*moved.shape[:-1], k)
-    return (values.view(out_shape).movedim(-1, dim).contiguous(),
-            indices.view(out_shape).movedim(-1, dim).contiguous())
+    values, indices = values.view(out_shape), indices.view(out_shape)
+    if last:
+        return values, indices
+    return values.movedim(-1, dim).contiguous(), indices.movedim(-1, dim).contiguous()
 
 
 @bucketed_topk.register_fake
