@@ -1,8 +1,23 @@
 """Triton kernels. Only ``topk_compiler.lowering`` imports the kernel modules, lazily, so the
-package imports and runs (on its plain-torch paths) where Triton is missing."""
+package imports and runs (on its plain-torch paths) where Triton is missing.
+
+The launchers size their grids and constexprs with ``cdiv`` and ``next_pow2`` below rather than
+``triton.cdiv`` / ``triton.next_power_of_2``: those are ConstexprFunction wrappers costing 1.6-2.3
+us a call on the host, and a launch made five to eight such calls (cProfile of
+``fused_bucketed_topk`` with its launch intercepted).
+"""
 
 import functools
 import importlib.util
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1)."""
+    return 1 << max(0, (x - 1).bit_length())
 
 
 @functools.cache

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from topk_compiler.kernels import cdiv, next_pow2
 from topk_compiler.kernels.bucket_layout import element_index, group_rotation
 from topk_compiler.kernels.order_key import order_key
 from topk_compiler.kernels.select_topk import finish_sort, new_outputs, select_and_store, select_meta, select_topk
@@ -201,9 +202,9 @@ def bit_widths(x2d: torch.Tensor, slots: int) -> tuple[int, int]:
 def stage1_meta(x2d: torch.Tensor, num_buckets: int, per_bucket_k: int, blanes: int, layout_id: int, unroll: int,
                 largest: bool) -> tuple[int, dict]:
     """(slots per bucket, the stage-1 constexprs) for ``bucket_survivors_of``."""
-    slots = triton.cdiv(x2d.shape[1], num_buckets)
+    slots = cdiv(x2d.shape[1], num_buckets)
     key_bits, pos_bits = bit_widths(x2d, slots)
-    return slots, dict(BLANES=blanes, KB=per_bucket_k, KBP=triton.next_power_of_2(per_bucket_k), LAYOUT=layout_id,
+    return slots, dict(BLANES=blanes, KB=per_bucket_k, KBP=next_pow2(per_bucket_k), LAYOUT=layout_id,
                        UNROLL=unroll, LARGEST=largest, KEY_BITS=key_bits, POS_BITS=pos_bits)
 
 
@@ -215,7 +216,7 @@ def fused_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_buck
     check_stage1(x2d, k, num_buckets, per_bucket_k, layout_id, unroll)
     rows, n = x2d.shape
     slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets, layout_id, unroll, largest)
-    values, indices, order = new_outputs(x2d, k, meta["KEY_BITS"], sorted)
+    values, indices, order = new_outputs(x2d, k, meta["KEY_BITS"], sorted, select)
     if rows:
         _fused_bucketed_topk_kernel[(rows,)](
             x2d, values, indices, order, n, k, num_buckets, slots, seed, x2d.stride(0), k, **meta,
@@ -250,7 +251,7 @@ def split_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_buck
     """Stage 1 over ``segments`` programs per row, then a second launch for stage 2 (by default
     16 warps past 4096 candidates, where 8 spill: ``python -m benchmarks.compile_check``)."""
     if select_num_warps is None:
-        select_num_warps = 16 if num_buckets * triton.next_power_of_2(per_bucket_k) > 4096 else 8
+        select_num_warps = 16 if num_buckets * next_pow2(per_bucket_k) > 4096 else 8
     keys, idx, key_bits = bucket_survivors(
         x2d, num_buckets=num_buckets, per_bucket_k=per_bucket_k, segments=segments, largest=largest,
         layout_id=layout_id, seed=seed, unroll=unroll, num_warps=num_warps,

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from topk_compiler.kernels import next_pow2
 from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, check_stage1, stage1_meta
 from topk_compiler.kernels.order_key import order_key
 from topk_compiler.kernels.select_topk import (compact_positions, finish_sort, key_pad, kth_key_bisect,
@@ -153,7 +154,7 @@ def filtered_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: 
     rows, n = x2d.shape
     slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets, 0, unroll, largest)
     cap = num_buckets * meta["KBP"]
-    assert cap >= triton.next_power_of_2(k), f"filtered_topk: {cap} candidate slots hold fewer than k={k}"
+    assert cap >= next_pow2(k), f"filtered_topk: {cap} candidate slots hold fewer than k={k}"
     values, indices, order = new_outputs(x2d, k, meta["KEY_BITS"], sorted)
     if rows:
         cand_keys = torch.empty(rows, cap, dtype=torch.int32, device=x2d.device)

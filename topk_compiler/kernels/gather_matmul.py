@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from topk_compiler.kernels import cdiv, next_pow2
 # Activations the epilogue applies (constexpr codes).
 ACTIVATIONS = {"none": 0, "relu": 1, "relu_squared": 2, "gelu": 3}
 
@@ -97,7 +98,7 @@ _gather_mma_tuned = triton.autotune(configs=_configs(MMA_CONFIGS), key=["M", "S"
 
 def block_m(rows: int) -> int:
     """Rows of x per program: 1 (GEMV) for one row, else a tensor-core tile of 16..64 rows."""
-    return 1 if rows == 1 else min(64, max(16, triton.next_power_of_2(rows)))
+    return 1 if rows == 1 else min(64, max(16, next_pow2(rows)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -128,9 +129,9 @@ def gather_matmul(x2d: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, bias:
                 PRECISION=dot_precision(w.dtype), BLOCK_M=bm)
     if x2d.is_cuda:
         def grid(META):
-            return triton.cdiv(s, META["BLOCK_S"]), triton.cdiv(rows, bm)
+            return cdiv(s, META["BLOCK_S"]), cdiv(rows, bm)
 
         (_gather_gemv_tuned if bm == 1 else _gather_mma_tuned)[grid](*args, **meta)
     else:  # the interpreter: one fixed, small configuration
-        _gather_matmul_kernel[(triton.cdiv(s, 16), triton.cdiv(rows, bm))](*args, **meta, BLOCK_S=16, BLOCK_K=32)
+        _gather_matmul_kernel[(cdiv(s, 16), cdiv(rows, bm))](*args, **meta, BLOCK_S=16, BLOCK_K=32)
     return out

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from topk_compiler.kernels import cdiv
 from topk_compiler.kernels.gather_matmul import block_m, dot_precision
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) tried by the autotuner (ptxas -v on sm_90a: no spills).
@@ -93,9 +94,9 @@ def quantized_scores(x2d: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bi
     meta = dict(BITS=bits, HAS_BIAS=bias is not None, PRECISION=dot_precision(x2d.dtype), BLOCK_M=bm)
     if x2d.is_cuda:
         def grid(META):
-            return triton.cdiv(n, META["BLOCK_N"]), triton.cdiv(rows, bm)
+            return cdiv(n, META["BLOCK_N"]), cdiv(rows, bm)
 
         (_scores_gemv_tuned if bm == 1 else _scores_mma_tuned)[grid](*args, **meta)
     else:  # the interpreter: one fixed, small configuration
-        _quantized_scores_kernel[(triton.cdiv(n, 16), triton.cdiv(rows, bm))](*args, **meta, BLOCK_N=16, BLOCK_K=16)
+        _quantized_scores_kernel[(cdiv(n, 16), cdiv(rows, bm))](*args, **meta, BLOCK_N=16, BLOCK_K=16)
     return out

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from topk_compiler.kernels import next_pow2
 from topk_compiler.kernels.order_key import order_key
 
 SELECT_METHODS = {"bitonic": 0, "bisect": 1, "radix": 2}
@@ -244,15 +245,16 @@ def order32(key_bits: int, k: int) -> bool:
     return key_bits == 16 and k <= 2**16
 
 
-def new_outputs(x2d: torch.Tensor, k: int, key_bits: int, sorted: bool):
-    """(values, indices, order entries) for ``select_and_store``; the entries only when sorted."""
+def new_outputs(x2d: torch.Tensor, k: int, key_bits: int, sorted: bool, select: str = "bisect"):
+    """(values, indices, order entries) for ``select_and_store``; the entries only where they are
+    written: sorted output that a bitonic network does not already sort."""
     rows = x2d.shape[0]
     values = torch.empty(rows, k, dtype=x2d.dtype, device=x2d.device)
     indices = torch.empty(rows, k, dtype=torch.int64, device=x2d.device)
-    if sorted:
+    if sorted and select != "bitonic":
         order = torch.empty(rows, k, dtype=torch.int32 if order32(key_bits, k) else torch.int64, device=x2d.device)
     else:
-        order = indices  # never written: SORTED=False stores no order entries
+        order = indices  # never written
     return values, indices, order
 
 
@@ -262,7 +264,7 @@ def sort_selected(values: torch.Tensor, indices: torch.Tensor, order: torch.Tens
     rows, k = values.shape
     if rows and k:
         _sort_selected_kernel[(rows,)](values, indices, order, k, values.stride(0),
-                                       K_POW2=triton.next_power_of_2(k), ORDER32=order.dtype == torch.int32,
+                                       K_POW2=next_pow2(k), ORDER32=order.dtype == torch.int32,
                                        num_warps=num_warps)
 
 
@@ -270,7 +272,7 @@ def select_meta(k: int, key_bits: int, n: int, *, sorted: bool, select: str, sor
     """The constexprs ``select_and_store`` takes beside KEY_BITS, from the launcher's arguments."""
     assert select in SELECT_METHODS, f"select must be one of {list(SELECT_METHODS)}, got {select!r}"
     assert sort_with in SORT_WITH, f"sort_with must be one of {SORT_WITH}, got {sort_with!r}"
-    return dict(K_POW2=triton.next_power_of_2(k), SORTED=sorted, SELECT=SELECT_METHODS[select],
+    return dict(K_POW2=next_pow2(k), SORTED=sorted, SELECT=SELECT_METHODS[select],
                 SORT_HERE=sort_with == "program" or select == "bitonic", ORDER32=order32(key_bits, k),
                 PACK32=key_bits == 16 and n <= 2**16)
 
@@ -284,11 +286,11 @@ def finish_sort(values, indices, order, *, sorted: bool, select: str, sort_with:
 
 def _launch(keys, idx, x2d, k, m, cand_row_stride, *, key_bits, sorted, select, sort_with, sort_warps, raw,
             largest, num_warps):
-    values, indices, order = new_outputs(x2d, k, key_bits, sorted)
+    values, indices, order = new_outputs(x2d, k, key_bits, sorted, select)
     if x2d.shape[0]:
         _select_topk_kernel[(x2d.shape[0],)](
             keys, idx, x2d, values, indices, order, k, m, cand_row_stride, x2d.stride(0), k,
-            NS=triton.next_power_of_2(m), KEY_BITS=key_bits, RAW=raw, LARGEST=largest, num_warps=num_warps,
+            NS=next_pow2(m), KEY_BITS=key_bits, RAW=raw, LARGEST=largest, num_warps=num_warps,
             **select_meta(k, key_bits, x2d.shape[1], sorted=sorted, select=select, sort_with=sort_with),
         )
     return finish_sort(values, indices, order, sorted=sorted, select=select, sort_with=sort_with,

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from topk_compiler.kernels import cdiv, next_pow2
 from topk_compiler.kernels.gather_matmul import ACTIVATIONS, activate, block_m, dot_precision, gather_dot
 
 # (BLOCK_K, BLOCK_N, N_SPLIT, num_warps, num_stages) tried by the autotuner, all spill-free on
@@ -244,7 +245,7 @@ def neurons_per_program(expected: int, rows: int, programs: int) -> int:
     """BLOCK_S for ``programs`` programs over about ``expected`` chosen neurons."""
     if rows > 1:
         return MMA_BLOCK_S
-    return min(MAX_GEMV_BLOCK_S, max(4, triton.next_power_of_2(triton.cdiv(max(expected, 1), programs))))
+    return min(MAX_GEMV_BLOCK_S, max(4, next_pow2(cdiv(max(expected, 1), programs))))
 
 
 def select_neurons(pred: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,10 +257,10 @@ def select_neurons(pred: torch.Tensor, threshold: float) -> tuple[torch.Tensor, 
     count = torch.empty(1, dtype=torch.int32, device=pred.device)
     if rows > 1:
         mask = torch.empty(1, n, dtype=torch.uint8, device=pred.device)
-        _any_above_kernel[(triton.cdiv(n, _ANY_BLOCK_COLS),)](pred, mask, rows, n, threshold, pred.stride(0),
+        _any_above_kernel[(cdiv(n, _ANY_BLOCK_COLS),)](pred, mask, rows, n, threshold, pred.stride(0),
                                                             BLOCK_ROWS=_ANY_BLOCK_ROWS, BLOCK_COLS=_ANY_BLOCK_COLS)
         pred, rows, threshold = mask, 1, 0.5
-    _select_neurons_kernel[(triton.cdiv(n, SELECT_BLOCK),)](pred, slots, count, rows, n, threshold, pred.stride(0),
+    _select_neurons_kernel[(cdiv(n, SELECT_BLOCK),)](pred, slots, count, rows, n, threshold, pred.stride(0),
                                                            BLOCK=SELECT_BLOCK, EARLIER=SELECT_EARLIER, num_warps=8)
     return slots, count
 
@@ -283,17 +284,17 @@ def sparse_ffn(x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t
         return out
     slots, count = select_neurons(pred, threshold)
     if rows == 1 and max(k, n) <= ROW_MAX_WIDTH:
-        p = max(1, min(programs, triton.cdiv(max(expected, 1), ROW_BLOCK_S)))
+        p = max(1, min(programs, cdiv(max(expected, 1), ROW_BLOCK_S)))
         partial = torch.empty(p, 1, n, dtype=torch.float32, device=x2d.device)
         _sparse_ffn_row_kernel[(p,)](x2d, w1, b1 if b1 is not None else slots, w2t, slots, count, partial, k, n, p,
                                      w1.stride(0), w2t.stride(0), HAS_BIAS=b1 is not None,
                                      ACTIVATION=ACTIVATIONS[activation], BLOCK_S=ROW_BLOCK_S,
-                                     K_POW2=triton.next_power_of_2(k), N_POW2=triton.next_power_of_2(n),
+                                     K_POW2=next_pow2(k), N_POW2=next_pow2(n),
                                      num_warps=ROW_WARPS)
         return _sum_partials(partial, b2, out)
     bm = min(block_m(rows), MAX_BLOCK_M)
     bs = neurons_per_program(expected, rows, programs)
-    p = max(1, min(programs, triton.cdiv(max(expected, 1), bs)))
+    p = max(1, min(programs, cdiv(max(expected, 1), bs)))
     partial = torch.empty(p, rows, n, dtype=torch.float32, device=x2d.device)
     args = (x2d, w1, b1 if b1 is not None else slots, w2t, slots, count, pred, partial, rows, k, n, p, threshold,
             x2d.stride(0), w1.stride(0), w2t.stride(0), pred.stride(0))
@@ -301,18 +302,18 @@ def sparse_ffn(x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t
                 PRECISION=dot_precision(w1.dtype), BLOCK_M=bm, BLOCK_S=bs)
     if x2d.is_cuda:
         def grid(META):
-            return p, META["N_SPLIT"], triton.cdiv(rows, bm)
+            return p, META["N_SPLIT"], cdiv(rows, bm)
 
         (_sparse_ffn_gemv_tuned if bm == 1 else _sparse_ffn_mma_tuned)[grid](*args, **meta)
     else:  # the interpreter: one fixed, small configuration
-        _sparse_ffn_kernel[(p, 2, triton.cdiv(rows, bm))](*args, **meta, BLOCK_K=32, BLOCK_N=16, N_SPLIT=2)
+        _sparse_ffn_kernel[(p, 2, cdiv(rows, bm))](*args, **meta, BLOCK_K=32, BLOCK_N=16, N_SPLIT=2)
     return _sum_partials(partial, b2, out)
 
 
 def _sum_partials(partial: torch.Tensor, b2: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """out = the sum of the partial sums [programs, rows, d_out] + b2, in out's dtype."""
     p, rows, n = partial.shape
-    _sum_partials_kernel[(rows, triton.cdiv(n, _REDUCE_BLOCK_N))](
+    _sum_partials_kernel[(rows, cdiv(n, _REDUCE_BLOCK_N))](
         partial, b2 if b2 is not None else partial, out, p, rows, n, out.stride(0),
         HAS_BIAS=b2 is not None, BLOCK_P=_REDUCE_BLOCK_P, BLOCK_N=_REDUCE_BLOCK_N)
     return out
