@@ -16,10 +16,10 @@ of each rank in ``ranks``, int8, int4):
   Where a dropped neuron still contributes (GELU: its small negative outputs add up over the
   many dropped neurons, coherently, through W2), mass recall does not bound the output's error:
   on all-MiniLM-L6-v2 a rank-8 predictor met mass recall 0.95 with relative output errors of
-  0.41-0.55. There the threshold is also lowered until the mean relative output error,
-  ``|FFN restricted - FFN| / |FFN - b2|`` per row (on up to 1024 rows spread over the site's),
-  is at most ``1 - recall_target``, and the option cheapest with its own such threshold wins;
-  the entry reports ``output_error``.
+  0.41-0.55. There the threshold is also lowered until the relative output error,
+  ``|FFN restricted - FFN| / |FFN - b2|`` over up to 1024 rows spread over the site's (norms of
+  all of them together), is at most ``1 - recall_target``, and the option cheapest with its own
+  such threshold wins; the entry reports ``output_error``.
 
 Among the options the HiRE cost model's cheapest at the site's batch size (``rows_per_call``, by
 default the one observed) wins. The
@@ -261,20 +261,20 @@ _ERROR_VALUES = 2**23
 
 
 class _ErrorProbe:
-    """Mean relative output error, |FFN restricted - FFN| / |FFN - b2| per row, of one site's FFN
-    computed over the neurons predicted above a threshold, on rows spread over the site's rows."""
+    """Relative output error, |FFN restricted - FFN| / |FFN - b2| over a sample of rows together
+    (Frobenius norms: rows with large outputs weigh more), of one site's FFN computed over the
+    neurons predicted above a threshold; the rows are spread over the site's rows."""
 
     def __init__(self, site: _Site, x: torch.Tensor, score):
         rows = max(1, min(_ERROR_ROWS, _ERROR_VALUES // site.weight.shape[0]))
         xs = x[:: max(1, x.shape[0] // rows)][:rows]
         self.act = activation_fn(site.activation)(_exact(site, xs))
         self.w2 = site.w2.detach().to(torch.float32)
-        self.full = (self.act @ self.w2.T).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+        self.full = float((self.act @ self.w2.T).norm()) or torch.finfo(torch.float32).tiny
         self.scores = score(xs)
 
     def error(self, threshold: float) -> float:
-        dropped = self.act.masked_fill(self.scores > threshold, 0.0) @ self.w2.T
-        return float((dropped.norm(dim=1) / self.full).mean())
+        return float((self.act.masked_fill(self.scores > threshold, 0.0) @ self.w2.T).norm()) / self.full
 
 
 def _error_threshold(probes, curves, bound: float, start: float) -> float:
