@@ -187,7 +187,7 @@ class HireConfig:
             location ``"file.py:LINE"``; each entry holds ``predictor``, ``rank``, ``candidates``
             and the ``recall_target`` it was measured for (``recall`` and ``rows``, the measured
             recall and the rows it was measured on, and for GELU FFN sites ``output_error``, the
-            mean relative output error there, are kept for the report).
+            FFN's relative output error there, are kept for the report).
         rewrite: "auto" rewrites a site only where the HiRE cost model predicts it cheaper than
             the dense form on the input's device (the op re-checks for every batch size it sees,
             running the dense form where that is cheaper); "always" rewrites every eligible site
