@@ -63,7 +63,8 @@ def cell(provider: str, result: dict | None) -> str:
 def plan_text(plan: dict) -> str:
     if plan["algorithm"] == "exact":
         return f"exact ({plan['kernel']})"
-    return f"{plan['kernel']} b={plan['num_buckets']} kb={plan['per_bucket_k']} seg={plan['segments']}"
+    warps = f" w={plan['num_warps']}" if "num_warps" in plan else ""
+    return f"{plan['kernel']} b={plan['num_buckets']} kb={plan['per_bucket_k']} seg={plan['segments']}{warps}"
 
 
 def _one_line(text: str) -> str:
