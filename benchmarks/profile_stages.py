@@ -27,7 +27,9 @@ launcher, the bare Triton launch) on a small input, against torch.topk.
 
 benchmarks/results/profile_stages_h200.json was written by this script at commit e05b592, whose
 variants timed a ``radix4`` selection in place of ``radix`` (4-bit digits counted in packed
-int64 fields; 1.5-2x slower than bisect at every shape, and removed).
+int64 fields; 1.5-2x slower than bisect at every shape, and removed);
+profile_stages_h200_hire.json by ``--only hire host`` at d1d45e6 (the op then ran the sparse
+FFN's row kernel with 264 programs; b5e0e2a made it 132, from these numbers).
 """
 
 from __future__ import annotations
