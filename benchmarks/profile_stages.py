@@ -29,7 +29,10 @@ benchmarks/results/profile_stages_h200.json was written by this script at commit
 variants timed a ``radix4`` selection in place of ``radix`` (4-bit digits counted in packed
 int64 fields; 1.5-2x slower than bisect at every shape, and removed);
 profile_stages_h200_hire.json by ``--only hire host`` at d1d45e6 (the op then ran the sparse
-FFN's row kernel with 264 programs; b5e0e2a made it 132, from these numbers).
+FFN's row kernel with 264 programs; b5e0e2a made it 132, from these numbers);
+profile_stages_h200_first.json by the script's first version (uncommitted, on c2ae2f6): the
+HiRE FFN's kernels before any change of this session, and top-k stages whose radix4 rows failed
+to compile.
 """
 
 from __future__ import annotations

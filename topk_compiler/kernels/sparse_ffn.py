@@ -50,17 +50,18 @@ ROW_BLOCK_S = 4
 ROW_WARPS = 8
 MAX_BLOCK_M = 16
 # Neurons each selection program compacts, and the earlier blocks it counts per step: with
-# d_ff = 16384 16 programs, each counting what comes before it in one step (one program
-# compacting all of them took 9.6 us on an H200, 14.4 us in steps of 2048:
-# benchmarks/results/profile_stages_h200.json). Then the tile (rows x neurons) of each program
-# of the many-row reduction.
+# d_ff = 16384 16 programs, each counting what comes before it in one step, took 3.6 us on an
+# H200, where one program took 14.4 us in steps of 2048 and 9.6 us in one step of 16384
+# (benchmarks/results/profile_stages_h200_{first,,hire}.json). Then the tile (rows x neurons)
+# of each program of the many-row reduction.
 SELECT_BLOCK = 1024
 SELECT_EARLIER = 16
 _ANY_BLOCK_ROWS = 16
 _ANY_BLOCK_COLS = 256
 # Partial sums added per step by the reduction, and output columns per reduction program: 64
 # programs per row of a 4096-wide output, each with 8 KB of loads in flight (16 programs with
-# 8 partials a step took 13 us for 117 partials on an H200: benchmarks/results/profile_stages.json).
+# 8 partials a step took 13.1 us for 117 partials on an H200, these 4.6 us:
+# benchmarks/results/profile_stages_h200_first.json and profile_stages_h200.json).
 _REDUCE_BLOCK_P = 32
 _REDUCE_BLOCK_N = 64
 
