@@ -11,6 +11,7 @@ cubin with the ptxas that ships with Triton; nothing is launched.
 
     PYTHONPATH=. python -m benchmarks.compile_check                 # every variant of the sweep
     PYTHONPATH=. python -m benchmarks.compile_check --shapes k=2048 --jobs 2
+    PYTHONPATH=. python -m benchmarks.compile_check --families      # one call of each kernel family (CI)
 """
 
 from __future__ import annotations
@@ -122,13 +123,71 @@ def _check_variant(item):
     return shape, v, out
 
 
+def _bf16(*shape):
+    return torch.empty(*shape, dtype=torch.bfloat16)
+
+
+def families() -> dict:
+    """{name: (call of one launcher at a realistic size, whether its launches must not spill)}."""
+    from topk_compiler.kernels.bucketed_topk import fused_bucketed_topk, split_bucketed_topk
+    from topk_compiler.kernels.filtered_topk import filtered_topk
+    from topk_compiler.kernels.gather_matmul import gather_matmul
+    from topk_compiler.kernels.quantized_scores import quantized_scores
+    from topk_compiler.kernels.select_topk import exact_topk
+    from topk_compiler.kernels.sparse_ffn import sparse_ffn
+
+    return {
+        "fused, k=2048 of 32768, sorted in the program": (lambda: fused_bucketed_topk(
+            _bf16(2, 32768), 2048, num_buckets=1024, per_bucket_k=4, largest=True, sorted=True, num_warps=8), True),
+        "fused, k=64, bitonic, one warp": (lambda: fused_bucketed_topk(
+            torch.empty(2, 8192, dtype=torch.float16), 64, num_buckets=256, per_bucket_k=1, largest=True,
+            sorted=True, select="bitonic", num_warps=1), True),
+        "split, radix, sort launch": (lambda: split_bucketed_topk(
+            torch.empty(2, 65536), 256, num_buckets=1024, per_bucket_k=2, segments=8, largest=False, sorted=True,
+            select="radix", sort_with="launch"), False),
+        "filtered exact": (lambda: filtered_topk(
+            torch.empty(2, 16384), 100, num_buckets=512, per_bucket_k=1, largest=True, sorted=True), False),
+        "exact select in registers": (lambda: exact_topk(
+            _bf16(2, 4096), 512, largest=True, sorted=True, select="bisect"), False),
+        "sparse FFN, one row of 4096 x 16384": (lambda: sparse_ffn(
+            _bf16(1, 4096), _bf16(16384, 4096), _bf16(16384), _bf16(16384, 4096), _bf16(4096), _bf16(1, 16384), 0.0,
+            programs=132, expected=1862), True),
+        "sparse FFN, several rows": (lambda: sparse_ffn(
+            _bf16(8, 512), _bf16(2048, 512), None, _bf16(2048, 512), None, torch.empty(8, 2048), 0.0,
+            programs=16, expected=300), False),
+        "gather matmul": (lambda: gather_matmul(_bf16(4, 512), _bf16(4096, 512),
+                                                torch.zeros(64, dtype=torch.int64)), False),
+        "int8 scores": (lambda: quantized_scores(_bf16(1, 512), torch.zeros(1024, 512, dtype=torch.int8),
+                                                 torch.ones(1024), None, bits=8, in_features=512), False),
+    }
+
+
+def check_families() -> int:
+    """Compiles every launch of each family; the number of failures (errors, launches missing,
+    spills where a family must have none)."""
+    failures = 0
+    for name, (call, spill_free) in families().items():
+        try:
+            launches = launches_of(call)
+            results = [compile_launch(fn, args, kwargs) for fn, args, kwargs in launches]
+            bad = not launches or (spill_free and any(r["spills"] for r in results))
+        except Exception as error:  # reported per family
+            results, bad = [{"error": f"{type(error).__name__}: {str(error)[-600:]}"}], True
+        failures += bad
+        print(f"{'FAIL' if bad else 'ok'}  {name}: {results or 'no launch'}", flush=True)
+    return failures
+
+
 def main(argv=None) -> int:
     from benchmarks.calibrate_cost_model import DTYPES, HEADLINE, SPREAD, _describe, variants
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", metavar="PATTERN")
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
+    parser.add_argument("--families", action="store_true", help="one launcher call of each kernel family")
     args = parser.parse_args(argv)
+    if args.families:
+        return 1 if check_families() else 0
     items, seen = [], set()
     for shape in HEADLINE + SPREAD:
         name = f"{shape[0]}x{shape[1]} k={shape[2]} {shape[3]}"
