@@ -36,6 +36,7 @@ import time
 import torch
 
 from topk_compiler.lowering import bucketed_topk as op
+from topk_compiler.kernels import next_pow2
 from topk_compiler.lowering import cost_model, plan
 from topk_compiler.lowering.recall_model import expected_recall, measured_recall
 
@@ -63,14 +64,14 @@ def _base_variant(kernel, **kw):
 
 
 def _default_sort(k):
-    return "program" if plan._pow2(k) <= plan.MAX_BITONIC_K else "torch"
+    return "program" if next_pow2(k) <= plan.MAX_BITONIC_K else "torch"
 
 
 def _split_configs(rows, n, k, elem):
     """(b, kb, segments) for few rows: the fewest and the most buckets meeting the target, their
     lanes spread over enough programs to fill the GPU twice."""
     options = [(b, kb) for b, kb, _ in plan.bucketings(n, k, TARGET, "interleaved")
-               if b >= 256 and b * plan._pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[2]]
+               if b >= 256 and b * next_pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[2]]
     for b, kb in dict.fromkeys(options[:1] + options[-1:]):
         segments = 2
         while rows * segments < 264 and b // (2 * segments) >= plan.MIN_SEGMENT_LANES:
@@ -90,14 +91,14 @@ def variants(rows, n, k, dtype, quick=False):
     out = [_base("torch"), _base("torch", sorted=False, base=False)]
     finishes = list(plan._finishes(k, True))
     fused = [(b, kb) for b, kb, _ in plan.bucketings(n, k, TARGET, "interleaved")
-             if b * plan._pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[elem]]
+             if b * next_pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[elem]]
     fused = fused[max(0, len(fused) // 2 - 1): len(fused) // 2 + 2]
     for i, (b, kb) in enumerate(fused):
         middle = i == len(fused) // 2
         fin = finishes if middle else sorted({("bisect", sort), ("bisect", "torch")})
         for select, sort_with in fin:
             out.append(_base("fused", num_buckets=b, per_bucket_k=kb, select=select, sort_with=sort_with,
-                             num_warps=plan.warps_for(b, b * plan._pow2(kb)), recall_target=TARGET))
+                             num_warps=plan.warps_for(b, b * next_pow2(kb)), recall_target=TARGET))
         if middle:
             mid = {**out[-len(fin)], "select": "bisect", "sort_with": sort, "base": False}
             out += [{**mid, "num_warps": w} for w in (4, 8, 16) if w != mid["num_warps"] and w <= b // 32]
@@ -114,21 +115,21 @@ def variants(rows, n, k, dtype, quick=False):
     if not quick:
         for target in SPREAD_TARGETS:
             options = [(b, kb) for b, kb, _ in plan.bucketings(n, k, target, "interleaved")
-                       if b * plan._pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[elem]]
+                       if b * next_pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[elem]]
             if options:
                 b, kb = options[len(options) // 2]
                 out.append(_base("fused", num_buckets=b, per_bucket_k=kb,
-                                 num_warps=plan.warps_for(b, b * plan._pow2(kb)), recall_target=target))
-    n_pow2 = plan._pow2(n)
+                                 num_warps=plan.warps_for(b, b * next_pow2(kb)), recall_target=target))
+    n_pow2 = next_pow2(n)
     if n_pow2 <= plan.MAX_REGISTER_SURVIVORS[elem]:
         for select, sort_with in [("bisect", "program"), ("bisect", "torch"), ("radix", sort)] + (
-                [("bitonic", "program")] if plan._pow2(k) <= plan.MAX_BITONIC_K else []):
+                [("bitonic", "program")] if next_pow2(k) <= plan.MAX_BITONIC_K else []):
             out.append(_base("select", select=select, sort_with=sort_with, num_warps=plan.warps_for(n_pow2 // 8, n_pow2)))
     for i, (b, kb) in enumerate(list(plan.filtered_bucketings(n, k, elem))[:2]):
         for select, sort_with in sorted({("bisect", sort), ("bisect", "torch"), ("radix", sort)}) if i == 0 else \
                 [("bisect", sort)]:
             out.append(_base("filtered", num_buckets=b, per_bucket_k=kb, select=select, sort_with=sort_with,
-                             num_warps=plan.warps_for(b, b * plan._pow2(kb))))
+                             num_warps=plan.warps_for(b, b * next_pow2(kb))))
     return out
 
 

@@ -263,30 +263,31 @@ _ERROR_VALUES = 2**23
 class _ErrorProbe:
     """Relative output error, |FFN restricted - FFN| / |FFN - b2| over a sample of rows together
     (Frobenius norms: rows with large outputs weigh more), of one site's FFN computed over the
-    neurons predicted above a threshold; the rows are spread over the site's rows."""
+    neurons predicted above a threshold; the rows are spread over the site's rows. The exact
+    activations are computed once per site, each predictor's scores once per predictor."""
 
-    def __init__(self, site: _Site, x: torch.Tensor, score):
+    def __init__(self, site: _Site, x: torch.Tensor):
         rows = max(1, min(_ERROR_ROWS, _ERROR_VALUES // site.weight.shape[0]))
-        xs = x[:: max(1, x.shape[0] // rows)][:rows]
-        self.act = activation_fn(site.activation)(_exact(site, xs))
+        self.xs = x[:: max(1, x.shape[0] // rows)][:rows]
+        self.act = activation_fn(site.activation)(_exact(site, self.xs))
         self.w2 = site.w2.detach().to(torch.float32)
         self.full = float((self.act @ self.w2.T).norm()) or torch.finfo(torch.float32).tiny
-        self.scores = score(xs)
 
-    def error(self, threshold: float) -> float:
-        return float((self.act.masked_fill(self.scores > threshold, 0.0) @ self.w2.T).norm()) / self.full
+    def error(self, scores: torch.Tensor, threshold: float) -> float:
+        return float((self.act.masked_fill(scores > threshold, 0.0) @ self.w2.T).norm()) / self.full
 
 
-def _error_threshold(probes, curves, bound: float, start: float) -> float:
+def _error_threshold(probes, scores, curves, bound: float, start: float) -> float:
     """The largest threshold <= ``start`` (the mass-recall one) at which every site's output
-    error is at most ``bound``: a bisection over the sorted predicted pre-activations."""
+    error (``probes``, with the predictor's ``scores`` of their rows) is at most ``bound``: a
+    bisection over the sorted predicted pre-activations."""
     values = torch.cat([curve.values for curve in curves]).sort(descending=True).values
 
     def threshold(i):  # keeps the neurons predicted above values[i]; past the end, all of them
         return float(values[i]) if i < values.numel() else float(values[-1]) - 1.0
 
     def ok(t):
-        return all(probe.error(t) <= bound for probe in probes)
+        return all(probe.error(s, t) <= bound for probe, s in zip(probes, scores))
 
     if ok(start):
         return start
@@ -340,33 +341,36 @@ def _shared_threshold(curves, recall_target) -> tuple[float, int, float]:
     return threshold, max(1, neurons), min(curve.recall_at(threshold) for curve in curves)
 
 
-def _ffn_choice(group, xs, scores, recall_target, bound):
+def _ffn_choice(group, xs, scores, recall_target, bound, probes):
     """(threshold, neurons per row at the busiest site, worst recall, worst output error or None)
-    of one predictor: the mass-recall threshold, lowered to meet the output-error ``bound`` where
-    there is one."""
+    of one predictor: the mass-recall threshold, lowered where there is an output-error ``bound``
+    until each site's error probe meets it."""
     curves = [_ffn_curve(site, x, score) for site, x, score in zip(group, xs, scores)]
     threshold, neurons, recall = _shared_threshold(curves, recall_target)
     if bound is None:
         return threshold, neurons, recall, None
-    probes = [_ErrorProbe(site, x, score) for site, x, score in zip(group, xs, scores)]
-    threshold = _error_threshold(probes, curves, bound, threshold)
+    sampled = [score(probe.xs) for probe, score in zip(probes, scores)]
+    threshold = _error_threshold(probes, sampled, curves, bound, threshold)
     neurons = max(1, max(math.ceil(curve.neurons_at(threshold)) for curve in curves))
     recall = min(curve.recall_at(threshold) for curve in curves)
-    return threshold, neurons, recall, max(probe.error(threshold) for probe in probes)
+    return threshold, neurons, recall, max(probe.error(s, threshold) for probe, s in zip(probes, sampled))
 
 
 def _calibrate_ffn(group, xs, options, recall_target, rows_per_call) -> dict:
-    bound = None if group[0].activation in _ZERO_WHEN_INACTIVE else 1.0 - recall_target
+    bound, probes = None, None
+    if group[0].activation not in _ZERO_WHEN_INACTIVE:
+        bound, probes = 1.0 - recall_target, [_ErrorProbe(site, x) for site, x in zip(group, xs)]
     scorers = [_option_scores(site, options) for site in group]
     best = None
     for option in options:
-        _, neurons, _, _ = _ffn_choice(group, xs, [score[option] for score in scorers], recall_target, bound)
+        _, neurons, _, _ = _ffn_choice(group, xs, [score[option] for score in scorers], recall_target, bound,
+                                       probes)
         cost = sum(_site_cost(site, _rows_per_call(site, rows_per_call), *option, neurons) for site in group)
         if best is None or cost < best[0]:
             best = (cost, option)
     kind, rank = best[1]
     real = [_real_scorer(site, kind, rank) for site in group]
-    threshold, neurons, recall, error = _ffn_choice(group, xs, real, recall_target, bound)
+    threshold, neurons, recall, error = _ffn_choice(group, xs, real, recall_target, bound, probes)
     entry = {"predictor": kind, "rank": rank, "candidates": neurons, "threshold": threshold, "recall": recall}
     if error is not None:
         entry["output_error"] = round(error, 6)

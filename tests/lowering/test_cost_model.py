@@ -6,6 +6,7 @@ import pytest
 import sympy
 import torch
 
+from topk_compiler.kernels import next_pow2
 from topk_compiler.lowering import cost_model, plan
 from topk_compiler.lowering.calibration import CUDA_WEIGHTS
 
@@ -84,5 +85,5 @@ def test_shortlist_times_both_warp_counts_of_a_fused_bucketing(monkeypatch):
         if p.kernel == "fused":
             fused.setdefault((p.num_buckets, p.per_bucket_k), set()).add(p.num_warps)
     best = approx[0]
-    assert best.kernel == "fused" and best.num_warps == plan.fused_warps(16384, best.num_buckets, best.num_buckets * plan._pow2(best.per_bucket_k), 132)
-    assert fused[(best.num_buckets, best.per_bucket_k)] == {best.num_warps, plan.warps_for(best.num_buckets, best.num_buckets * plan._pow2(best.per_bucket_k))}
+    assert best.kernel == "fused" and best.num_warps == plan.fused_warps(16384, best.num_buckets, best.num_buckets * next_pow2(best.per_bucket_k), 132)
+    assert fused[(best.num_buckets, best.per_bucket_k)] == {best.num_warps, plan.warps_for(best.num_buckets, best.num_buckets * next_pow2(best.per_bucket_k))}

@@ -1,10 +1,11 @@
 """Triton kernels. Only ``topk_compiler.lowering`` imports the kernel modules, lazily, so the
 package imports and runs (on its plain-torch paths) where Triton is missing.
 
-The launchers size their grids and constexprs with ``cdiv`` and ``next_pow2`` below rather than
-``triton.cdiv`` / ``triton.next_power_of_2``: those are ConstexprFunction wrappers costing 1.6-2.3
-us a call on the host, and a launch made five to eight such calls (cProfile of
-``fused_bucketed_topk`` with its launch intercepted).
+The launchers size their grids and constexprs with ``cdiv`` and ``next_pow2`` below (the planner
+too, which imports this package, not the kernel modules) rather than ``triton.cdiv`` /
+``triton.next_power_of_2``: those are ConstexprFunction wrappers costing 1.6-2.3 us a call on
+the host, and a launch made five to eight such calls (cProfile of ``fused_bucketed_topk`` with
+its launch intercepted).
 """
 
 import functools

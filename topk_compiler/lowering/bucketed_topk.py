@@ -205,10 +205,9 @@ def bucketed_topk(
         plan = tuned_plan(x2d, k, largest, sorted, plan, recall_target, num_buckets, per_bucket_k, layout, seed,
                           rewrite)
     values, indices = _run(x2d, k, largest, sorted, plan, layout, seed)  # fresh, contiguous [rows, k]
-    if moved.dim() == 2 and last:
-        return values, indices
-    out_shape = (*moved.shape[:-1], k)
-    values, indices = values.view(out_shape), indices.view(out_shape)
+    if moved.dim() != 2:
+        out_shape = (*moved.shape[:-1], k)
+        values, indices = values.view(out_shape), indices.view(out_shape)
     if last:
         return values, indices
     return values.movedim(-1, dim).contiguous(), indices.movedim(-1, dim).contiguous()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from topk_compiler.kernels import cdiv, next_pow2
 from topk_compiler.lowering import cost_model
 from topk_compiler.lowering.recall_model import expected_recall, guaranteed_recall, survivors
 
@@ -125,10 +126,6 @@ def bucketings(n: int, k: int, recall_target: float, layout: str, forced: tuple[
                 break
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def warps_for(lanes: int, candidates: int = 0) -> int:
     """Warps of a program streaming ``lanes`` elements a step (buckets, or the row held in
     registers), none without a lane of its own: 8, or 16 where it holds over 4096 candidates
@@ -142,8 +139,8 @@ def fused_warps(rows: int, lanes: int, candidates: int, processors: int) -> int:
     lanes, so wider loads and more bytes in flight), at least one per 512 candidates (16 keys and
     indices a thread; more spill), at most ``warps_for``."""
     most = warps_for(lanes, candidates)
-    least = _pow2(-(-candidates // 512))
-    want = _pow2(-(-RESIDENT_WARPS_PER_SM * processors // max(rows, 1)))
+    least = next_pow2(cdiv(candidates, 512))
+    want = next_pow2(cdiv(RESIDENT_WARPS_PER_SM * processors, max(rows, 1)))
     return max(1, least, min(most, want))
 
 
@@ -151,7 +148,7 @@ def sort_warps_for(k: int, elem: int) -> int:
     """Warps of the separate sort launch: at most 32 order entries a thread (16 when they are
     int64), which keeps it within registers (ptxas -v on sm_90a)."""
     per_warp = 1024 if elem == 2 else 512
-    return min(8, max(1, _pow2(k) // per_warp))
+    return min(8, max(1, next_pow2(k) // per_warp))
 
 
 def _us(seconds) -> float:
@@ -160,7 +157,7 @@ def _us(seconds) -> float:
 
 def _finishes(k: int, sorted_: bool):
     """(select, sort_with) pairs to consider for k selected."""
-    selects = [s for s in SELECTS if s != "bitonic" or _pow2(k) <= MAX_BITONIC_K]
+    selects = [s for s in SELECTS if s != "bitonic" or next_pow2(k) <= MAX_BITONIC_K]
     for select in selects:
         if not sorted_ or select == "bitonic":
             yield select, "program"
@@ -176,7 +173,7 @@ def kernel_options(rows, n, k, b, kb, elem, sorted_, profile, layout):
     """
     if b & (b - 1) or kb > MAX_PER_BUCKET_K:
         return
-    ns = b * _pow2(kb)
+    ns = b * next_pow2(kb)
     fused_choices = dict.fromkeys((fused_warps(rows, b, ns, profile.processors), warps_for(b, ns)))
     for select, sort_with in _finishes(k, sorted_):
         if ns <= MAX_REGISTER_SURVIVORS[elem] and (select != "bitonic" or n <= 2**16):
@@ -198,10 +195,10 @@ def filtered_bucketings(n: int, k: int, elem: int):
     a lane per thread of its 8 warps."""
     for b in BUCKET_CHOICES[BUCKET_CHOICES.index(256):]:
         for kb in range(1, MAX_PER_BUCKET_K + 1):
-            ns = b * _pow2(kb)
+            ns = b * next_pow2(kb)
             if ns > MAX_REGISTER_SURVIVORS[elem] or b * kb >= n // 2:
                 break
-            if ns >= 2 * _pow2(k) and expected_recall(n, k, b, kb) >= FILTER_RECALL:
+            if ns >= 2 * next_pow2(k) and expected_recall(n, k, b, kb) >= FILTER_RECALL:
                 yield b, kb
                 break
 
@@ -211,7 +208,7 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
     plans = [TopkPlan("exact", "torch", predicted_us=torch_us, torch_topk_us=torch_us, reason="torch.topk")]
     if not triton_ok:
         return plans
-    n_pow2 = _pow2(n)
+    n_pow2 = next_pow2(n)
     for select, sort_with in _finishes(k, sorted_):
         if n_pow2 <= MAX_REGISTER_SURVIVORS[elem] and (select != "bitonic" or n <= 2**16):
             t = _us(cost_model.select_time(rows, n, k, elem, sorted_, select, sort_with, profile))
@@ -223,7 +220,7 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
                 continue
             t = _us(cost_model.filtered_time(rows, n, k, b, kb, elem, sorted_, select, sort_with, profile))
             plans.append(TopkPlan("exact", "filtered", b, kb, select=select, sort_with=sort_with,
-                                  num_warps=warps_for(b, b * _pow2(kb)),
+                                  num_warps=warps_for(b, b * next_pow2(kb)),
                                   sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us, reason="exact Triton filtered selection"))
     return plans
 
