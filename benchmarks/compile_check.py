@@ -134,7 +134,7 @@ def families() -> dict:
     from topk_compiler.kernels.gather_matmul import gather_matmul
     from topk_compiler.kernels.quantized_scores import quantized_scores
     from topk_compiler.kernels.select_topk import exact_topk
-    from topk_compiler.kernels.sparse_ffn import sparse_ffn
+    from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, sparse_ffn
 
     return {
         "fused, k=2048 of 32768, sorted in the program": (lambda: fused_bucketed_topk(
@@ -152,6 +152,9 @@ def families() -> dict:
         "sparse FFN, one row of 4096 x 16384": (lambda: sparse_ffn(
             _bf16(1, 4096), _bf16(16384, 4096), _bf16(16384), _bf16(16384, 4096), _bf16(4096), _bf16(1, 16384), 0.0,
             programs=132, expected=1862), True),
+        "sparse FFN predicted in the kernel, one row of 4096 x 16384, rank 128": (lambda: lowrank_sparse_ffn_row(
+            _bf16(1, 4096), _bf16(4096, 128), _bf16(16384, 128), _bf16(16384, 4096), _bf16(16384), _bf16(16384, 4096),
+            _bf16(4096), 0.0, programs=132), True),
         "sparse FFN, several rows": (lambda: sparse_ffn(
             _bf16(8, 512), _bf16(2048, 512), None, _bf16(2048, 512), None, torch.empty(8, 2048), 0.0,
             programs=16, expected=300), False),

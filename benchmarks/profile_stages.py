@@ -17,7 +17,8 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
 
 HiRE FFN (bf16, d=4096, d_ff=16384, 10% active, batch 1, calibrated as in bench_hire.py): device
 time of each kernel the op launches (torch.profiler), the op's CUDA-graph replay, and dense; then
-the sparse FFN alone (selection, FFN, reduction) with 132, 264 and 528 programs.
+the sparse FFN alone (selection, FFN, reduction) with 132, 264 and 528 programs; the one-row
+kernels that predict in the kernel (projection, fused kernel, reduction) with 132 and 264.
 
 Host: the time per eager call of each layer of our op (custom-op dispatch, its Python body, the
 launcher, the bare Triton launch) on a small input, against torch.topk.
@@ -54,7 +55,7 @@ from triton.testing import do_bench
 
 from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, fused_bucketed_topk, stage1_meta
 from topk_compiler.kernels.select_topk import compact_positions, kth_key_bisect, kth_key_radix, sort_selected
-from topk_compiler.kernels.sparse_ffn import sparse_ffn
+from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, sparse_ffn
 from topk_compiler.lowering.hire_cost_model import expected_union
 from topk_compiler.lowering.hire_predictor import predictor_for, transposed_copy
 from topk_compiler.lowering.plan import warps_for
@@ -225,6 +226,13 @@ def hire_ffn_kernels() -> dict:
             return sparse_ffn(x, w1, b1, w2t, b2, pred, entry["threshold"], activation="relu", programs=p,
                               expected=union)
         result["sparse_ffn"].append(dict(programs=programs, graph_us=graphed(run)[0], kernels=kernel_times(run)))
+    model = predictor_for(w1, "lowrank", entry["rank"])
+    result["predicted_in_kernel"] = []
+    for programs in (132, 264):
+        def fused(p=programs):
+            return lowrank_sparse_ffn_row(x, model.a, model.b, w1, b1, w2t, b2, entry["threshold"], programs=p)
+        result["predicted_in_kernel"].append(dict(programs=programs, graph_us=graphed(fused)[0],
+                                                  kernels=kernel_times(fused)))
     print(json.dumps(result, indent=1), flush=True)
     return result
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import KERNEL_DEVICE
-from topk_compiler.kernels.sparse_ffn import select_neurons, sparse_ffn
+from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, select_neurons, sparse_ffn
 
 ACTIVATIONS = {"relu": torch.relu, "relu_squared": lambda h: torch.relu(h) ** 2, "gelu": F.gelu}
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 3e-3, 3e-3)] + (
@@ -70,3 +70,73 @@ def test_no_neurons_gives_the_bias():
     x, w1, _, w2, b2, pred = ffn(3, 8, 10, 6, torch.float32, seed=1)
     out = sparse_ffn(x, w1, None, w2.T.contiguous(), b2, pred, 100.0, programs=5, expected=4)
     torch.testing.assert_close(out, b2.expand(3, 6))
+
+
+def threshold_in_gap(pred: torch.Tensor, quantile: float) -> float:
+    """A threshold near ``quantile`` of ``pred`` halfway across the widest gap between neighbouring
+    values there, so that rounding differences between two ways of computing ``pred`` cannot move
+    a neuron across it."""
+    v = pred.flatten().float().sort().values
+    i = min(max(int(quantile * v.numel()), 8), v.numel() - 9)
+    window = v[i - 8:i + 9]
+    gap = int((window[1:] - window[:-1]).argmax())
+    return float((window[gap] + window[gap + 1]) / 2)
+
+
+def lowrank_case(d, d_ff, d_out, rank, dtype, seed, bias=True):
+    x, w1, b1, w2, b2, _ = ffn(1, d, d_ff, d_out, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    a = (torch.randn(d, rank, generator=gen) / d**0.25).to(dtype).to(KERNEL_DEVICE)
+    b = (torch.randn(d_ff, rank, generator=gen) / (d * rank) ** 0.25).to(dtype).to(KERNEL_DEVICE)
+    b1 = b1 if bias else None
+    # The plain-torch low-rank predictor's roundings: x A, then the scores, in the weight dtype.
+    xa = (x.float() @ a.float()).to(dtype).float()
+    pred = (xa @ b.float().T + (b1.float() if bias else 0)).to(dtype).float()
+    return x, w1, b1, w2, b2, a, b, pred
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("programs", [1, 7, 400])  # one program scoring all, several, more than neurons
+@pytest.mark.parametrize("bias", [True, False])
+def test_lowrank_row_equals_reference(dtype, atol, rtol, programs, bias):
+    """Predicted in the kernel, the chosen neurons are those the plain-torch predictor chooses."""
+    x, w1, b1, w2, b2, a, b, pred = lowrank_case(40, 300, 50, 8, dtype, seed=programs, bias=bias)
+    t = threshold_in_gap(pred, 0.8)
+    out = lowrank_sparse_ffn_row(x, a, b, w1, b1, w2.T.contiguous(), b2 if bias else None, t, programs=programs)
+    assert out.dtype == dtype and out.shape == (1, 50)
+    expected = reference(x, w1, b1, w2, b2 if bias else None, pred, t, "relu")
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=rtol)
+    # Not vacuous: some neurons chosen, not all, and the choice matters.
+    assert 0 < int((pred > t).sum()) < 300
+    assert not torch.allclose(expected, reference(x, w1, b1, w2, b2 if bias else None, pred, -1e9, "relu"))
+
+
+@pytest.mark.parametrize("activation", ["relu_squared", "gelu"])
+def test_lowrank_row_loops_over_every_tile(monkeypatch, activation):
+    """Tiles small enough that every loop runs several steps: the projection's rows of A and
+    programs, the fused kernel's partials of x A and its rank chunks, and the neuron blocks."""
+    from topk_compiler.kernels import sparse_ffn as module
+
+    monkeypatch.setattr(module, "_REDUCE_TILE", 64)
+    monkeypatch.setattr(module, "MAX_PROJECT_PROGRAMS", 4)
+    monkeypatch.setattr(module, "PREDICT_TILE", 512)
+    x, w1, b1, w2, b2, a, b, pred = lowrank_case(200, 120, 24, 40, torch.float32, seed=3)
+    t = threshold_in_gap(pred, 0.5)
+    out = lowrank_sparse_ffn_row(x, a, b, w1, b1, w2.T.contiguous(), b2, t, activation=activation, programs=3)
+    torch.testing.assert_close(out, reference(x, w1, b1, w2, b2, pred, t, activation), atol=1e-5, rtol=1e-5)
+
+
+def test_lowrank_row_none_chosen_gives_the_bias():
+    x, w1, b1, w2, b2, a, b, pred = lowrank_case(16, 64, 8, 4, torch.float32, seed=5)
+    out = lowrank_sparse_ffn_row(x, a, b, w1, b1, w2.T.contiguous(), b2, float(pred.max()) + 1, programs=5)
+    torch.testing.assert_close(out, b2[None, :])
+
+
+def test_cost_model_copies_the_kernel_constants():
+    """lowering/hire_cost_model.py must not import the Triton kernel modules, so it keeps copies."""
+    from topk_compiler.kernels import sparse_ffn as kernels
+    from topk_compiler.lowering import hire_cost_model
+
+    assert hire_cost_model.SELECT_BLOCK == kernels.SELECT_BLOCK
+    assert hire_cost_model.SELECT_EARLIER == kernels.SELECT_EARLIER
+    assert hire_cost_model.FFN_ROW_MAX_WIDTH == kernels.ROW_MAX_WIDTH

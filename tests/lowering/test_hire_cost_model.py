@@ -54,3 +54,24 @@ def test_ffn_programs_bounded_by_partial_bytes():
     assert cm.ffn_programs(10, 1, 4096, 132) == 10
     many_rows = cm.ffn_programs(40000, 16, 4096, 132)
     assert many_rows * 16 * 4096 * 4 <= cm.FFN_PARTIAL_BYTES
+
+
+def test_one_row_lowrank_ffn_fuses_prediction_on_a_gpu(monkeypatch):
+    """One row with a low-rank predictor: three launches and no scores through memory, so it is
+    predicted cheaper than the same FFN with two rows' selection machinery."""
+    from topk_compiler.lowering import cost_model
+
+    gpu = cost_model.DeviceProfile("cuda", "NVIDIA H200", 132, 4.2e12, dict(cost_model._DEFAULT_CUDA_WEIGHTS))
+    monkeypatch.setattr(cost_model, "device_profile", lambda device: gpu)
+    args = (4096, 16384, 4096, 1638, "lowrank", 128, torch.bfloat16, "cuda")
+    fused, two_rows = cm.hire_ffn_cost(1, *args), cm.hire_ffn_cost(2, *args)
+    assert cm.fuses_prediction(1, 4096, 4096, "lowrank")
+    assert not any((cm.fuses_prediction(2, 4096, 4096, "lowrank"), cm.fuses_prediction(1, 4096, 4096, "int8"),
+                    cm.fuses_prediction(1, 16384, 4096, "lowrank")))
+    assert fused.launches == 3 < two_rows.launches
+    assert fused.seconds < two_rows.seconds
+    # Weights read: the predictor and the chosen neurons' rows of W1 and W2^T, and no more than
+    # the partial sums and x besides.
+    weights = (128 * (4096 + 16384) + 1638 * 2 * 4096) * 2
+    assert weights < fused.bytes < weights + 132 * 4096 * 8 + 4 * 4096 * 2
+    assert cm.fused_ffn_programs(16384, 4096, 132) == 132 * cm.FFN_ROW_PROGRAMS_PER_SM

@@ -58,12 +58,19 @@ SELECT_BLOCK = 1024
 SELECT_EARLIER = 16
 _ANY_BLOCK_ROWS = 16
 _ANY_BLOCK_COLS = 256
-# Partial sums added per step by the reduction, and output columns per reduction program: 64
-# programs per row of a 4096-wide output, each with 8 KB of loads in flight (16 programs with
-# 8 partials a step took 13.1 us for 117 partials on an H200, these 4.6 us:
-# benchmarks/results/profile_stages_h200_first.json and profile_stages_h200.json).
-_REDUCE_BLOCK_P = 32
-_REDUCE_BLOCK_N = 64
+# One row of x with a low-rank predictor (``lowrank_sparse_ffn_row``): rows of A per step of the
+# projection (at most 8192 elements a step) and most projection programs (each writes one fp32
+# partial of x A, summed again by every program of the fused kernel); elements of B a fused
+# program scores per step.
+PROJECT_BLOCK_K = 64
+MAX_PROJECT_PROGRAMS = 64
+PREDICT_TILE = 16384
+# The reduction of the partial sums loads up to _REDUCE_MAX_BLOCK_P partials of _REDUCE_TILE //
+# BLOCK_P outputs in one step: at 117-264 partials, the earlier 32 a step over 64 outputs per
+# program took 4.6-8.6 us on an H200 (benchmarks/results/profile_stages_h200{,_hire}.json),
+# a dependent round trip to memory per step.
+_REDUCE_MAX_BLOCK_P = 256
+_REDUCE_TILE = 8192
 
 
 def _configs(table):
@@ -183,15 +190,32 @@ def _sparse_ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr, pre
 
 
 @triton.jit
+def _add_neuron_block(acc, x, slots, valid, w1_ptr, b1_ptr, w2t_ptr, k, n, in_k, in_n, w1_row_stride, w2t_row_stride,
+                      HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+    """acc + the outputs of one row ``x`` through the neurons ``slots`` (where ``valid``): their
+    whole rows of W1 and of W2T are loaded at once (the W2T rows do not wait for the
+    activations, so a block is one round trip to memory)."""
+    safe = tl.where(valid, slots, 0).to(tl.int64)
+    w1 = tl.load(w1_ptr + safe[:, None] * w1_row_stride + k[None, :], mask=valid[:, None] & in_k[None, :], other=0.0)
+    w2 = tl.load(w2t_ptr + safe[:, None] * w2t_row_stride + n[None, :], mask=valid[:, None] & in_n[None, :],
+                 other=0.0)
+    h = tl.sum(w1.to(tl.float32) * x[None, :], axis=1)
+    if HAS_BIAS:
+        h += tl.load(b1_ptr + safe, mask=valid, other=0.0).to(tl.float32)
+    h = tl.where(valid, activate(h, ACTIVATION), 0.0)
+    # The dense FFN rounds the hidden activations to the weight dtype before the second matmul.
+    h = h.to(w2t_ptr.dtype.element_ty).to(tl.float32)
+    return acc + tl.sum(h[:, None] * w2.to(tl.float32), axis=0)
+
+
+@triton.jit
 def _sparse_ffn_row_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr, partial_ptr,  # pointers
                            K, N, P,                                                         # sizes
                            w1_row_stride, w2t_row_stride,                                   # strides
                            HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
                            K_POW2: tl.constexpr, N_POW2: tl.constexpr):
-    """One row of x. Program p takes slot blocks p, p + P, ...; of each it loads the neurons'
-    whole rows of W1 and of W2T at once (the W2T rows do not wait for the activations, so a
-    block is one round trip to memory), and it keeps its partial sum of the output in registers
-    until one store at the end."""
+    """One row of x. Program p takes slot blocks p, p + P, ... and keeps its partial sum of the
+    output in registers until one store at the end."""
     pid = tl.program_id(0)
     k = tl.arange(0, K_POW2)
     n = tl.arange(0, N_POW2)
@@ -203,19 +227,82 @@ def _sparse_ffn_row_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr,
     for block in range(pid, tl.cdiv(count, BLOCK_S), P):
         s = block * BLOCK_S + tl.arange(0, BLOCK_S)
         slots = tl.load(slots_ptr + s, mask=s < count, other=-1)
-        valid = slots >= 0
-        safe = tl.where(valid, slots, 0).to(tl.int64)
-        w1 = tl.load(w1_ptr + safe[:, None] * w1_row_stride + k[None, :], mask=valid[:, None] & in_k[None, :],
-                     other=0.0)
-        w2 = tl.load(w2t_ptr + safe[:, None] * w2t_row_stride + n[None, :], mask=valid[:, None] & in_n[None, :],
-                     other=0.0)
-        h = tl.sum(w1.to(tl.float32) * x[None, :], axis=1)
-        if HAS_BIAS:
-            h += tl.load(b1_ptr + safe, mask=valid, other=0.0).to(tl.float32)
-        h = tl.where(valid, activate(h, ACTIVATION), 0.0)
-        # The dense FFN rounds the hidden activations to the weight dtype before the second matmul.
-        h = h.to(w2t_ptr.dtype.element_ty).to(tl.float32)
-        acc += tl.sum(h[:, None] * w2.to(tl.float32), axis=0)
+        acc = _add_neuron_block(acc, x, slots, slots >= 0, w1_ptr, b1_ptr, w2t_ptr, k, n, in_k, in_n, w1_row_stride,
+                                w2t_row_stride, HAS_BIAS=HAS_BIAS, ACTIVATION=ACTIVATION)
+    tl.store(partial_ptr + pid.to(tl.int64) * N + n, acc, mask=in_n)
+
+
+@triton.jit
+def _project_kernel(x_ptr, a_ptr, partial_ptr,   # pointers
+                    K, R, CHUNK,                 # sizes
+                    a_row_stride,                # strides
+                    BLOCK_K: tl.constexpr, R_POW2: tl.constexpr):
+    """Program g: ``x[c] @ A[c]`` in fp32 over its CHUNK rows c of A ([K, R]), into partial[g]."""
+    g = tl.program_id(0)
+    r = tl.arange(0, R_POW2)
+    acc = tl.zeros([R_POW2], dtype=tl.float32)
+    for k0 in range(g * CHUNK, tl.minimum(g * CHUNK + CHUNK, K), BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        in_k = k < K
+        x = tl.load(x_ptr + k, mask=in_k, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + k.to(tl.int64)[:, None] * a_row_stride + r[None, :], mask=in_k[:, None] & (r < R)[None, :],
+                    other=0.0)
+        acc += tl.sum(x[:, None] * a.to(tl.float32), axis=0)
+    tl.store(partial_ptr + g * R_POW2 + r, acc)
+
+
+@triton.jit
+def _lowrank_ffn_row_kernel(x_ptr, xa_partial_ptr, b_ptr, w1_ptr, b1_ptr, w2t_ptr, partial_ptr,  # pointers
+                            K, N, D_FF, R, G, P, threshold,                                     # sizes, threshold
+                            b_row_stride, w1_row_stride, w2t_row_stride,                        # strides
+                            HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
+                            K_POW2: tl.constexpr, N_POW2: tl.constexpr, R_POW2: tl.constexpr,
+                            BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """One row of x, predicted and computed in one launch. Program p owns the neurons
+    j = p, p + P, ... (interleaved, so that runs of active neurons spread over the programs):
+
+    1. their predicted pre-activations ``(x A) B[j] + b1[j]``, from the G fp32 partial sums of
+       ``x A`` (``_project_kernel``), rounded to the weight dtype where the plain-torch
+       predictor rounds (``x A``, then the scores);
+    2. the chosen ones (prediction > threshold), numbered in registers: no neuron list goes
+       through memory and no program waits on another;
+    3. their FFN, BLOCK_S neurons a step as in ``_sparse_ffn_row_kernel``, into partial[p]."""
+    pid = tl.program_id(0)
+    j = pid + tl.arange(0, BLOCK_J) * P
+    in_j = j < D_FF
+    score = tl.zeros([BLOCK_J], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        in_r = r < R
+        xa = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for g0 in range(0, G, BLOCK_G):
+            g = g0 + tl.arange(0, BLOCK_G)
+            xa += tl.sum(tl.load(xa_partial_ptr + g[:, None] * R_POW2 + r[None, :],
+                                 mask=(g < G)[:, None] & in_r[None, :], other=0.0), axis=0)
+        xa = xa.to(b_ptr.dtype.element_ty).to(tl.float32)
+        b = tl.load(b_ptr + j.to(tl.int64)[:, None] * b_row_stride + r[None, :], mask=in_j[:, None] & in_r[None, :],
+                    other=0.0)
+        score += tl.sum(b.to(tl.float32) * xa[None, :], axis=1)
+    if HAS_BIAS:
+        score += tl.load(b1_ptr + j, mask=in_j, other=0.0).to(tl.float32)
+    score = score.to(b_ptr.dtype.element_ty).to(tl.float32)
+    chosen = (score > threshold) & in_j
+    position = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    count = tl.sum(chosen.to(tl.int32), axis=0)
+
+    k = tl.arange(0, K_POW2)
+    n = tl.arange(0, N_POW2)
+    in_k = k < K
+    in_n = n < N
+    x = tl.load(x_ptr + k, mask=in_k, other=0.0).to(tl.float32)
+    acc = tl.zeros([N_POW2], dtype=tl.float32)
+    for s0 in range(0, count, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        # The s-th chosen neuron, picked out of the registers by its number.
+        match = chosen[None, :] & (position[None, :] == s[:, None])
+        slots = tl.sum(tl.where(match, j[None, :], 0), axis=1)
+        acc = _add_neuron_block(acc, x, slots, s < count, w1_ptr, b1_ptr, w2t_ptr, k, n, in_k, in_n, w1_row_stride,
+                                w2t_row_stride, HAS_BIAS=HAS_BIAS, ACTIVATION=ACTIVATION)
     tl.store(partial_ptr + pid.to(tl.int64) * N + n, acc, mask=in_n)
 
 
@@ -311,10 +398,48 @@ def sparse_ffn(x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t
     return _sum_partials(partial, b2, out)
 
 
+def lowrank_sparse_ffn_row(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w1: torch.Tensor,
+                           b1: torch.Tensor | None, w2t: torch.Tensor, b2: torch.Tensor | None, threshold: float, *,
+                           activation: str = "relu", programs: int = 132) -> torch.Tensor:
+    """[1, d_out]: ``sparse_ffn`` of one row over the neurons whose low-rank prediction
+    ``(x a) b^T + b1`` exceeds ``threshold``, in three launches (project, predict + select +
+    FFN, reduce) and no scores in memory. ``programs``: of the fused kernel, each scoring
+    ``d_ff / programs`` neurons (it bounds the partial sums, ``programs * d_out`` fp32)."""
+    rows, k = x2d.shape
+    d_ff, n = w2t.shape
+    r = a.shape[1]
+    assert rows == 1 and max(k, n) <= ROW_MAX_WIDTH, f"lowrank_sparse_ffn_row: one row of width <= {ROW_MAX_WIDTH}"
+    assert w1.shape == (d_ff, k) and a.shape == (k, r) and b.shape == (d_ff, r), \
+        f"lowrank_sparse_ffn_row: need w1 [{d_ff}, {k}], a [{k}, r], b [{d_ff}, r]"
+    assert all(t.stride(1) == 1 and t.dtype == x2d.dtype for t in (x2d, a, b, w1, w2t)), \
+        "lowrank_sparse_ffn_row: x2d, a, b, w1, w2t: one dtype, unit last strides"
+    out = torch.empty(1, n, dtype=x2d.dtype, device=x2d.device)
+    r_pow2 = next_pow2(r)
+    block_k = max(16, min(PROJECT_BLOCK_K, _REDUCE_TILE // r_pow2))
+    g = min(cdiv(k, block_k), MAX_PROJECT_PROGRAMS)
+    chunk = cdiv(cdiv(k, g), block_k) * block_k
+    g = cdiv(k, chunk)
+    xa_partial = torch.empty(g, r_pow2, dtype=torch.float32, device=x2d.device)
+    _project_kernel[(g,)](x2d, a, xa_partial, k, r, chunk, a.stride(0), BLOCK_K=block_k, R_POW2=r_pow2)
+    p = max(1, min(programs, d_ff))
+    block_j = next_pow2(cdiv(d_ff, p))
+    block_r = min(r_pow2, max(16, PREDICT_TILE // block_j))
+    block_g = max(1, min(next_pow2(g), _REDUCE_TILE // block_r))
+    partial = torch.empty(p, 1, n, dtype=torch.float32, device=x2d.device)
+    _lowrank_ffn_row_kernel[(p,)](x2d, xa_partial, b, w1, b1 if b1 is not None else b, w2t, partial, k, n, d_ff, r, g,
+                                  p, threshold, b.stride(0), w1.stride(0), w2t.stride(0), HAS_BIAS=b1 is not None,
+                                  ACTIVATION=ACTIVATIONS[activation], BLOCK_S=ROW_BLOCK_S, K_POW2=next_pow2(k),
+                                  N_POW2=next_pow2(n), R_POW2=r_pow2, BLOCK_J=block_j, BLOCK_R=block_r,
+                                  BLOCK_G=block_g, num_warps=ROW_WARPS)
+    return _sum_partials(partial, b2, out)
+
+
 def _sum_partials(partial: torch.Tensor, b2: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """out = the sum of the partial sums [programs, rows, d_out] + b2, in out's dtype."""
     p, rows, n = partial.shape
-    _sum_partials_kernel[(rows, cdiv(n, _REDUCE_BLOCK_N))](
+    block_p = min(next_pow2(p), _REDUCE_MAX_BLOCK_P)
+    block_n = min(next_pow2(n), max(16, _REDUCE_TILE // block_p))
+    _sum_partials_kernel[(rows, cdiv(n, block_n))](
         partial, b2 if b2 is not None else partial, out, p, rows, n, out.stride(0),
-        HAS_BIAS=b2 is not None, BLOCK_P=_REDUCE_BLOCK_P, BLOCK_N=_REDUCE_BLOCK_N)
+        HAS_BIAS=b2 is not None, BLOCK_P=block_p, BLOCK_N=block_n)
     return out

@@ -51,6 +51,8 @@ FFN_PARTIAL_BYTES = 16 * 2**20
 # replayed with 132 programs, 32.5 with 264 and 39.3 with 528: the reduction of the partial
 # sums grows with the programs (5.0, 8.6, 14.2 us) while the FFN kernel stays at 7-8 us.
 FFN_ROW_PROGRAMS_PER_SM = 1
+# Widest d and d_out the one-row kernels hold in registers (kernels/sparse_ffn.py ROW_MAX_WIDTH).
+FFN_ROW_MAX_WIDTH = 8192
 # Rows of x per program of the FFN kernel (kernels/sparse_ffn.py MAX_BLOCK_M): more rows re-read
 # the weights once per block of rows.
 FFN_ROWS_PER_BLOCK = 16
@@ -127,6 +129,19 @@ def ffn_programs(slots: int, rows: int, d_out: int, processors: int) -> int:
     by_bytes = FFN_PARTIAL_BYTES // max(1, min(rows, FFN_ROWS_PER_BLOCK) * d_out * 4)
     per_sm = FFN_ROW_PROGRAMS_PER_SM if rows == 1 else FFN_PROGRAMS_PER_SM
     return max(1, min(per_sm * processors, by_bytes, slots))
+
+
+def fuses_prediction(rows: int, d: int, d_out: int, kind: str) -> bool:
+    """Whether the GPU FFN predicts, selects and computes in one kernel (kernels/sparse_ffn.py's
+    ``lowrank_sparse_ffn_row``): one row, a low-rank predictor, widths the row kernel holds."""
+    return rows == 1 and kind == "lowrank" and max(d, d_out) <= FFN_ROW_MAX_WIDTH
+
+
+def fused_ffn_programs(d_ff: int, d_out: int, processors: int) -> int:
+    """Programs of the fused FFN kernel: FFN_ROW_PROGRAMS_PER_SM per SM whatever the density
+    (every program also reads its share of the predictor), fewer when their partial sums would
+    pass FFN_PARTIAL_BYTES."""
+    return max(1, min(FFN_ROW_PROGRAMS_PER_SM * processors, FFN_PARTIAL_BYTES // (d_out * 4), d_ff))
 
 
 def _predictor_cost(rows, n, d, kind, rank, elem):
@@ -206,6 +221,14 @@ def hire_ffn_cost(rows: int, d: int, d_ff: int, d_out: int, expected_neurons: in
     e = element_size(dtype)
     neurons = min(max(expected_neurons, 1), d_ff)
     bytes_, flops, launches, score_elem = _predictor_cost(rows, d_ff, d, kind, rank, e)
+    if profile.kind == "cuda" and fuses_prediction(rows, d, d_out, kind):
+        # x A, then prediction, selection and FFN in one kernel, then the reduction: the scores
+        # never reach memory and no selection round trips are waited for.
+        programs = fused_ffn_programs(d_ff, d_out, profile.processors)
+        bytes_ += neurons * (d + d_out) * e + (d + d_out) * e - rows * d_ff * score_elem
+        bytes_ += 2 * programs * d_out * 4
+        flops += 2 * neurons * (d + d_out)
+        return _cost(bytes_, flops, 3, profile, e)
     union = expected_union(rows, neurons, d_ff)
     row_blocks = 1 if rows == 1 else math.ceil(rows / FFN_ROWS_PER_BLOCK)
     gather_passes = 1 if profile.kind == "cuda" else _CPU_GATHER_PASSES

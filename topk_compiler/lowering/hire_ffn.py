@@ -12,7 +12,9 @@ neurons a predictor expects to be most active (HiRE, arXiv 2402.09360).
    launches (``kernels/sparse_ffn.py``: compact the batch's union of chosen neurons, the sparse
    FFN over them, the sum of its partial sums), reading the columns of ``W2`` as rows of a cached
    transposed copy (one extra copy of ``W2`` per rewritten FFN, built with the predictor); on CPU
-   ``index_select`` and two matmuls.
+   ``index_select`` and two matmuls. One row (a decode step) with a low-rank predictor takes
+   three launches in all: ``x A``, then one kernel that predicts, selects and computes each
+   program's share of the neurons, then the sum of the partial sums (no scores in memory).
 
 Row ``m``'s output equals the dense FFN restricted to its neurons ``C_m``:
 ``sum_{j in C_m} act(x_m . W1[j] + b1[j]) W2[:, j] + b2``. For ReLU (and ReLU^2) a dropped
@@ -101,15 +103,23 @@ def _hire_ffn(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expecte
     d_ff, d = w1.shape
     x2d = x.reshape(-1, d).contiguous()
     rows, d_out = x2d.shape[0], w2.shape[0]
-    pred = predictor_for(w1, predictor, rank).scores(x2d, b1)
+    model = predictor_for(w1, predictor, rank)
     if hire_predictor.uses_kernel(x):
-        from topk_compiler.kernels.sparse_ffn import sparse_ffn
+        from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, sparse_ffn
 
-        union = math.ceil(hire_cost_model.expected_union(rows, max(expected_neurons, 1), d_ff))
-        programs = hire_cost_model.ffn_programs(union, rows, d_out, cost_model.device_profile(str(x.device)).processors)
-        out = sparse_ffn(x2d, w1 if w1.stride(1) == 1 else w1.contiguous(), b1, transposed_copy(w2), b2,
-                         pred.contiguous(), threshold, activation=activation, programs=programs, expected=union)
+        w1 = w1 if w1.stride(1) == 1 else w1.contiguous()
+        processors = cost_model.device_profile(str(x.device)).processors
+        if hire_cost_model.fuses_prediction(rows, d, d_out, predictor):
+            out = lowrank_sparse_ffn_row(x2d, model.a, model.b, w1, b1, transposed_copy(w2), b2, threshold,
+                                         activation=activation,
+                                         programs=hire_cost_model.fused_ffn_programs(d_ff, d_out, processors))
+        else:
+            union = math.ceil(hire_cost_model.expected_union(rows, max(expected_neurons, 1), d_ff))
+            out = sparse_ffn(x2d, w1, b1, transposed_copy(w2), b2, model.scores(x2d, b1).contiguous(), threshold,
+                             activation=activation, programs=hire_cost_model.ffn_programs(union, rows, d_out, processors),
+                             expected=union)
     else:
+        pred = model.scores(x2d, b1)
         chosen = pred > threshold
         slots = chosen.any(dim=0).nonzero().flatten()
         out = restricted_ffn(x2d, w1, b1, w2, b2, activation, slots, chosen[:, slots] if rows > 1 else None)
