@@ -96,13 +96,15 @@ def lowrank_case(d, d_ff, d_out, rank, dtype, seed, bias=True):
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
-@pytest.mark.parametrize("programs", [1, 7, 400])  # one program scoring all, several, more than neurons
+@pytest.mark.parametrize("programs,expected", [(1, 60), (7, 0), (7, 60), (400, 60)])  # lists: 1, 7, 300
 @pytest.mark.parametrize("bias", [True, False])
-def test_lowrank_row_equals_reference(dtype, atol, rtol, programs, bias):
-    """Predicted in the kernel, the chosen neurons are those the plain-torch predictor chooses."""
+def test_lowrank_row_equals_reference(dtype, atol, rtol, programs, expected, bias):
+    """Predicted in the kernel, the chosen neurons are those the plain-torch predictor chooses,
+    whether one program or many read them from one list or several."""
     x, w1, b1, w2, b2, a, b, pred = lowrank_case(40, 300, 50, 8, dtype, seed=programs, bias=bias)
     t = threshold_in_gap(pred, 0.8)
-    out = lowrank_sparse_ffn_row(x, a, b, w1, b1, w2.T.contiguous(), b2 if bias else None, t, programs=programs)
+    out = lowrank_sparse_ffn_row(x, a, b, w1, b1, w2.T.contiguous(), b2 if bias else None, t, programs=programs,
+                                 expected=expected)
     assert out.dtype == dtype and out.shape == (1, 50)
     expected = reference(x, w1, b1, w2, b2 if bias else None, pred, t, "relu")
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=rtol)
@@ -114,7 +116,7 @@ def test_lowrank_row_equals_reference(dtype, atol, rtol, programs, bias):
 @pytest.mark.parametrize("activation", ["relu_squared", "gelu"])
 def test_lowrank_row_loops_over_every_tile(monkeypatch, activation):
     """Tiles small enough that every loop runs several steps: the projection's rows of A and
-    programs, the fused kernel's partials of x A and its rank chunks, and the neuron blocks."""
+    programs, the prediction's partials of x A and its rank chunks, and the neuron blocks."""
     from topk_compiler.kernels import sparse_ffn as module
 
     monkeypatch.setattr(module, "_REDUCE_TILE", 64)
@@ -122,7 +124,8 @@ def test_lowrank_row_loops_over_every_tile(monkeypatch, activation):
     monkeypatch.setattr(module, "PREDICT_TILE", 512)
     x, w1, b1, w2, b2, a, b, pred = lowrank_case(200, 120, 24, 40, torch.float32, seed=3)
     t = threshold_in_gap(pred, 0.5)
-    out = lowrank_sparse_ffn_row(x, a, b, w1, b1, w2.T.contiguous(), b2, t, activation=activation, programs=3)
+    out = lowrank_sparse_ffn_row(x, a, b, w1, b1, w2.T.contiguous(), b2, t, activation=activation, programs=3,
+                                 expected=40)
     torch.testing.assert_close(out, reference(x, w1, b1, w2, b2, pred, t, activation), atol=1e-5, rtol=1e-5)
 
 

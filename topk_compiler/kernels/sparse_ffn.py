@@ -20,6 +20,12 @@ Three launches, none waiting on the host:
    moves whole rows of weights; every weight byte is read once.
 3. ``_sum_partials_kernel``: adds the partial sums and ``b2`` and casts.
 
+One row with a low-rank predictor (``lowrank_sparse_ffn_row``) skips the scores in memory and the
+compaction: ``_project_kernel`` computes ``x A`` in fp32 partial sums over programs, then
+``_predict_neurons_kernel`` scores each program's interleaved share of the neurons and stores
+the chosen ones as a short list per program, and the row kernel reads the lists one after the
+other, numbering them from their counts.
+
 The caller picks the number of programs (``lowering/hire_cost_model.ffn_programs``), trading
 parallelism against partial-sum traffic, and ``BLOCK_S`` from the expected number of neurons.
 """
@@ -60,11 +66,13 @@ _ANY_BLOCK_ROWS = 16
 _ANY_BLOCK_COLS = 256
 # One row of x with a low-rank predictor (``lowrank_sparse_ffn_row``): rows of A per step of the
 # projection (at most 8192 elements a step) and most projection programs (each writes one fp32
-# partial of x A, summed again by every program of the fused kernel); elements of B a fused
+# partial of x A, summed again by every program of the prediction); elements of B a prediction
 # program scores per step.
 PROJECT_BLOCK_K = 64
 MAX_PROJECT_PROGRAMS = 64
 PREDICT_TILE = 16384
+# At 8 warps ptxas gives the prediction 64 registers and a stack; at 4, 128 and none (sm_90a).
+PREDICT_WARPS = 4
 # The reduction of the partial sums loads up to _REDUCE_MAX_BLOCK_P partials of _REDUCE_TILE //
 # BLOCK_P outputs in one step: at 117-264 partials, the earlier 32 a step over 64 outputs per
 # program took 4.6-8.6 us on an H200 (benchmarks/results/profile_stages_h200{,_hire}.json),
@@ -190,32 +198,19 @@ def _sparse_ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr, pre
 
 
 @triton.jit
-def _add_neuron_block(acc, x, slots, valid, w1_ptr, b1_ptr, w2t_ptr, k, n, in_k, in_n, w1_row_stride, w2t_row_stride,
-                      HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
-    """acc + the outputs of one row ``x`` through the neurons ``slots`` (where ``valid``): their
-    whole rows of W1 and of W2T are loaded at once (the W2T rows do not wait for the
-    activations, so a block is one round trip to memory)."""
-    safe = tl.where(valid, slots, 0).to(tl.int64)
-    w1 = tl.load(w1_ptr + safe[:, None] * w1_row_stride + k[None, :], mask=valid[:, None] & in_k[None, :], other=0.0)
-    w2 = tl.load(w2t_ptr + safe[:, None] * w2t_row_stride + n[None, :], mask=valid[:, None] & in_n[None, :],
-                 other=0.0)
-    h = tl.sum(w1.to(tl.float32) * x[None, :], axis=1)
-    if HAS_BIAS:
-        h += tl.load(b1_ptr + safe, mask=valid, other=0.0).to(tl.float32)
-    h = tl.where(valid, activate(h, ACTIVATION), 0.0)
-    # The dense FFN rounds the hidden activations to the weight dtype before the second matmul.
-    h = h.to(w2t_ptr.dtype.element_ty).to(tl.float32)
-    return acc + tl.sum(h[:, None] * w2.to(tl.float32), axis=0)
-
-
-@triton.jit
 def _sparse_ffn_row_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr, partial_ptr,  # pointers
-                           K, N, P,                                                         # sizes
-                           w1_row_stride, w2t_row_stride,                                   # strides
+                           K, N, P, LISTS,                                                  # sizes
+                           w1_row_stride, w2t_row_stride, list_stride,                      # strides
                            HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
-                           K_POW2: tl.constexpr, N_POW2: tl.constexpr):
-    """One row of x. Program p takes slot blocks p, p + P, ... and keeps its partial sum of the
-    output in registers until one store at the end."""
+                           K_POW2: tl.constexpr, N_POW2: tl.constexpr, LISTS_POW2: tl.constexpr):
+    """One row of x. Program p takes slot blocks p, p + P, ...; of each it loads the neurons'
+    whole rows of W1 and of W2T at once (the W2T rows do not wait for the activations, so a
+    block is one round trip to memory), and it keeps its partial sum of the output in registers
+    until one store at the end.
+
+    The slots are one list of ``count[0]`` (LISTS_POW2 == 0), or LISTS lists, list i holding
+    ``count[i]`` slots from ``slots + i * list_stride``, numbered one after the other: a
+    program finds the list of each of its slots from the counts (no compaction launch)."""
     pid = tl.program_id(0)
     k = tl.arange(0, K_POW2)
     n = tl.arange(0, N_POW2)
@@ -223,12 +218,34 @@ def _sparse_ffn_row_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr,
     in_n = n < N
     x = tl.load(x_ptr + k, mask=in_k, other=0.0).to(tl.float32)
     acc = tl.zeros([N_POW2], dtype=tl.float32)
-    count = tl.load(count_ptr)
+    if LISTS_POW2 > 0:
+        lists = tl.arange(0, LISTS_POW2)
+        sizes = tl.load(count_ptr + lists, mask=lists < LISTS, other=0)
+        ends = tl.cumsum(sizes, axis=0)
+        count = tl.sum(sizes, axis=0)
+    else:
+        count = tl.load(count_ptr)
     for block in range(pid, tl.cdiv(count, BLOCK_S), P):
         s = block * BLOCK_S + tl.arange(0, BLOCK_S)
-        slots = tl.load(slots_ptr + s, mask=s < count, other=-1)
-        acc = _add_neuron_block(acc, x, slots, slots >= 0, w1_ptr, b1_ptr, w2t_ptr, k, n, in_k, in_n, w1_row_stride,
-                                w2t_row_stride, HAS_BIAS=HAS_BIAS, ACTIVATION=ACTIVATION)
+        if LISTS_POW2 > 0:
+            owner = tl.sum((ends[None, :] <= s[:, None]).to(tl.int32), axis=1)
+            start = tl.sum(tl.where(lists[None, :] == owner[:, None], (ends - sizes)[None, :], 0), axis=1)
+            slots = tl.load(slots_ptr + owner.to(tl.int64) * list_stride + (s - start), mask=s < count, other=-1)
+        else:
+            slots = tl.load(slots_ptr + s, mask=s < count, other=-1)
+        valid = slots >= 0
+        safe = tl.where(valid, slots, 0).to(tl.int64)
+        w1 = tl.load(w1_ptr + safe[:, None] * w1_row_stride + k[None, :], mask=valid[:, None] & in_k[None, :],
+                     other=0.0)
+        w2 = tl.load(w2t_ptr + safe[:, None] * w2t_row_stride + n[None, :], mask=valid[:, None] & in_n[None, :],
+                     other=0.0)
+        h = tl.sum(w1.to(tl.float32) * x[None, :], axis=1)
+        if HAS_BIAS:
+            h += tl.load(b1_ptr + safe, mask=valid, other=0.0).to(tl.float32)
+        h = tl.where(valid, activate(h, ACTIVATION), 0.0)
+        # The dense FFN rounds the hidden activations to the weight dtype before the second matmul.
+        h = h.to(w2t_ptr.dtype.element_ty).to(tl.float32)
+        acc += tl.sum(h[:, None] * w2.to(tl.float32), axis=0)
     tl.store(partial_ptr + pid.to(tl.int64) * N + n, acc, mask=in_n)
 
 
@@ -252,21 +269,17 @@ def _project_kernel(x_ptr, a_ptr, partial_ptr,   # pointers
 
 
 @triton.jit
-def _lowrank_ffn_row_kernel(x_ptr, xa_partial_ptr, b_ptr, w1_ptr, b1_ptr, w2t_ptr, partial_ptr,  # pointers
-                            K, N, D_FF, R, G, P, threshold,                                     # sizes, threshold
-                            b_row_stride, w1_row_stride, w2t_row_stride,                        # strides
-                            HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
-                            K_POW2: tl.constexpr, N_POW2: tl.constexpr, R_POW2: tl.constexpr,
-                            BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
-    """One row of x, predicted and computed in one launch. Program p owns the neurons
-    j = p, p + P, ... (interleaved, so that runs of active neurons spread over the programs):
-
-    1. their predicted pre-activations ``(x A) B[j] + b1[j]``, from the G fp32 partial sums of
-       ``x A`` (``_project_kernel``), rounded to the weight dtype where the plain-torch
-       predictor rounds (``x A``, then the scores);
-    2. the chosen ones (prediction > threshold), numbered in registers: no neuron list goes
-       through memory and no program waits on another;
-    3. their FFN, BLOCK_S neurons a step as in ``_sparse_ffn_row_kernel``, into partial[p]."""
+def _predict_neurons_kernel(xa_partial_ptr, b_ptr, b1_ptr, lists_ptr, counts_ptr,   # pointers
+                            D_FF, R, G, P, threshold,                              # sizes, threshold
+                            b_row_stride,                                          # strides
+                            HAS_BIAS: tl.constexpr, R_POW2: tl.constexpr, BLOCK_J: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Program p predicts the pre-activations ``(x A) B[j] + b1[j]`` of the neurons j = p, p + P,
+    ... (interleaved, so that runs of active neurons spread over the programs) from the G fp32
+    partial sums of ``x A`` (``_project_kernel``), rounded to the weight dtype where the
+    plain-torch predictor rounds (``x A``, then the scores). It stores those above the threshold,
+    in order, as list p (``lists + p * BLOCK_J``), and their number as counts[p]: no scores go
+    through memory and no program waits on another."""
     pid = tl.program_id(0)
     j = pid + tl.arange(0, BLOCK_J) * P
     in_j = j < D_FF
@@ -288,22 +301,8 @@ def _lowrank_ffn_row_kernel(x_ptr, xa_partial_ptr, b_ptr, w1_ptr, b1_ptr, w2t_pt
     score = score.to(b_ptr.dtype.element_ty).to(tl.float32)
     chosen = (score > threshold) & in_j
     position = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-    count = tl.sum(chosen.to(tl.int32), axis=0)
-
-    k = tl.arange(0, K_POW2)
-    n = tl.arange(0, N_POW2)
-    in_k = k < K
-    in_n = n < N
-    x = tl.load(x_ptr + k, mask=in_k, other=0.0).to(tl.float32)
-    acc = tl.zeros([N_POW2], dtype=tl.float32)
-    for s0 in range(0, count, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        # The s-th chosen neuron, picked out of the registers by its number.
-        match = chosen[None, :] & (position[None, :] == s[:, None])
-        slots = tl.sum(tl.where(match, j[None, :], 0), axis=1)
-        acc = _add_neuron_block(acc, x, slots, s < count, w1_ptr, b1_ptr, w2t_ptr, k, n, in_k, in_n, w1_row_stride,
-                                w2t_row_stride, HAS_BIAS=HAS_BIAS, ACTIVATION=ACTIVATION)
-    tl.store(partial_ptr + pid.to(tl.int64) * N + n, acc, mask=in_n)
+    tl.store(lists_ptr + pid * BLOCK_J + position, j, mask=chosen)
+    tl.store(counts_ptr + pid, tl.sum(chosen.to(tl.int32), axis=0))
 
 
 _sparse_ffn_gemv_tuned = triton.autotune(configs=_configs(GEMV_CONFIGS), key=["M", "K", "N", "P"])(_sparse_ffn_kernel)
@@ -367,19 +366,12 @@ def sparse_ffn(x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t
     assert x2d.stride(1) == 1 and x2d.dtype == w1.dtype == w2t.dtype, \
         "sparse_ffn: x2d, w1, w2t: one dtype, unit last stride"
     assert pred.shape == (rows, d_ff) and pred.stride(1) == 1, f"sparse_ffn: pred must be [{rows}, {d_ff}]"
-    out = torch.empty(rows, n, dtype=x2d.dtype, device=x2d.device)
     if rows == 0:
-        return out
+        return torch.empty(rows, n, dtype=x2d.dtype, device=x2d.device)
     slots, count = select_neurons(pred, threshold)
     if rows == 1 and max(k, n) <= ROW_MAX_WIDTH:
-        p = max(1, min(programs, cdiv(max(expected, 1), ROW_BLOCK_S)))
-        partial = torch.empty(p, 1, n, dtype=torch.float32, device=x2d.device)
-        _sparse_ffn_row_kernel[(p,)](x2d, w1, b1 if b1 is not None else slots, w2t, slots, count, partial, k, n, p,
-                                     w1.stride(0), w2t.stride(0), HAS_BIAS=b1 is not None,
-                                     ACTIVATION=ACTIVATIONS[activation], BLOCK_S=ROW_BLOCK_S,
-                                     K_POW2=next_pow2(k), N_POW2=next_pow2(n),
-                                     num_warps=ROW_WARPS)
-        return _sum_partials(partial, b2, out)
+        return _row_ffn(x2d, w1, b1, w2t, b2, slots, count, activation, programs, expected)
+    out = torch.empty(rows, n, dtype=x2d.dtype, device=x2d.device)
     bm = min(block_m(rows), MAX_BLOCK_M)
     bs = neurons_per_program(expected, rows, programs)
     p = max(1, min(programs, cdiv(max(expected, 1), bs)))
@@ -400,11 +392,13 @@ def sparse_ffn(x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t
 
 def lowrank_sparse_ffn_row(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w1: torch.Tensor,
                            b1: torch.Tensor | None, w2t: torch.Tensor, b2: torch.Tensor | None, threshold: float, *,
-                           activation: str = "relu", programs: int = 132) -> torch.Tensor:
+                           activation: str = "relu", programs: int = 132, expected: int = 0) -> torch.Tensor:
     """[1, d_out]: ``sparse_ffn`` of one row over the neurons whose low-rank prediction
-    ``(x a) b^T + b1`` exceeds ``threshold``, in three launches (project, predict + select +
-    FFN, reduce) and no scores in memory. ``programs``: of the fused kernel, each scoring
-    ``d_ff / programs`` neurons (it bounds the partial sums, ``programs * d_out`` fp32)."""
+    ``(x a) b^T + b1`` exceeds ``threshold``, in four launches (x a; the prediction and each
+    program's list of chosen neurons; the row kernel over the lists; the reduction) and no scores
+    in memory. ``programs``: of the prediction (each scores ``d_ff / programs`` neurons) and at
+    most of the row kernel, which spreads about ``expected`` neurons (its partial sums are
+    ``programs * d_out`` fp32 at most)."""
     rows, k = x2d.shape
     d_ff, n = w2t.shape
     r = a.shape[1]
@@ -413,7 +407,6 @@ def lowrank_sparse_ffn_row(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
         f"lowrank_sparse_ffn_row: need w1 [{d_ff}, {k}], a [{k}, r], b [{d_ff}, r]"
     assert all(t.stride(1) == 1 and t.dtype == x2d.dtype for t in (x2d, a, b, w1, w2t)), \
         "lowrank_sparse_ffn_row: x2d, a, b, w1, w2t: one dtype, unit last strides"
-    out = torch.empty(1, n, dtype=x2d.dtype, device=x2d.device)
     r_pow2 = next_pow2(r)
     block_k = max(16, min(PROJECT_BLOCK_K, _REDUCE_TILE // r_pow2))
     g = min(cdiv(k, block_k), MAX_PROJECT_PROGRAMS)
@@ -421,17 +414,31 @@ def lowrank_sparse_ffn_row(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
     g = cdiv(k, chunk)
     xa_partial = torch.empty(g, r_pow2, dtype=torch.float32, device=x2d.device)
     _project_kernel[(g,)](x2d, a, xa_partial, k, r, chunk, a.stride(0), BLOCK_K=block_k, R_POW2=r_pow2)
-    p = max(1, min(programs, d_ff))
-    block_j = next_pow2(cdiv(d_ff, p))
+    lists_count = max(1, min(programs, d_ff))
+    block_j = next_pow2(cdiv(d_ff, lists_count))
     block_r = min(r_pow2, max(16, PREDICT_TILE // block_j))
-    block_g = max(1, min(next_pow2(g), _REDUCE_TILE // block_r))
+    lists = torch.empty(lists_count, block_j, dtype=torch.int32, device=x2d.device)
+    counts = torch.empty(lists_count, dtype=torch.int32, device=x2d.device)
+    _predict_neurons_kernel[(lists_count,)](xa_partial, b, b1 if b1 is not None else b, lists, counts, d_ff, r, g,
+                                            lists_count, threshold, b.stride(0), HAS_BIAS=b1 is not None,
+                                            R_POW2=r_pow2, BLOCK_J=block_j, BLOCK_R=block_r,
+                                            BLOCK_G=max(1, min(next_pow2(g), _REDUCE_TILE // block_r)),
+                                            num_warps=PREDICT_WARPS)
+    return _row_ffn(x2d, w1, b1, w2t, b2, lists, counts, activation, programs, expected)
+
+
+def _row_ffn(x2d, w1, b1, w2t, b2, slots, count, activation, programs, expected):
+    """The row kernel over ``slots`` (one list, or one list per row of a 2-D ``slots``), reduced."""
+    k, n = x2d.shape[1], w2t.shape[1]
+    p = max(1, min(programs, cdiv(max(expected, 1), ROW_BLOCK_S)))
+    lists = slots.shape[0] if slots.dim() == 2 else 0
     partial = torch.empty(p, 1, n, dtype=torch.float32, device=x2d.device)
-    _lowrank_ffn_row_kernel[(p,)](x2d, xa_partial, b, w1, b1 if b1 is not None else b, w2t, partial, k, n, d_ff, r, g,
-                                  p, threshold, b.stride(0), w1.stride(0), w2t.stride(0), HAS_BIAS=b1 is not None,
-                                  ACTIVATION=ACTIVATIONS[activation], BLOCK_S=ROW_BLOCK_S, K_POW2=next_pow2(k),
-                                  N_POW2=next_pow2(n), R_POW2=r_pow2, BLOCK_J=block_j, BLOCK_R=block_r,
-                                  BLOCK_G=block_g, num_warps=ROW_WARPS)
-    return _sum_partials(partial, b2, out)
+    _sparse_ffn_row_kernel[(p,)](x2d, w1, b1 if b1 is not None else slots, w2t, slots, count, partial, k, n, p, lists,
+                                 w1.stride(0), w2t.stride(0), slots.stride(0) if lists else 0,
+                                 HAS_BIAS=b1 is not None, ACTIVATION=ACTIVATIONS[activation], BLOCK_S=ROW_BLOCK_S,
+                                 K_POW2=next_pow2(k), N_POW2=next_pow2(n), LISTS_POW2=next_pow2(lists) if lists else 0,
+                                 num_warps=ROW_WARPS)
+    return _sum_partials(partial, b2, torch.empty(1, n, dtype=x2d.dtype, device=x2d.device))
 
 
 def _sum_partials(partial: torch.Tensor, b2: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:

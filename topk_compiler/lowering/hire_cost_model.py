@@ -132,15 +132,15 @@ def ffn_programs(slots: int, rows: int, d_out: int, processors: int) -> int:
 
 
 def fuses_prediction(rows: int, d: int, d_out: int, kind: str) -> bool:
-    """Whether the GPU FFN predicts, selects and computes in one kernel (kernels/sparse_ffn.py's
+    """Whether the GPU FFN predicts and selects in one kernel (kernels/sparse_ffn.py's
     ``lowrank_sparse_ffn_row``): one row, a low-rank predictor, widths the row kernel holds."""
     return rows == 1 and kind == "lowrank" and max(d, d_out) <= FFN_ROW_MAX_WIDTH
 
 
 def fused_ffn_programs(d_ff: int, d_out: int, processors: int) -> int:
-    """Programs of the fused FFN kernel: FFN_ROW_PROGRAMS_PER_SM per SM whatever the density
-    (every program also reads its share of the predictor), fewer when their partial sums would
-    pass FFN_PARTIAL_BYTES."""
+    """Programs of the prediction that lists the chosen neurons (each reads its share of the
+    predictor, so FFN_ROW_PROGRAMS_PER_SM per SM whatever the density) and at most of the row
+    kernel after it; fewer when the partial sums would pass FFN_PARTIAL_BYTES."""
     return max(1, min(FFN_ROW_PROGRAMS_PER_SM * processors, FFN_PARTIAL_BYTES // (d_out * 4), d_ff))
 
 
@@ -222,13 +222,13 @@ def hire_ffn_cost(rows: int, d: int, d_ff: int, d_out: int, expected_neurons: in
     neurons = min(max(expected_neurons, 1), d_ff)
     bytes_, flops, launches, score_elem = _predictor_cost(rows, d_ff, d, kind, rank, e)
     if profile.kind == "cuda" and fuses_prediction(rows, d, d_out, kind):
-        # x A, then prediction, selection and FFN in one kernel, then the reduction: the scores
-        # never reach memory and no selection round trips are waited for.
-        programs = fused_ffn_programs(d_ff, d_out, profile.processors)
+        # x A; prediction and selection in one kernel, its lists of chosen neurons written and
+        # read (the scores never reach memory); the row kernel; the reduction.
+        programs = min(fused_ffn_programs(d_ff, d_out, profile.processors), math.ceil(neurons / 4))
         bytes_ += neurons * (d + d_out) * e + (d + d_out) * e - rows * d_ff * score_elem
-        bytes_ += 2 * programs * d_out * 4
+        bytes_ += 2 * programs * d_out * 4 + 2 * neurons * 4
         flops += 2 * neurons * (d + d_out)
-        return _cost(bytes_, flops, 3, profile, e)
+        return _cost(bytes_, flops, 4, profile, e)
     union = expected_union(rows, neurons, d_ff)
     row_blocks = 1 if rows == 1 else math.ceil(rows / FFN_ROWS_PER_BLOCK)
     gather_passes = 1 if profile.kind == "cuda" else _CPU_GATHER_PASSES

@@ -13,8 +13,8 @@ neurons a predictor expects to be most active (HiRE, arXiv 2402.09360).
    FFN over them, the sum of its partial sums), reading the columns of ``W2`` as rows of a cached
    transposed copy (one extra copy of ``W2`` per rewritten FFN, built with the predictor); on CPU
    ``index_select`` and two matmuls. One row (a decode step) with a low-rank predictor takes
-   three launches in all: ``x A``, then one kernel that predicts, selects and computes each
-   program's share of the neurons, then the sum of the partial sums (no scores in memory).
+   four launches in all: ``x A``; the prediction, which leaves a short list of chosen neurons
+   per program (no scores in memory); the sparse FFN over the lists; the sum of its partials.
 
 Row ``m``'s output equals the dense FFN restricted to its neurons ``C_m``:
 ``sum_{j in C_m} act(x_m . W1[j] + b1[j]) W2[:, j] + b2``. For ReLU (and ReLU^2) a dropped
@@ -109,12 +109,12 @@ def _hire_ffn(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expecte
 
         w1 = w1 if w1.stride(1) == 1 else w1.contiguous()
         processors = cost_model.device_profile(str(x.device)).processors
+        union = math.ceil(hire_cost_model.expected_union(rows, max(expected_neurons, 1), d_ff))
         if hire_cost_model.fuses_prediction(rows, d, d_out, predictor):
             out = lowrank_sparse_ffn_row(x2d, model.a, model.b, w1, b1, transposed_copy(w2), b2, threshold,
-                                         activation=activation,
+                                         activation=activation, expected=union,
                                          programs=hire_cost_model.fused_ffn_programs(d_ff, d_out, processors))
         else:
-            union = math.ceil(hire_cost_model.expected_union(rows, max(expected_neurons, 1), d_ff))
             out = sparse_ffn(x2d, w1, b1, transposed_copy(w2), b2, model.scores(x2d, b1).contiguous(), threshold,
                              activation=activation, programs=hire_cost_model.ffn_programs(union, rows, d_out, processors),
                              expected=union)
