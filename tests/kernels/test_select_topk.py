@@ -57,15 +57,47 @@ def test_exact_topk_special_values_and_ties(dtype, select):
         assert_exact(values, indices, x, 60, largest, sorted_)
 
 
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+# A quiet NaN with payload bits, and its negative, for each dtype (as integers).
+NAN_PAYLOADS = {torch.float32: (0x7FC0_1234, -0x003F_EDCC), torch.float16: (0x7E05, -0x01FB),
+                torch.bfloat16: (0x7FC5, -0x003B)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("select,sort_with,sorted_", [("bisect", "program", True), ("radix", "launch", True),
+                                                      ("bitonic", "program", True), ("bisect", "program", False)])
+def test_values_are_the_inputs_bit_for_bit(dtype, select, sort_with, sorted_):
+    """Values rebuilt from keys: -0.0 stays -0.0, each NaN keeps its own payload and sign."""
+    x = torch.randn(2, 200)
+    x[:, 3::11] = 0.0
+    x[:, 5::11] = -0.0
+    x = x.to(dtype)
+    bits = x.view(INT_VIEW[dtype])
+    bits[:, 7::13] = NAN_PAYLOADS[dtype][0]
+    bits[:, 9::13] = NAN_PAYLOADS[dtype][1]
+    x = x.to(KERNEL_DEVICE)
+    for largest in (True, False):
+        values, indices = exact_topk(x, 120, largest=largest, sorted=sorted_, select=select, sort_with=sort_with)
+        # Gathered as integers: a float gather may itself rewrite NaN bits.
+        assert torch.equal(values.cpu().view(INT_VIEW[dtype]), bits.gather(1, indices.cpu()))
+        assert_exact(values, indices, x, 120, largest, sorted_)
+        # Every NaN comes first when largest (none when not); some of the -0.0 are chosen.
+        assert values.isnan().sum() == (2 * 30 if largest else 0)
+        assert (values.view(INT_VIEW[dtype]) == bits[:, 5:6]).any()
+
+
 @pytest.mark.parametrize("select,sort_with", [("bisect", "launch"), ("radix", "program"), ("bitonic", "program")])
-def test_select_topk_over_candidates_in_memory(select, sort_with):
-    """Candidates are (key, index) pairs of a subset of the row: the top k of that subset."""
+@pytest.mark.parametrize("largest", [True, False])
+def test_select_topk_over_candidates_in_memory(select, sort_with, largest):
+    """Candidates are (key, index) pairs of a subset of the row: the top k of that subset, with
+    values rebuilt from keys of either orientation."""
     x = torch.randn(2, 900).to(KERNEL_DEVICE)
     idx = torch.stack([torch.randperm(900)[:300] for _ in range(2)]).to(torch.int32).to(KERNEL_DEVICE)
-    keys = order_keys(x.cpu(), True).gather(1, idx.cpu().long()).to(torch.int32).to(KERNEL_DEVICE)
-    values, indices = select_topk(keys, idx, x, 50, key_bits=32, sorted=True, select=select, sort_with=sort_with)
+    keys = order_keys(x.cpu(), largest).gather(1, idx.cpu().long()).to(torch.int32).to(KERNEL_DEVICE)
+    values, indices = select_topk(keys, idx, x, 50, key_bits=32, sorted=True, largest=largest, select=select,
+                                  sort_with=sort_with)
     subset = x.cpu().gather(1, idx.cpu().long())
-    torch.testing.assert_close(values.cpu(), subset.topk(50, dim=1).values, rtol=0, atol=0)
+    torch.testing.assert_close(values.cpu(), subset.topk(50, dim=1, largest=largest).values, rtol=0, atol=0)
     assert torch.equal(x.cpu().gather(1, indices.cpu()), values.cpu())
 
 

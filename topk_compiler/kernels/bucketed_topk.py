@@ -163,7 +163,7 @@ def _fused_bucketed_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr,      
     select_and_store(keys, idx, k, x_row_ptr, values_ptr + row * out_row_stride,
                      indices_ptr + row * out_row_stride, order_ptr + row * out_row_stride,
                      K_POW2=K_POW2, KEY_BITS=KEY_BITS, SORTED=SORTED, SELECT=SELECT, SORT_HERE=SORT_HERE,
-                     ORDER32=ORDER32, PACK32=PACK32)
+                     ORDER32=ORDER32, PACK32=PACK32, LARGEST=LARGEST)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -256,5 +256,5 @@ def split_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_buck
         x2d, num_buckets=num_buckets, per_bucket_k=per_bucket_k, segments=segments, largest=largest,
         layout_id=layout_id, seed=seed, unroll=unroll, num_warps=num_warps,
     )
-    return select_topk(keys, idx, x2d, k, key_bits=key_bits, sorted=sorted, select=select, sort_with=sort_with,
-                       sort_warps=sort_warps, num_warps=select_num_warps)
+    return select_topk(keys, idx, x2d, k, key_bits=key_bits, sorted=sorted, largest=largest, select=select,
+                       sort_with=sort_with, sort_warps=sort_warps, num_warps=select_num_warps)

@@ -65,7 +65,7 @@ def exact_from_memory(x_row_ptr, n, k, values_row_ptr, indices_row_ptr, order_ro
         keys, offs = _row_keys(x_row_ptr, start, n, BLOCK, LARGEST, KEY_BITS)
         chosen, position, n_above, n_tied = compact_positions(keys, threshold, need, above_base, tied_base)
         store_selected(keys, offs, chosen, position, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
-                       SORTED, ORDER32)
+                       SORTED, ORDER32, KEY_BITS, LARGEST)
         above_base += n_above
         tied_base += n_tied
     if SORTED and SORT_HERE:
@@ -122,7 +122,7 @@ def _filtered_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, cand_keys_p
         cand_idx = tl.load(cand_idx_row + f, mask=in_c, other=0)
         select_and_store(cand_keys, cand_idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
                          K_POW2=K_POW2, KEY_BITS=KEY_BITS, SORTED=SORTED, SELECT=SELECT, SORT_HERE=SORT_HERE,
-                         ORDER32=ORDER32, PACK32=PACK32)
+                         ORDER32=ORDER32, PACK32=PACK32, LARGEST=LARGEST)
     else:
         # All of the row above the bound, then the first ties to make k (the tie scratch is the
         # output's own index row: position o reads tie o - above_base before anything writes o).

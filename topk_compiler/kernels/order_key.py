@@ -1,7 +1,9 @@
-"""Triton form of ``lowering/order_keys.py``: floats to order-preserving int32 keys.
+"""Triton form of ``lowering/order_keys.py``: floats to order-preserving int32 keys, and back.
 
 Keys are taken right after ``tl.load``: integer compares are exact and fast on the GPU, and the
-Triton interpreter compares bf16 wrongly, so no kernel ever compares floats.
+Triton interpreter compares bf16 wrongly, so no kernel ever compares floats. A key other than
+the NaN key gives back its value bit for bit (``value_of_key``), so selected values need not be
+gathered from the input again.
 """
 
 import triton
@@ -31,3 +33,25 @@ def order_key(v, LARGEST: tl.constexpr):
     if not LARGEST:
         key = -key
     return key
+
+
+@triton.jit
+def nan_key(KEY_BITS: tl.constexpr, LARGEST: tl.constexpr):
+    """The key of every NaN (``order_key`` gives all NaNs one key: their payloads are lost)."""
+    key = (1 << (KEY_BITS - 1)) - 1
+    if not LARGEST:
+        key = -key
+    return key
+
+
+@triton.jit
+def value_of_key(key, DTYPE: tl.constexpr, LARGEST: tl.constexpr):
+    """The ``DTYPE`` value whose ``order_key`` is int32 ``key`` (exact for every key but the NaN
+    key): the sign-magnitude flip of ``order_key`` undone."""
+    if not LARGEST:
+        key = -key
+    if DTYPE == tl.float32:
+        v = (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    else:
+        v = (key ^ ((key >> 15) & 0x7FFF)).to(tl.int16).to(DTYPE, bitcast=True)
+    return v

@@ -17,7 +17,12 @@ in the same program (``sort_with="program"``) or by ``sort_selected``, a separat
 warps per row (``"launch"``). (torch.argsort of the entries plus two gathers was measured too and
 never won: benchmarks/results/calibration_h100_sweep2.json, e.g. +120 us at 1024 x 2048.)
 
-Values are loaded from the input at the selected indices, so a NaN keeps its payload.
+Values are rebuilt from their keys, bit for bit, instead of gathered from the input again: a
+gather is a dependent round trip to memory that one program per SM cannot hide. NaNs share one
+key, so a selected NaN alone is loaded from the input, keeping its payload. A row sorted in its
+program whose index fits beside its key (16-bit keys and rows of at most 2**16, or 32-bit keys
+in an int64) is sorted on (key, index) entries alone: nothing else is stored before the sort or
+loaded after it.
 """
 
 import torch
@@ -25,7 +30,7 @@ import triton
 import triton.language as tl
 
 from topk_compiler.kernels import next_pow2
-from topk_compiler.kernels.order_key import order_key
+from topk_compiler.kernels.order_key import nan_key, order_key, value_of_key
 
 SELECT_METHODS = {"bitonic": 0, "bisect": 1, "radix": 2}
 SORT_WITH = ("program", "launch")
@@ -127,12 +132,53 @@ def order_entry(keys, position, ORDER32: tl.constexpr):
 
 
 @triton.jit
+def values_of(keys, idx, mask, x_row_ptr, KEY_BITS: tl.constexpr, LARGEST: tl.constexpr):
+    """The input values at ``idx`` whose keys are ``keys``: rebuilt from the keys, loaded only for
+    NaNs."""
+    is_nan = keys == nan_key(KEY_BITS, LARGEST)
+    rebuilt = value_of_key(keys, x_row_ptr.dtype.element_ty, LARGEST)
+    return tl.where(is_nan, tl.load(x_row_ptr + idx, mask=mask & is_nan), rebuilt)
+
+
+@triton.jit
 def store_selected(keys, idx, chosen, position, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
-                   SORTED: tl.constexpr, ORDER32: tl.constexpr):
+                   SORTED: tl.constexpr, ORDER32: tl.constexpr, KEY_BITS: tl.constexpr, LARGEST: tl.constexpr):
     tl.store(indices_row_ptr + position, idx.to(tl.int64), mask=chosen)
-    tl.store(values_row_ptr + position, tl.load(x_row_ptr + idx, mask=chosen), mask=chosen)
+    tl.store(values_row_ptr + position, values_of(keys, idx, chosen, x_row_ptr, KEY_BITS, LARGEST), mask=chosen)
     if SORTED:
         tl.store(order_row_ptr + position, order_entry(keys, position, ORDER32), mask=chosen)
+
+
+@triton.jit
+def sort_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
+                          K_POW2: tl.constexpr, KEY_BITS: tl.constexpr, PACK32: tl.constexpr,
+                          LARGEST: tl.constexpr):
+    """Stores the chosen candidates' (key, inverted index) entries at their positions, then sorts
+    the k entries and writes the values (rebuilt from the keys) and indices in torch.topk's
+    order; ties go to the smaller index. PACK32: 16-bit keys and indices below 2**16 share an
+    int32, else (32-bit keys) an int64."""
+    if PACK32:
+        entry = (keys << 16) | (0xFFFF - idx.to(tl.int32))
+    else:
+        entry = (keys.to(tl.int64) << 32) | (0xFFFFFFFF - idx.to(tl.int64))
+    tl.store(order_row_ptr + position, entry, mask=chosen)
+    tl.debug_barrier()
+    o = tl.arange(0, K_POW2)
+    in_k = o < k
+    if PACK32:
+        entry = tl.load(order_row_ptr + o, mask=in_k, other=-2147483648)
+    else:
+        entry = tl.load(order_row_ptr + o, mask=in_k, other=-9223372036854775808)
+    if K_POW2 > 1:
+        entry = tl.sort(entry, descending=True)
+    if PACK32:
+        sorted_keys = entry >> 16
+        sorted_idx = (0xFFFF - (entry & 0xFFFF)).to(tl.int64)
+    else:
+        sorted_keys = (entry >> 32).to(tl.int32)
+        sorted_idx = 0xFFFFFFFF - (entry & 0xFFFFFFFF)
+    tl.store(indices_row_ptr + o, sorted_idx, mask=in_k)
+    tl.store(values_row_ptr + o, values_of(sorted_keys, sorted_idx, in_k, x_row_ptr, KEY_BITS, LARGEST), mask=in_k)
 
 
 @triton.jit
@@ -163,13 +209,13 @@ def sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2: tl.co
 def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
                      K_POW2: tl.constexpr, KEY_BITS: tl.constexpr, SORTED: tl.constexpr,
                      SELECT: tl.constexpr, SORT_HERE: tl.constexpr, ORDER32: tl.constexpr,
-                     PACK32: tl.constexpr):
-    """Writes the k candidates with the largest keys (int64 indices, values loaded from x).
+                     PACK32: tl.constexpr, LARGEST: tl.constexpr):
+    """Writes the k candidates with the largest keys (int64 indices, values rebuilt from keys).
 
-    keys: int32 [NS], padding = ``key_pad``; idx: [NS] element indices; at least k real
-    candidates. With SORTED and not SORT_HERE, the row is left unsorted with its order entries
-    stored for ``sort_selected``. PACK32 (bitonic only): 16-bit keys and indices < 2**16 share
-    an int32 in the network.
+    keys: int32 [NS], padding = ``key_pad``, made by ``order_key`` with LARGEST; idx: [NS]
+    element indices; at least k real candidates. With SORTED and not SORT_HERE, the row is left
+    unsorted with its order entries stored for ``sort_selected``. PACK32: 16-bit keys and
+    indices < 2**16 share an int32 (in the network, or in the entries sorted here).
     """
     if SELECT == 0:
         if PACK32:
@@ -186,10 +232,14 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
             top_idx = (0xFFFF - (top & 0xFFFF)).to(tl.int64)
         else:
             top_idx = 0xFFFFFFFF - (top & 0xFFFFFFFF)
+        if PACK32:
+            top_keys = top >> 16
+        else:
+            top_keys = (top >> 32).to(tl.int32)
         o = tl.arange(0, K_POW2)
         in_k = o < k
         tl.store(indices_row_ptr + o, top_idx, mask=in_k)
-        tl.store(values_row_ptr + o, tl.load(x_row_ptr + top_idx, mask=in_k), mask=in_k)
+        tl.store(values_row_ptr + o, values_of(top_keys, top_idx, in_k, x_row_ptr, KEY_BITS, LARGEST), mask=in_k)
     else:
         if SELECT == 1:
             threshold = kth_key_bisect(keys, k, KEY_BITS)
@@ -198,11 +248,15 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
         need = k - tl.sum((keys > threshold).to(tl.int32), axis=0)
         zero = tl.zeros([], dtype=tl.int32)
         chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
-        store_selected(keys, idx, chosen, position, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
-                       SORTED, ORDER32)
-        if SORTED and SORT_HERE:
-            tl.debug_barrier()
-            sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2, ORDER32)
+        if SORTED and SORT_HERE and (PACK32 or KEY_BITS == 32):
+            sort_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_ptr, indices_row_ptr,
+                                  order_row_ptr, K_POW2, KEY_BITS, PACK32, LARGEST)
+        else:
+            store_selected(keys, idx, chosen, position, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
+                           SORTED, ORDER32, KEY_BITS, LARGEST)
+            if SORTED and SORT_HERE:
+                tl.debug_barrier()
+                sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2, ORDER32)
 
 
 @triton.jit
@@ -213,7 +267,8 @@ def _select_topk_kernel(keys_ptr, idx_ptr, x_ptr, values_ptr, indices_ptr, order
                         SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
                         ORDER32: tl.constexpr, PACK32: tl.constexpr, RAW: tl.constexpr,
                         LARGEST: tl.constexpr):
-    """One row: candidates from (keys_ptr, idx_ptr), or with RAW the whole input row itself."""
+    """One row: candidates from (keys_ptr, idx_ptr), or with RAW the whole input row itself
+    (LARGEST: the orientation of the keys, made here with RAW)."""
     row = tl.program_id(0).to(tl.int64)
     f = tl.arange(0, NS)
     in_m = f < m
@@ -227,7 +282,7 @@ def _select_topk_kernel(keys_ptr, idx_ptr, x_ptr, values_ptr, indices_ptr, order
     select_and_store(keys, idx, k, x_ptr + row * x_row_stride, values_ptr + row * out_row_stride,
                      indices_ptr + row * out_row_stride, order_ptr + row * out_row_stride,
                      K_POW2=K_POW2, KEY_BITS=KEY_BITS, SORTED=SORTED, SELECT=SELECT, SORT_HERE=SORT_HERE,
-                     ORDER32=ORDER32, PACK32=PACK32)
+                     ORDER32=ORDER32, PACK32=PACK32, LARGEST=LARGEST)
 
 
 @triton.jit
@@ -298,14 +353,16 @@ def _launch(keys, idx, x2d, k, m, cand_row_stride, *, key_bits, sorted, select, 
 
 
 def select_topk(keys: torch.Tensor, idx: torch.Tensor, x2d: torch.Tensor, k: int, *, key_bits: int, sorted: bool,
-                select: str = "radix", sort_with: str = "launch", sort_warps: int = 1, num_warps: int = 8):
-    """Top k of the candidates ``keys``/``idx`` ([rows, m] int32 each) of the rows of ``x2d``."""
+                largest: bool, select: str = "radix", sort_with: str = "launch", sort_warps: int = 1,
+                num_warps: int = 8):
+    """Top k of the candidates ``keys``/``idx`` ([rows, m] int32 each) of the rows of ``x2d``;
+    ``largest``: the orientation the keys were made with."""
     rows, m = keys.shape
     assert idx.shape == keys.shape and keys.dtype == torch.int32, "select_topk: int32 [rows, m] keys and indices"
     assert x2d.dim() == 2 and x2d.shape[0] == rows and x2d.stride(1) == 1, "select_topk: x2d must be [rows, n], unit last stride"
     assert 0 < k <= m, f"select_topk: need 0 < k <= m, got k={k}, m={m}"
     return _launch(keys, idx, x2d, k, m, keys.stride(0), key_bits=key_bits, sorted=sorted, select=select,
-                   sort_with=sort_with, sort_warps=sort_warps, raw=False, largest=True, num_warps=num_warps)
+                   sort_with=sort_with, sort_warps=sort_warps, raw=False, largest=largest, num_warps=num_warps)
 
 
 def exact_topk(x2d: torch.Tensor, k: int, *, largest: bool, sorted: bool, select: str = "radix",
