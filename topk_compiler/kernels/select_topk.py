@@ -219,6 +219,9 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
     """
     if SELECT == 0:
         if PACK32:
+            # A padding candidate's index may pass 2**16 (stage 1 numbers its empty slots past the
+            # row): zeroed, so that it cannot spill into the key bits and outrank real ones.
+            idx = tl.where(keys == key_pad(KEY_BITS), 0, idx)
             packed = (keys << 16) | (0xFFFF - idx.to(tl.int32))
         else:
             packed = (keys.to(tl.int64) << 32) | (0xFFFFFFFF - idx.to(tl.int64))
