@@ -83,7 +83,7 @@ def test_values_are_the_inputs_bit_for_bit(dtype, select, sort_with, sorted_):
         assert_exact(values, indices, x, 120, largest, sorted_)
         # Every NaN comes first when largest (none when not); some of the -0.0 are chosen.
         assert values.isnan().sum() == (2 * 30 if largest else 0)
-        assert (values.view(INT_VIEW[dtype]) == bits[:, 5:6]).any()
+        assert (values.cpu().view(INT_VIEW[dtype]) == bits[:, 5:6]).any()
 
 
 @pytest.mark.parametrize("select,sort_with", [("bisect", "launch"), ("radix", "program"), ("bitonic", "program")])
