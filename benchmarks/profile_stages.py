@@ -33,7 +33,10 @@ profile_stages_h200_hire.json by ``--only hire host`` at d1d45e6 (the op then ra
 FFN's row kernel with 264 programs; b5e0e2a made it 132, from these numbers);
 profile_stages_h200_first.json by the script's first version (uncommitted, on c2ae2f6): the
 HiRE FFN's kernels before any change of this session, and top-k stages whose radix4 rows failed
-to compile.
+to compile. profile_stages_h200_host.json by ``--only hire host`` at 3cb419e (its HiRE part timed
+a one-row kernel that predicted and computed its own neurons, 19 us, since replaced);
+profile_stages_h200_hire_lowrank.json by ``--only hire`` at eb527a6 (the four-launch one-row
+low-rank path the op runs).
 """
 
 from __future__ import annotations
