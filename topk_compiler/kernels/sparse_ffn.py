@@ -198,21 +198,6 @@ def _sparse_ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr, pre
 
 
 @triton.jit
-def _row_block_slots(block, slots_ptr, count, lists, sizes, ends, list_stride, BLOCK_S: tl.constexpr,
-                     LISTS_POW2: tl.constexpr):
-    """The slots of block ``block`` (-1 past ``count``): from one list, or from the list that
-    holds each slot's number (``ends``: the lists' running totals of ``sizes``)."""
-    s = block * BLOCK_S + tl.arange(0, BLOCK_S)
-    if LISTS_POW2 > 0:
-        owner = tl.sum((ends[None, :] <= s[:, None]).to(tl.int32), axis=1)
-        start = tl.sum(tl.where(lists[None, :] == owner[:, None], (ends - sizes)[None, :], 0), axis=1)
-        where = slots_ptr + owner.to(tl.int64) * list_stride + (s - start)
-    else:
-        where = slots_ptr + s
-    return tl.load(where, mask=s < count, other=-1)
-
-
-@triton.jit
 def _sparse_ffn_row_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr, partial_ptr,  # pointers
                            K, N, P, LISTS,                                                  # sizes
                            w1_row_stride, w2t_row_stride, list_stride,                      # strides
@@ -239,16 +224,15 @@ def _sparse_ffn_row_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr,
         ends = tl.cumsum(sizes, axis=0)
         count = tl.sum(sizes, axis=0)
     else:
-        lists = tl.zeros([1], dtype=tl.int32)
-        sizes = lists
-        ends = lists
         count = tl.load(count_ptr)
-    slots = _row_block_slots(pid, slots_ptr, count, lists, sizes, ends, list_stride, BLOCK_S=BLOCK_S,
-                             LISTS_POW2=LISTS_POW2)
     for block in range(pid, tl.cdiv(count, BLOCK_S), P):
-        # The next block's slots are loaded before this block's weights are waited for.
-        upcoming = _row_block_slots(block + P, slots_ptr, count, lists, sizes, ends, list_stride, BLOCK_S=BLOCK_S,
-                                    LISTS_POW2=LISTS_POW2)
+        s = block * BLOCK_S + tl.arange(0, BLOCK_S)
+        if LISTS_POW2 > 0:
+            owner = tl.sum((ends[None, :] <= s[:, None]).to(tl.int32), axis=1)
+            start = tl.sum(tl.where(lists[None, :] == owner[:, None], (ends - sizes)[None, :], 0), axis=1)
+            slots = tl.load(slots_ptr + owner.to(tl.int64) * list_stride + (s - start), mask=s < count, other=-1)
+        else:
+            slots = tl.load(slots_ptr + s, mask=s < count, other=-1)
         valid = slots >= 0
         safe = tl.where(valid, slots, 0).to(tl.int64)
         w1 = tl.load(w1_ptr + safe[:, None] * w1_row_stride + k[None, :], mask=valid[:, None] & in_k[None, :],
@@ -262,7 +246,6 @@ def _sparse_ffn_row_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr,
         # The dense FFN rounds the hidden activations to the weight dtype before the second matmul.
         h = h.to(w2t_ptr.dtype.element_ty).to(tl.float32)
         acc += tl.sum(h[:, None] * w2.to(tl.float32), axis=0)
-        slots = upcoming
     tl.store(partial_ptr + pid.to(tl.int64) * N + n, acc, mask=in_n)
 
 
@@ -300,23 +283,21 @@ def _predict_neurons_kernel(xa_partial_ptr, b_ptr, b1_ptr, lists_ptr, counts_ptr
     pid = tl.program_id(0)
     j = pid + tl.arange(0, BLOCK_J) * P
     in_j = j < D_FF
-    # Loads that do not wait on x A (the bias, B) are issued before it is reduced.
-    if HAS_BIAS:
-        score = tl.load(b1_ptr + j, mask=in_j, other=0.0).to(tl.float32)
-    else:
-        score = tl.zeros([BLOCK_J], dtype=tl.float32)
+    score = tl.zeros([BLOCK_J], dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         in_r = r < R
-        b = tl.load(b_ptr + j.to(tl.int64)[:, None] * b_row_stride + r[None, :], mask=in_j[:, None] & in_r[None, :],
-                    other=0.0)
         xa = tl.zeros([BLOCK_R], dtype=tl.float32)
         for g0 in range(0, G, BLOCK_G):
             g = g0 + tl.arange(0, BLOCK_G)
             xa += tl.sum(tl.load(xa_partial_ptr + g[:, None] * R_POW2 + r[None, :],
                                  mask=(g < G)[:, None] & in_r[None, :], other=0.0), axis=0)
         xa = xa.to(b_ptr.dtype.element_ty).to(tl.float32)
+        b = tl.load(b_ptr + j.to(tl.int64)[:, None] * b_row_stride + r[None, :], mask=in_j[:, None] & in_r[None, :],
+                    other=0.0)
         score += tl.sum(b.to(tl.float32) * xa[None, :], axis=1)
+    if HAS_BIAS:
+        score += tl.load(b1_ptr + j, mask=in_j, other=0.0).to(tl.float32)
     score = score.to(b_ptr.dtype.element_ty).to(tl.float32)
     chosen = (score > threshold) & in_j
     position = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
