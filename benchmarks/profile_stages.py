@@ -36,7 +36,8 @@ HiRE FFN's kernels before any change of this session, and top-k stages whose rad
 to compile. profile_stages_h200_host.json by ``--only hire host`` at 3cb419e (its HiRE part timed
 a one-row kernel that predicted and computed its own neurons, 19 us, since replaced);
 profile_stages_h200_hire_lowrank.json by ``--only hire`` at eb527a6 (the four-launch one-row
-low-rank path the op runs).
+low-rank path the op runs, with a slot prefetch and a load order since reverted: they measured
+no faster).
 """
 
 from __future__ import annotations
