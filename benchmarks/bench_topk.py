@@ -15,6 +15,11 @@ time: where a kernel is shorter than the op's dispatch, the eager time is the di
     PYTHONPATH=. python -m benchmarks.bench_topk --peer .peer         # ... and the peer
     PYTHONPATH=. python -m benchmarks.bench_topk --smoke              # tiny shapes, runs on a CPU
 
+The peer's checkout: its package and license, unpacked into the ignored ``.peer/`` (e.g. ``git
+archive HEAD approx_topk LICENSE | tar -x -C .peer`` in a clone of
+graphcore-research/pytorch-approx-topk) and carried to the GPU; ``benchmarks/peer_approx_topk.py``
+builds its extension there (nvcc) while the other providers are measured.
+
 Writes bench_topk.json (every number, with device, versions, date and command line) and, through
 report_topk, bench_topk.md and bench_topk.png into --out; prints a short table last.
 """
@@ -353,12 +358,8 @@ def start_peer_build(checkout: Path | None, device: torch.device):
     if device.type != "cuda":
         return "the peer is a CUDA extension: no CUDA device here"
     try:
-        adapter = importlib.import_module("benchmarks.peer_approx_topk")
-    except ImportError as error:
-        return f"benchmarks/peer_approx_topk.py (kept out of git) is not in this tree: {_error(error)}"
-    try:
-        return adapter.BackgroundBuild(checkout)
-    except Exception as error:
+        return importlib.import_module("benchmarks.peer_approx_topk").BackgroundBuild(checkout)
+    except Exception as error:  # not a checkout, or the build could not start
         return _error(error)
 
 
