@@ -89,7 +89,7 @@ def variants(rows, n, k, dtype, quick=False):
         return _base_variant(kernel, **{"sort_warps": sort_warps, "sort_with": sort, **kw})
 
     out = [_base("torch"), _base("torch", sorted=False, base=False)]
-    finishes = list(plan._finishes(k, True))
+    finishes = list(plan._finishes(rows, k, True))
     fused = [(b, kb) for b, kb, _ in plan.bucketings(n, k, TARGET, "interleaved")
              if b * next_pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[elem]]
     fused = fused[max(0, len(fused) // 2 - 1): len(fused) // 2 + 2]

@@ -142,6 +142,9 @@ def families() -> dict:
         "fused, k=64, bitonic, one warp": (lambda: fused_bucketed_topk(
             torch.empty(2, 8192, dtype=torch.float16), 64, num_buckets=256, per_bucket_k=1, largest=True,
             sorted=True, select="bitonic", num_warps=1), True),
+        "fused fp32, k=1434 of 14336, rank sort": (lambda: fused_bucketed_topk(
+            torch.empty(2, 14336), 1434, num_buckets=2048, per_bucket_k=2, largest=True, sorted=True,
+            sort_with="rank", num_warps=8), True),
         "split, radix, sort launch": (lambda: split_bucketed_topk(
             torch.empty(2, 65536), 256, num_buckets=1024, per_bucket_k=2, segments=8, largest=False, sorted=True,
             select="radix", sort_with="launch"), False),

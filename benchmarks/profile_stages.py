@@ -13,7 +13,7 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
 * ``sorted:<select>:<sort_with>``: the fused kernel as the op runs it.
 * ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
   stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
-  ``torch_sort``: ``torch.sort`` of them.
+  ``rank_sort``: ``rank_sort`` of them (many programs per row); ``torch_sort``: ``torch.sort``.
 
 HiRE FFN (bf16, d=4096, d_ff=16384, 10% active, batch 1, calibrated as in bench_hire.py): device
 time of each kernel the op launches (torch.profiler), the op's CUDA-graph replay, and dense; then
@@ -58,7 +58,8 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, fused_bucketed_topk, stage1_meta
-from topk_compiler.kernels.select_topk import compact_positions, kth_key_bisect, kth_key_radix, sort_selected
+from topk_compiler.kernels.select_topk import (compact_positions, kth_key_bisect, kth_key_radix, rank_sort,
+                                                sort_selected)
 from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, sparse_ffn
 from topk_compiler.lowering.hire_cost_model import expected_union
 from topk_compiler.lowering.hire_predictor import predictor_for, transposed_copy
@@ -195,6 +196,7 @@ def sorts(rows, n, k, dtype, record):
         record(f"sort_launch:{warps}", 0, 0, lambda w=warps: sort_selected(values, indices, order, num_warps=w))
         record(f"register_sort:{warps}", 0, 0,
                lambda w=warps: _register_sort_kernel[(rows,)](entries, dst, K_POW2=k_pow2, num_warps=w))
+    record("rank_sort", 0, 0, lambda: rank_sort(values, indices, order))
     record("torch_sort", 0, 0, lambda: torch.sort(order, dim=1, descending=True))
 
 

@@ -22,7 +22,7 @@ def test_filtered_equals_torch_topk(rows, n, k, b, kb, dtype):
 
 
 @pytest.mark.parametrize("select,sort_with,sorted_", [("bisect", "launch", True), ("radix", "program", True),
-                                                      ("bisect", "program", False)])
+                                                      ("bisect", "program", False), ("bisect", "rank", True)])
 def test_filtered_finishes_and_smallest(select, sort_with, sorted_):
     x = torch.randn(2, 1500).to(KERNEL_DEVICE)
     values, indices = filtered_topk(x, 70, num_buckets=64, per_bucket_k=2, largest=False, sorted=sorted_,

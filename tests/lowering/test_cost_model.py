@@ -87,3 +87,28 @@ def test_shortlist_times_both_warp_counts_of_a_fused_bucketing(monkeypatch):
     best = approx[0]
     assert best.kernel == "fused" and best.num_warps == plan.fused_warps(16384, best.num_buckets, best.num_buckets * next_pow2(best.per_bucket_k), 132)
     assert fused[(best.num_buckets, best.per_bucket_k)] == {best.num_warps, plan.warps_for(best.num_buckets, best.num_buckets * next_pow2(best.per_bucket_k))}
+
+
+def test_rank_sort_is_timed_for_few_rows_of_large_k_only(monkeypatch):
+    """Priced with a borrowed term, the rank sort is always among the plans the first call times
+    where it may pay (few rows, large k), and never offered elsewhere."""
+    from topk_compiler.kernels import select_topk
+
+    assert cost_model.RANK_BLOCK_I == select_topk.RANK_BLOCK_I
+    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
+    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
+    plan.shortlist.cache_clear()
+    try:
+        few_rows = plan.shortlist(16, 14336, 1434, torch.float32, "cuda", 0.95)
+        many_rows = plan.shortlist(1024, 32768, 2048, torch.bfloat16, "cuda", 0.95)
+        small_k = plan.shortlist(16, 14336, 64, torch.float32, "cuda", 0.95)
+    finally:
+        plan.shortlist.cache_clear()
+    for plans in few_rows:
+        assert sum(p.sort_with == "rank" for p in plans) >= 1
+        assert len([p for p in plans if p.sort_with != "rank" and p.kernel != "torch"]) <= plan.SHORTLIST
+    assert not any(p.sort_with == "rank" for plans in many_rows + small_k for p in plans)
+    t = cost_model.rank_sort_time(16, 1434, H100)
+    assert cost_model.rank_sort_time(32, 1434, H100) > t > cost_model.rank_sort_time(16, 700, H100)
+    k = sympy.Symbol("k", positive=True, integer=True)
+    assert float(cost_model.rank_sort_time(16, k, H100).subs(k, 1434)) == pytest.approx(t, rel=1e-9)

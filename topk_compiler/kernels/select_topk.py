@@ -13,8 +13,10 @@ After ``bisect``/``radix`` the keys above the threshold, and as many ties as nee
 compacted in candidate order with a single prefix sum (above and tied counts packed in one
 int32) and written unsorted. With sorted output, a packed (key, output position) per selected
 element is written beside them and sorted, and the values and indices are permuted by it:
-in the same program (``sort_with="program"``) or by ``sort_selected``, a separate launch of few
-warps per row (``"launch"``). (torch.argsort of the entries plus two gathers was measured too and
+in the same program (``sort_with="program"``), by ``sort_selected``, a separate launch of few
+warps per row (``"launch"``), or by ``rank_sort`` (``"rank"``): each entry's place is the number of
+the row's entries above it, counted by many programs per row, for few rows whose sort would
+otherwise run on few SMs (it compares every pair: rows * k**2 work). (torch.argsort of the entries plus two gathers was measured too and
 never won: benchmarks/results/calibration_h100_sweep2.json, e.g. +120 us at 1024 x 2048.)
 
 Values are rebuilt from their keys, bit for bit, instead of gathered from the input again: a
@@ -29,11 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from topk_compiler.kernels import next_pow2
+from topk_compiler.kernels import cdiv, next_pow2
 from topk_compiler.kernels.order_key import nan_key, order_key, value_of_key
 
 SELECT_METHODS = {"bitonic": 0, "bisect": 1, "radix": 2}
-SORT_WITH = ("program", "launch")
+SORT_WITH = ("program", "launch", "rank")
+# The rank sort's tile: each program ranks RANK_BLOCK_I entries against RANK_BLOCK_J others a step.
+RANK_BLOCK_I = 64
+RANK_BLOCK_J = 256
 
 
 @triton.jit
@@ -298,6 +303,42 @@ def _sort_selected_kernel(values_ptr, indices_ptr, order_ptr,      # pointers
                 order_ptr + row * out_row_stride, k, K_POW2, ORDER32)
 
 
+@triton.jit
+def _rank_sort_kernel(values_ptr, indices_ptr, order_ptr, sorted_values_ptr, sorted_indices_ptr,  # pointers
+                      k,                                                                        # sizes
+                      row_stride,                                                               # strides
+                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Program (row, c) moves the row's entries c * BLOCK_I ... to their ranks: the number of the
+    row's entries above each. Entries are distinct (each holds its position), so the ranks are a
+    permutation and no two programs write one place."""
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    in_i = i < k
+    base = row * row_stride
+    mine = tl.load(order_ptr + base + i, mask=in_i)
+    rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    for j0 in range(0, k, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        in_j = j < k
+        theirs = tl.load(order_ptr + base + j, mask=in_j)
+        rank += tl.sum(((theirs[None, :] > mine[:, None]) & in_j[None, :]).to(tl.int32), axis=1)
+    tl.store(sorted_values_ptr + base + rank, tl.load(values_ptr + base + i, mask=in_i), mask=in_i)
+    tl.store(sorted_indices_ptr + base + rank, tl.load(indices_ptr + base + i, mask=in_i), mask=in_i)
+
+
+def rank_sort(values: torch.Tensor, indices: torch.Tensor, order: torch.Tensor, *, num_warps: int = 4):
+    """(values, indices) of each row in the order of its entries, descending (``select_and_store``
+    with SORTED and not SORT_HERE), into new tensors."""
+    rows, k = values.shape
+    assert values.stride() == indices.stride() == order.stride() == (k, 1), "rank_sort: contiguous [rows, k] rows"
+    sorted_values, sorted_indices = torch.empty_like(values), torch.empty_like(indices)
+    if rows and k:
+        _rank_sort_kernel[(rows, cdiv(k, RANK_BLOCK_I))](values, indices, order, sorted_values, sorted_indices, k,
+                                                        values.stride(0), BLOCK_I=RANK_BLOCK_I,
+                                                        BLOCK_J=RANK_BLOCK_J, num_warps=num_warps)
+    return sorted_values, sorted_indices
+
+
 def order32(key_bits: int, k: int) -> bool:
     """Order entries fit an int32: 16-bit keys and positions below 2**16."""
     return key_bits == 16 and k <= 2**16
@@ -336,9 +377,12 @@ def select_meta(k: int, key_bits: int, n: int, *, sorted: bool, select: str, sor
 
 
 def finish_sort(values, indices, order, *, sorted: bool, select: str, sort_with: str, sort_warps: int):
-    """Runs ``sort_selected`` where the selecting program left the sort to a separate launch."""
+    """Runs ``sort_selected`` or ``rank_sort`` where the selecting program left the sort to a
+    separate launch."""
     if sorted and select != "bitonic" and sort_with == "launch":
         sort_selected(values, indices, order, num_warps=sort_warps)
+    elif sorted and select != "bitonic" and sort_with == "rank":
+        return rank_sort(values, indices, order)
     return values, indices
 
 

@@ -47,6 +47,10 @@ def _next_pow2(x):
     return sympy.Integer(2) ** sympy.ceiling(sympy.log(x, 2)) if _is_symbolic(x) else 1 << max(0, (x - 1).bit_length())
 
 
+def _cdiv(a, b):
+    return sympy.ceiling(sympy.Integer(1) * a / b) if _is_symbolic(a, b) else -(-a // b)
+
+
 def _max(a, b):
     return sympy.Max(a, b) if _is_symbolic(a, b) else max(a, b)
 
@@ -188,12 +192,26 @@ def sort_time(rows, k, p: DeviceProfile):
                                                     + 2 * p.weight("sync"))
 
 
+# Entries each program of ``select_topk.rank_sort`` ranks (kernels/select_topk.py RANK_BLOCK_I).
+RANK_BLOCK_I = 64
+
+
+def rank_sort_time(rows, k, p: DeviceProfile):
+    """``select_topk.rank_sort``: RANK_BLOCK_I entries a program, each compared with the row's k.
+    A compare-and-count per pair is priced as bisect's per candidate, the nearest fitted term
+    (not yet calibrated on this kernel)."""
+    programs = rows * _cdiv(k, RANK_BLOCK_I)
+    return p.weight("launch") + _waves(programs, p) * (RANK_BLOCK_I * k * p.weight("bisect") + 2 * p.weight("sync"))
+
+
 def _finish(rows, k, sorted_, select, sort_with, p: DeviceProfile):
     """(time inside the selecting program, time of the sort after it)."""
     if not sorted_ or select == "bitonic":
         return 0, 0
     if sort_with == "program":
         return _sort_here(k, p), 0
+    if sort_with == "rank":
+        return 0, rank_sort_time(rows, k, p)
     return 0, sort_time(rows, k, p)
 
 

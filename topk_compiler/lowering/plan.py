@@ -50,7 +50,13 @@ MAX_BITONIC_K = 256
 FILTER_RECALL = 0.8
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SELECTS = ("bisect", "radix", "bitonic")
-SORT_WITH = ("program", "launch")
+SORT_WITH = ("program", "launch", "rank")
+# The rank sort compares every pair of a row's k selected: worth trying for large k (sorts that
+# take one program per row long) of few rows (rows * k**2 pairs at most), whose one program per
+# row leaves most SMs idle: 16 x 14336 fp32 k=1434 took 28 us in the separate sort launch
+# (benchmarks/results/profile_stages_h200.json).
+RANK_SORT_MIN_K = 512
+RANK_SORT_MAX_PAIRS = 2**26
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,8 @@ class TopkPlan:
         select: how the k-th largest key is found: "bisect" (one count per key bit), "radix" (one
             histogram per 8-bit digit) or "bitonic" (a top-k network that also sorts).
         sort_with: with sorted output, where the k selected are sorted: "program" (in the
-            selecting program) or "launch" (a separate launch of ``sort_warps`` warps per row).
+            selecting program), "launch" (a separate launch of ``sort_warps`` warps per row) or
+            "rank" (a separate launch placing each entry at its rank, many programs per row).
         num_warps: warps per program of the main kernel.
         sort_warps: warps per program of the separate sort launch.
         expected_recall: the recall model's value for this plan (1.0 for exact).
@@ -155,14 +162,15 @@ def _us(seconds) -> float:
     return float(seconds) * 1e6
 
 
-def _finishes(k: int, sorted_: bool):
-    """(select, sort_with) pairs to consider for k selected."""
+def _finishes(rows: int, k: int, sorted_: bool):
+    """(select, sort_with) pairs to consider for k selected of each of ``rows`` rows."""
     selects = [s for s in SELECTS if s != "bitonic" or next_pow2(k) <= MAX_BITONIC_K]
     for select in selects:
         if not sorted_ or select == "bitonic":
             yield select, "program"
         else:
-            yield from ((select, where) for where in SORT_WITH)
+            yield from ((select, where) for where in SORT_WITH
+                        if where != "rank" or RANK_SORT_MIN_K <= k and rows * k * k <= RANK_SORT_MAX_PAIRS)
 
 
 def kernel_options(rows, n, k, b, kb, elem, sorted_, profile, layout):
@@ -175,7 +183,7 @@ def kernel_options(rows, n, k, b, kb, elem, sorted_, profile, layout):
         return
     ns = b * next_pow2(kb)
     fused_choices = dict.fromkeys((fused_warps(rows, b, ns, profile.processors), warps_for(b, ns)))
-    for select, sort_with in _finishes(k, sorted_):
+    for select, sort_with in _finishes(rows, k, sorted_):
         if ns <= MAX_REGISTER_SURVIVORS[elem] and (select != "bitonic" or n <= 2**16):
             t = cost_model.fused_time(rows, n, k, b, kb, elem, sorted_, select, sort_with, profile)
             for warps in fused_choices:
@@ -209,13 +217,13 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
     if not triton_ok:
         return plans
     n_pow2 = next_pow2(n)
-    for select, sort_with in _finishes(k, sorted_):
+    for select, sort_with in _finishes(rows, k, sorted_):
         if n_pow2 <= MAX_REGISTER_SURVIVORS[elem] and (select != "bitonic" or n <= 2**16):
             t = _us(cost_model.select_time(rows, n, k, elem, sorted_, select, sort_with, profile))
             plans.append(TopkPlan("exact", "select", select=select, sort_with=sort_with, num_warps=warps_for(n_pow2 // 8, n_pow2),
                                   sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us, reason="exact Triton selection"))
     for b, kb in filtered_bucketings(n, k, elem):
-        for select, sort_with in _finishes(k, sorted_):
+        for select, sort_with in _finishes(rows, k, sorted_):
             if select == "bitonic":
                 continue
             t = _us(cost_model.filtered_time(rows, n, k, b, kb, elem, sorted_, select, sort_with, profile))
@@ -310,10 +318,19 @@ def shortlist(
         return (), (trivial,)
     forced = (num_buckets, per_bucket_k) if num_buckets is not None else None
     approx, exact = _ranked(rows, n, k, dtype, device, recall_target, layout, sorted, forced)
-    chosen_exact = _distinct(exact)
+    chosen_exact = _with_rank_sort(_distinct(exact), exact)
     if not any(p.kernel == "torch" for p in chosen_exact):
         chosen_exact.append(next(p for p in exact if p.kernel == "torch"))
-    return tuple(_distinct(approx)), tuple(chosen_exact)
+    return tuple(_with_rank_sort(_distinct(approx), approx)), tuple(chosen_exact)
+
+
+def _with_rank_sort(chosen: list[TopkPlan], plans: list[TopkPlan]) -> list[TopkPlan]:
+    """``chosen`` and, if none of them sorts by rank, the cheapest of ``plans`` that does: its
+    price is borrowed from another kernel's term, so the first call's timing, not the model,
+    decides whether it wins."""
+    if any(p.sort_with == "rank" for p in chosen):
+        return chosen
+    return chosen + [p for p in plans if p.sort_with == "rank"][:1]
 
 
 def _distinct(plans: list[TopkPlan]) -> list[TopkPlan]:
