@@ -246,11 +246,16 @@ def _error(error: BaseException) -> str:
 
 def plan_record(shape: Shape, provider: str, x: torch.Tensor) -> dict:
     """The plan approx_topk ran for this call: the one measured fastest at its first call on the
-    GPU (the cost model's own choice under "model"), or the cost model's where nothing is timed."""
+    GPU (the cost model's own choice under "model"), or the cost model's where nothing is timed;
+    under "graph", the one its CUDA-graph replays ran where that differs."""
     target = 1.0 if provider == "exact" else float(provider.removeprefix("approx@"))
     model = _plan(shape, target, str(x.device))
     ran = lookup_tuned(shape.rows, shape.n, shape.k, x.dtype, str(x.device), True, True, target)
-    return {**dataclasses.asdict(ran or model), "model": dataclasses.asdict(model)}
+    replayed = lookup_tuned(shape.rows, shape.n, shape.k, x.dtype, str(x.device), True, True, target, captured=True)
+    record = {**dataclasses.asdict(ran or model), "model": dataclasses.asdict(model)}
+    if replayed is not None and replayed != ran:
+        record["graph"] = dataclasses.asdict(replayed)
+    return record
 
 
 def bench_provider(provider: str, x: torch.Tensor, shape: Shape, graphs: bool) -> dict:

@@ -266,3 +266,32 @@ def test_first_call_on_the_gpu_records_the_plan_it_runs():
     x = torch.randn(64, 16384, device="cuda")
     approx_topk(x, 16, recall_target=0.95)
     assert lookup_tuned(64, 16384, 16, x.dtype, str(x.device), True, True, 0.95) is not None
+
+
+def test_a_latency_bound_shape_keeps_a_plan_for_eager_calls_and_one_for_graphs(monkeypatch):
+    """Timed at the first call both ways: our kernel wins replayed, torch.topk eagerly (our op's
+    dispatch); calls outside a graph get torch.topk, captured calls our kernel."""
+    from topk_compiler.lowering import bucketed_topk as op_module
+    from topk_compiler.lowering.plan import TopkPlan
+
+    fused = TopkPlan("bucketed", "fused", 256, 1, predicted_us=10.0)
+    torch_topk = TopkPlan("exact", "torch", predicted_us=20.0)
+    times = {"graph": {"fused": 6.0, "torch": 18.0}, "eager": {"fused": 39.0, "torch": 18.6}}
+    monkeypatch.setattr(op_module, "shortlist", lambda *args: ((fused,), (torch_topk,)))
+    monkeypatch.setattr(op_module, "_run", lambda x2d, k, largest, sorted, plan, layout, seed: plan)
+    monkeypatch.setattr(op_module.device_timing, "gpu_time_us", lambda fn, cold: times["graph"][fn().kernel])
+    monkeypatch.setattr(op_module.device_timing, "eager_time_us", lambda fn: times["eager"][fn().kernel])
+    monkeypatch.setattr(op_module, "_TUNED", {})
+    x = torch.randn(1, 1024)
+    args = (x, 16, True, True, fused, 0.95, 0, 0, "interleaved", 0, "auto")
+    monkeypatch.setattr(op_module.device_timing, "can_time", lambda: True)
+    assert op_module.tuned_plan(*args).kernel == "torch"
+    monkeypatch.setattr(op_module.device_timing, "can_time", lambda: False)  # captured
+    assert op_module.tuned_plan(*args).kernel == "fused"
+    assert op_module.lookup_tuned(1, 1024, 16, x.dtype, str(x.device), True, True, 0.95).kernel == "torch"
+    assert op_module.lookup_tuned(1, 1024, 16, x.dtype, str(x.device), True, True, 0.95, captured=True).kernel == "fused"
+    # A large input is timed replayed with L2 flushed only, and both kinds of call run its winner.
+    monkeypatch.setattr(op_module.device_timing, "eager_time_us", lambda fn: pytest.fail("timed eagerly"))
+    monkeypatch.setattr(op_module.device_timing, "can_time", lambda: True)
+    big = torch.empty(1024, 1024)
+    assert op_module.tuned_plan(big, *args[1:]).kernel == "fused"

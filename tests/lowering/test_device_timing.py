@@ -6,37 +6,57 @@ from topk_compiler.lowering import device_timing
 
 @pytest.fixture
 def fake_clock(monkeypatch):
-    """gpu_time_us reads the time each form reports; counts how often a form is timed."""
+    """Each form reports (replayed us, eager us); counts how often a form is timed each way."""
     timed = []
 
     def gpu_time_us(fn, cold):
         assert not cold  # HiRE is timed as it runs in a decode loop: replayed back to back
-        timed.append(fn)
-        return fn()
+        timed.append(("graph", fn))
+        return fn()[0]
+
+    def eager_time_us(fn):
+        timed.append(("eager", fn))
+        return fn()[1]
 
     monkeypatch.setattr(device_timing, "gpu_time_us", gpu_time_us)
+    monkeypatch.setattr(device_timing, "eager_time_us", eager_time_us)
     monkeypatch.setattr(device_timing, "_DENSE_VS_HIRE", {})
     return timed
 
 
 def test_hire_must_be_measured_faster_by_the_margin(fake_clock, monkeypatch):
     monkeypatch.setattr(device_timing, "can_time", lambda: True)
-    assert device_timing.dense_wins(("a",), False, lambda: 100.0, lambda: 90.0, 1.2, measure=True)  # 1.11x is not enough
-    assert not device_timing.dense_wins(("b",), True, lambda: 100.0, lambda: 50.0, 1.2, measure=True)  # measured beats model
-    assert device_timing._DENSE_VS_HIRE[("b",)] == (100.0, 50.0)
+    same = (lambda: (100.0, 100.0), lambda: (90.0, 90.0))
+    assert device_timing.dense_wins(("a",), False, *same, 1.2, measure=True)  # 1.11x is not enough
+    faster = (lambda: (100.0, 100.0), lambda: (50.0, 50.0))
+    assert not device_timing.dense_wins(("b",), True, *faster, 1.2, measure=True)  # measured beats model
+    assert device_timing._DENSE_VS_HIRE[("b",)] == (100.0, 50.0, 100.0, 50.0)
 
 
 def test_a_shape_is_timed_once(fake_clock, monkeypatch):
     monkeypatch.setattr(device_timing, "can_time", lambda: True)
     for _ in range(3):
-        assert not device_timing.dense_wins(("c",), True, lambda: 100.0, lambda: 10.0, 1.2, measure=True)
-    assert len(fake_clock) == 2
+        assert not device_timing.dense_wins(("c",), True, lambda: (100.0, 100.0), lambda: (10.0, 10.0), 1.2,
+                                            measure=True)
+    assert sorted(way for way, _ in fake_clock) == ["eager", "eager", "graph", "graph"]
+
+
+def test_calls_outside_a_graph_follow_the_eager_times(fake_clock, monkeypatch):
+    """HiRE 3x faster replayed but slower eagerly (its launches' dispatch): dense outside a graph,
+    HiRE in one, from the same first call's timings."""
+    dense, hire = (lambda: (84.0, 85.0)), (lambda: (29.0, 266.0))
+    monkeypatch.setattr(device_timing, "can_time", lambda: True)
+    assert device_timing.dense_wins(("e",), False, dense, hire, 1.2, measure=True)
+    monkeypatch.setattr(device_timing, "can_time", lambda: False)  # a graph is being captured
+    assert not device_timing.dense_wins(("e",), True, dense, hire, 1.2, measure=True)
+    assert len(fake_clock) == 4
 
 
 def test_while_capturing_the_cost_model_decides_and_nothing_is_cached(fake_clock, monkeypatch):
     monkeypatch.setattr(device_timing, "can_time", lambda: False)
-    assert device_timing.dense_wins(("d",), True, lambda: 100.0, lambda: 10.0, 1.2, measure=True)
-    assert not device_timing.dense_wins(("d",), False, lambda: 100.0, lambda: 1000.0, 1.2, measure=True)
+    assert device_timing.dense_wins(("d",), True, lambda: (100.0,) * 2, lambda: (10.0,) * 2, 1.2, measure=True)
+    assert not device_timing.dense_wins(("d",), False, lambda: (100.0,) * 2, lambda: (1000.0,) * 2, 1.2,
+                                        measure=True)
     assert fake_clock == [] and ("d",) not in device_timing._DENSE_VS_HIRE
 
 
@@ -65,6 +85,18 @@ def test_cold_timing_reads_memory_not_l2():
     x = torch.randn(4 * 2**20, device="cuda")
     assert holds_once(lambda: device_timing.gpu_time_us(lambda: x.sum(), cold=True)
                       > 1.2 * device_timing.gpu_time_us(lambda: x.sum(), cold=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times CUDA calls")
+def test_eager_time_includes_the_host_dispatch():
+    """The same short kernel behind slow host code: eagerly the Python is in the time."""
+    x = torch.randn(2**20, device="cuda")
+
+    def slow_host():
+        sum(range(100_000))  # a few milliseconds of Python
+        return x.sum()
+
+    assert device_timing.eager_time_us(slow_host) > 1000
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times CUDA graph replays")

@@ -4,7 +4,8 @@ The op picks its plan (``lowering/plan.py``) from the concrete sizes on every ca
 compiled with dynamic shapes serves every length with the right algorithm. On the GPU the cost
 model only shortlists: the first call of a shape times the shortlisted plans on its input and keeps
 the fastest (``tuned_plan``), so a prediction the model gets wrong costs one first call, never a
-slower model. Later calls, and calls under CUDA graph capture, only look the plan up.
+slower model; a latency-bound shape keeps one plan for calls outside a CUDA graph and one for calls
+captured in one (``device_timing``). Later calls, and calls under capture, only look the plan up.
 
 Implementations: Triton kernels on CUDA for fp32/fp16/bf16; plain torch ops elsewhere
 (``bucketed_reference.py``, or torch.topk itself when exact is chosen or the dtype is not a
@@ -15,6 +16,7 @@ to the selected positions, as torch.topk's does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -81,11 +83,23 @@ def _run(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan,
 
 
 # Inputs below this many elements are latency-bound: their plans are timed as back-to-back
-# replays of a CUDA graph (``device_timing``), larger ones as replays with L2 evicted before each.
+# replays of a CUDA graph (``device_timing``) and eagerly, larger ones as replays with L2 evicted
+# before each (eagerly their device work outlasts the dispatch: the same plan wins).
 LATENCY_BOUND_ELEMENTS = 2**20
+
+
+@dataclass(frozen=True)
+class MeasuredPlans:
+    """The plans measured fastest for one shape: for calls made outside a CUDA graph, and for
+    calls captured in one."""
+
+    eager: TopkPlan
+    graph: TopkPlan
+
+
 # (device, rows, n, k, dtype, largest, sorted, recall target, layout, num_buckets, per_bucket_k,
-# rewrite) -> the plan measured fastest.
-_TUNED: dict[tuple, TopkPlan] = {}
+# rewrite) -> the plans measured fastest.
+_TUNED: dict[tuple, MeasuredPlans] = {}
 
 
 def pick_measured(approx: list[TopkPlan], exact: list[TopkPlan], time_us, *, exact_only: bool,
@@ -121,38 +135,57 @@ def _with_reason(plan: TopkPlan, reason: str) -> TopkPlan:
 
 def tuned_plan(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, model_plan: TopkPlan, recall_target: float,
                num_buckets: int, per_bucket_k: int, layout: str, seed: int, rewrite: str) -> TopkPlan:
-    """The plan measured fastest for this shape on its device, timed at its first call (cached);
-    the cost model's ``model_plan`` while a CUDA graph is being captured (nothing can be timed)."""
+    """The plan measured fastest for this shape on its device, timed at its first call (cached),
+    for calls outside a CUDA graph or captured in one; while a graph is being captured before any
+    call was timed, the cost model's ``model_plan``."""
     rows, n = x2d.shape
     key = (str(x2d.device), rows, n, k, x2d.dtype, largest, sorted, recall_target, layout, num_buckets,
            per_bucket_k, rewrite)
-    if key in _TUNED:
-        return _TUNED[key]
-    if not device_timing.can_time():
-        return model_plan
+    capturing = not device_timing.can_time()
+    if key not in _TUNED:
+        if capturing:
+            return model_plan
+        _TUNED[key] = _measure_plans(x2d, k, largest, sorted, recall_target, num_buckets, per_bucket_k, layout, seed,
+                                     rewrite)
+    return _TUNED[key].graph if capturing else _TUNED[key].eager
+
+
+def _measure_plans(x2d, k, largest, sorted, recall_target, num_buckets, per_bucket_k, layout, seed,
+                   rewrite) -> MeasuredPlans:
+    rows, n = x2d.shape
     approx, exact = shortlist(rows, n, k, x2d.dtype, str(x2d.device), recall_target, layout, sorted,
                               num_buckets or None, per_bucket_k or None)
+    latency_bound = x2d.numel() < LATENCY_BOUND_ELEMENTS
 
-    def time_plan(plan):
-        try:
-            return device_timing.gpu_time_us(lambda: _run(x2d, k, largest, sorted, plan, layout, seed),
-                                             cold=x2d.numel() >= LATENCY_BOUND_ELEMENTS)
-        except Exception:  # e.g. a launch the device cannot fit: that plan is out of the race
-            return None
+    def timer(measure):
+        def time_plan(plan):
+            try:
+                return measure(lambda: _run(x2d, k, largest, sorted, plan, layout, seed))
+            except Exception:  # e.g. a launch the device cannot fit: that plan is out of the race
+                return None
+        return time_plan
 
     forced = bool(num_buckets)
     exact_only = recall_target >= 1.0 and not forced
-    _TUNED[key] = pick_measured(list(approx), list(exact), time_plan, exact_only=exact_only,
-                                approx_only=(forced or rewrite == "always") and not exact_only)
-    return _TUNED[key]
+    race = dict(exact_only=exact_only, approx_only=(forced or rewrite == "always") and not exact_only)
+    graph = pick_measured(list(approx), list(exact),
+                          timer(lambda fn: device_timing.gpu_time_us(fn, cold=not latency_bound)), **race)
+    if not latency_bound:
+        return MeasuredPlans(eager=graph, graph=graph)
+    eager = pick_measured(list(approx), list(exact), timer(device_timing.eager_time_us), **race)
+    return MeasuredPlans(eager=eager, graph=graph)
 
 
 def lookup_tuned(rows: int, n: int, k: int, dtype: torch.dtype, device: str, largest: bool, sorted: bool,
                  recall_target: float, layout: str = "interleaved", num_buckets: int = 0, per_bucket_k: int = 0,
-                 rewrite: str = "auto") -> TopkPlan | None:
-    """The plan ``tuned_plan`` measured for these arguments, if their shape has run on ``device``."""
-    return _TUNED.get((device, rows, n, k, dtype, largest, sorted, recall_target, layout, num_buckets,
-                       per_bucket_k, rewrite))
+                 rewrite: str = "auto", captured: bool = False) -> TopkPlan | None:
+    """The plan ``tuned_plan`` measured for these arguments, for calls outside a CUDA graph (or
+    with ``captured``, in one), if their shape has run on ``device``."""
+    plans = _TUNED.get((device, rows, n, k, dtype, largest, sorted, recall_target, layout, num_buckets,
+                        per_bucket_k, rewrite))
+    if plans is None:
+        return None
+    return plans.graph if captured else plans.eager
 
 
 @torch.library.custom_op("topk_compiler::bucketed_topk", mutates_args=())

@@ -15,6 +15,11 @@ regimes (H200 runs of benchmarks/bench_topk.py, 2026-12-01, results in benchmark
   instead, a call whose device work is shorter than its dispatch (about 60-80 us for our op) is
   measured as its dispatch, and every plan ties: on an H200 that kept 256 x 128256 fp32 k=50 at
   82 us eagerly where its kernel takes 54 us (benchmarks/results/profile_stages_h200.json).
+
+A choice timed as replays holds for calls captured in a CUDA graph. A latency-bound call made
+outside one pays the host's dispatch as well, which can reverse the choice (1 x 1024 fp32 k=16:
+our plan 6.3 us replayed and 39 us eagerly, torch.topk 18 us and 18.6 us), so those shapes are
+also timed eagerly (``eager_time_us``) and calls outside a graph follow that choice.
 """
 
 from __future__ import annotations
@@ -63,6 +68,15 @@ def _replayed_us(fn: Callable[[], object], replays: int, cold: bool) -> float:
     return times[len(times) // 2]
 
 
+def eager_time_us(fn: Callable[[], object], replays: int = REPLAYS) -> float:
+    """Microseconds per call of ``fn`` made from Python outside a CUDA graph (its first call,
+    which compiles, untimed): events around each call, after the previous one finished, so the
+    host's dispatch is in the time wherever the device waits on it."""
+    fn()
+    torch.cuda.synchronize()
+    return _eager_us(fn, replays)
+
+
 def _eager_us(fn: Callable[[], object], replays: int) -> float:
     times = []
     for _ in range(replays):
@@ -92,25 +106,32 @@ def gpu_time_us(fn: Callable[[], object], cold: bool, replays: int = REPLAYS) ->
 
 def can_time() -> bool:
     """Nothing can be timed while a CUDA graph is being captured (the ops then keep the cost
-    model's choice)."""
+    model's choice, or the one timed for graphs at an earlier call)."""
     return not torch.cuda.is_current_stream_capturing()
 
 
-# (op, shapes, dtype, parameters) -> (dense us, HiRE us) measured at its first call.
-_DENSE_VS_HIRE: dict[tuple, tuple[float, float]] = {}
+# (op, shapes, dtype, parameters) -> (dense us, HiRE us) as replayed graphs, then called eagerly,
+# measured at its first call.
+_DENSE_VS_HIRE: dict[tuple, tuple[float, float, float, float]] = {}
 
 
 def dense_wins(key: tuple, model_prefers_dense: bool, dense: Callable[[], object], hire: Callable[[], object],
-               min_speedup: float, measure: bool) -> bool:
+               min_speedup: float, measure: bool, captured: bool | None = None) -> bool:
     """Whether a HiRE op runs its dense form: with ``measure`` (its kernels run on the GPU) by the
     times of both forms at ``key``'s first call (HiRE must be ``min_speedup`` faster), else by the
-    cost model's verdict. Both are timed as replayed graphs: HiRE pays where a decode step is
-    dispatch-bound, so under graphs."""
+    cost model's verdict. A decode step is latency-bound: a call captured in a CUDA graph follows
+    the forms' replayed times, any other call their eager times (the host's dispatch included).
+    ``captured``: the choice for calls in a graph (True) or outside one (False) rather than for
+    this call (None)."""
     if not measure:
         return model_prefers_dense
+    capturing = not can_time()
     if key not in _DENSE_VS_HIRE:
-        if not can_time():
+        if capturing:
             return model_prefers_dense
-        _DENSE_VS_HIRE[key] = (gpu_time_us(dense, cold=False), gpu_time_us(hire, cold=False))
-    dense_us, hire_us = _DENSE_VS_HIRE[key]
-    return hire_us * min_speedup > dense_us
+        _DENSE_VS_HIRE[key] = (gpu_time_us(dense, cold=False), gpu_time_us(hire, cold=False),
+                               eager_time_us(dense), eager_time_us(hire))
+    dense_graph, hire_graph, dense_eager, hire_eager = _DENSE_VS_HIRE[key]
+    if capturing if captured is None else captured:
+        return hire_graph * min_speedup > dense_graph
+    return hire_eager * min_speedup > dense_eager

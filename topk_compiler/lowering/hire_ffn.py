@@ -24,7 +24,8 @@ GELU a dropped neuron's small negative output is lost as well.
 
 With ``rewrite="auto"`` the op runs the dense FFN where that is faster for the batch it is given
 (a batch whose rows together need most neurons): on the GPU as measured at the first call of a
-shape (``device_timing.dense_wins``), elsewhere as the HiRE cost model predicts.
+shape (``device_timing.dense_wins``: replayed for calls in a CUDA graph, eagerly for the others,
+whose launches' dispatch HiRE pays four times), elsewhere as the HiRE cost model predicts.
 """
 
 from __future__ import annotations
@@ -126,9 +127,11 @@ def _hire_ffn(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expecte
     return out.reshape(*x.shape[:-1], d_out)
 
 
-def runs_dense(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expected_neurons) -> bool:
+def runs_dense(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expected_neurons,
+               captured: bool | None = None) -> bool:
     """Whether ``hire_ffn`` with ``rewrite="auto"`` runs the dense FFN on ``x``: on the GPU as
-    timed at the shape's first call, elsewhere (and while a graph is captured) as predicted."""
+    timed at the shape's first call (for this call, or with ``captured`` for calls in a CUDA graph
+    or outside one), elsewhere (and while a graph is captured first) as predicted."""
     d_ff, d = w1.shape
     rows = x.numel() // d
     model_prefers_dense = dense_is_cheaper(rows, d, d_ff, w2.shape[0], expected_neurons, predictor, rank, x.dtype,
@@ -138,7 +141,7 @@ def runs_dense(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expect
     return device_timing.dense_wins(
         key, model_prefers_dense, lambda: dense_ffn(x, w1, b1, w2, b2, activation),
         lambda: _hire_ffn(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expected_neurons),
-        hire_cost_model.MIN_SPEEDUP, measure=hire_predictor.uses_kernel(x))
+        hire_cost_model.MIN_SPEEDUP, measure=hire_predictor.uses_kernel(x), captured=captured)
 
 
 @torch.library.custom_op("topk_compiler::hire_ffn", mutates_args=())

@@ -19,7 +19,8 @@ The mass ``rho`` outside the top k' is small exactly when the head is peaked.
 With ``rewrite="auto"`` the op runs the dense form (F.linear, the same scale and normalisation,
 torch.topk) where that is faster for the batch it is given, so a graph compiled for batch 1 stays
 fast at batch 256: on the GPU as measured at the first call of a shape
-(``device_timing.dense_wins``), elsewhere as the HiRE cost model predicts.
+(``device_timing.dense_wins``: replayed for calls in a CUDA graph, eagerly for the others),
+elsewhere as the HiRE cost model predicts.
 """
 
 from __future__ import annotations
@@ -130,9 +131,11 @@ def _hire_logits_topk(x, weight, bias, k, largest, sorted, scale, normalize, out
     return values.reshape(out_shape).contiguous(), indices.reshape(out_shape).contiguous()
 
 
-def runs_dense(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype, predictor, rank, candidates) -> bool:
+def runs_dense(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype, predictor, rank, candidates,
+               captured: bool | None = None) -> bool:
     """Whether ``hire_logits_topk`` with ``rewrite="auto"`` runs the dense form on ``x``: on the
-    GPU as timed at the shape's first call, elsewhere (and while a graph is captured) as predicted."""
+    GPU as timed at the shape's first call (for this call, or with ``captured`` for calls in a
+    CUDA graph or outside one), elsewhere (and while a graph is captured first) as predicted."""
     n, d = weight.shape
     rows = x.numel() // d
     model_prefers_dense = dense_is_cheaper(rows, d, n, k, candidates, predictor, rank, x.dtype, str(x.device),
@@ -144,7 +147,7 @@ def runs_dense(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype,
         lambda: dense_logits_topk(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype),
         lambda: _hire_logits_topk(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype, predictor, rank,
                                   candidates),
-        hire_cost_model.MIN_SPEEDUP, measure=hire_predictor.uses_kernel(x))
+        hire_cost_model.MIN_SPEEDUP, measure=hire_predictor.uses_kernel(x), captured=captured)
 
 
 @torch.library.custom_op("topk_compiler::hire_logits_topk", mutates_args=())
