@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from topk_compiler import approx_topk, expected_recall, guaranteed_recall, measured_recall
+from tests.conftest import KERNEL_DEVICE
 from topk_compiler.lowering.order_keys import order_keys
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -295,3 +296,38 @@ def test_a_latency_bound_shape_keeps_a_plan_for_eager_calls_and_one_for_graphs(m
     monkeypatch.setattr(op_module.device_timing, "can_time", lambda: True)
     big = torch.empty(1024, 1024)
     assert op_module.tuned_plan(big, *args[1:]).kernel == "fused"
+
+
+@settings(max_examples=12)  # every shortlisted kernel runs, in the interpreter without a GPU
+@given(topk_inputs(), st.sampled_from([0.5, 0.9, 0.99, 1.0]), st.sampled_from(["interleaved", "contiguous", "shuffled"]))
+def test_every_plan_a_first_call_may_pick_keeps_the_invariants(inputs, recall_target, layout):
+    """The first call on a GPU times its shortlist and keeps the fastest, so every plan of the
+    shortlist must be right, not only the cost model's pick. Rows as the op hands them to the
+    kernels ([rows, n], at most 3 rows here); exact plans must equal torch.topk."""
+    from unittest import mock
+
+    from topk_compiler.lowering import bucketed_topk as op_module
+    from topk_compiler.lowering import cost_model, plan
+    from tests.lowering.test_cost_model import H100
+
+    x, k, dim, largest, sorted_ = inputs
+    n = x.shape[dim]
+    x2d = x.movedim(dim, -1).reshape(-1, n)[:3].contiguous()
+    if x.dtype == torch.float64 or not 0 < k < n:
+        return  # torch.topk's own cases (no kernel runs)
+    x2d = x2d.to(KERNEL_DEVICE)
+    with mock.patch.object(plan, "_triton_ok", lambda device, dtype: True), \
+            mock.patch.object(cost_model, "device_profile", lambda device: H100):
+        plan.shortlist.cache_clear()
+        try:
+            approx, exact = plan.shortlist(x2d.shape[0], n, k, x.dtype, "cuda", recall_target, layout, sorted_)
+        finally:
+            plan.shortlist.cache_clear()
+    expected = torch.topk(x2d.cpu(), k, dim=1, largest=largest, sorted=True).values
+    for p in approx + exact:
+        values, indices = op_module._run(x2d, k, largest, sorted_, p, layout, 0)
+        values, indices = values.cpu(), indices.cpu()
+        check_invariants(x2d.cpu(), k, -1, largest, sorted_, values, indices)
+        if p.algorithm == "exact":
+            got = values if sorted_ else values.gather(1, order_keys(values, largest).argsort(1, descending=True))
+            assert_equal(got, expected)
