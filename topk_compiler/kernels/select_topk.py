@@ -14,10 +14,11 @@ compacted in candidate order with a single prefix sum (above and tied counts pac
 int32) and written unsorted. With sorted output, a packed (key, output position) per selected
 element is written beside them and sorted, and the values and indices are permuted by it:
 in the same program (``sort_with="program"``), by ``sort_selected``, a separate launch of few
-warps per row (``"launch"``), or by ``rank_sort`` (``"rank"``): each entry's place is the number of
-the row's entries above it, counted by many programs per row, for few rows whose sort would
-otherwise run on few SMs (it compares every pair: rows * k**2 work). (torch.argsort of the entries plus two gathers was measured too and
-never won: benchmarks/results/calibration_h100_sweep2.json, e.g. +120 us at 1024 x 2048.)
+warps per row (``"launch"``), or by ``rank_sort`` (``"rank"``): each entry's place is the number
+of the row's entries above it, counted by many programs per row, for few rows whose sort would
+otherwise run on few SMs (it compares every pair: rows * k**2 work). (torch.argsort of the
+entries plus two gathers was measured too and never won:
+benchmarks/results/calibration_h100_sweep2.json, e.g. +120 us at 1024 x 2048.)
 
 Values are rebuilt from their keys, bit for bit, instead of gathered from the input again: a
 gather is a dependent round trip to memory that one program per SM cannot hide. NaNs share one
@@ -219,7 +220,7 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
 
     keys: int32 [NS], padding = ``key_pad``, made by ``order_key`` with LARGEST; idx: [NS]
     element indices; at least k real candidates. With SORTED and not SORT_HERE, the row is left
-    unsorted with its order entries stored for ``sort_selected``. PACK32: 16-bit keys and
+    unsorted with its order entries stored for ``sort_selected`` or ``rank_sort``. PACK32: 16-bit keys and
     indices < 2**16 share an int32 (in the network, or in the entries sorted here).
     """
     if SELECT == 0:

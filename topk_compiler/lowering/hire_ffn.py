@@ -116,9 +116,9 @@ def _hire_ffn(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expecte
                                          activation=activation, expected=union,
                                          programs=hire_cost_model.fused_ffn_programs(d_ff, d_out, processors))
         else:
+            programs = hire_cost_model.ffn_programs(union, rows, d_out, processors)
             out = sparse_ffn(x2d, w1, b1, transposed_copy(w2), b2, model.scores(x2d, b1).contiguous(), threshold,
-                             activation=activation, programs=hire_cost_model.ffn_programs(union, rows, d_out, processors),
-                             expected=union)
+                             activation=activation, programs=programs, expected=union)
     else:
         pred = model.scores(x2d, b1)
         chosen = pred > threshold
