@@ -27,16 +27,16 @@ def fake_clock(monkeypatch):
 def test_hire_must_be_measured_faster_by_the_margin(fake_clock, monkeypatch):
     monkeypatch.setattr(device_timing, "can_time", lambda: True)
     same = (lambda: (100.0, 100.0), lambda: (90.0, 90.0))
-    assert device_timing.dense_wins(("a",), False, *same, 1.2, measure=True)  # 1.11x is not enough
+    assert device_timing.dense_wins(("a",), lambda: False, *same, 1.2, measure=True)  # 1.11x is not enough
     faster = (lambda: (100.0, 100.0), lambda: (50.0, 50.0))
-    assert not device_timing.dense_wins(("b",), True, *faster, 1.2, measure=True)  # measured beats model
+    assert not device_timing.dense_wins(("b",), lambda: True, *faster, 1.2, measure=True)  # measured beats model
     assert device_timing._DENSE_VS_HIRE[("b",)] == (100.0, 50.0, 100.0, 50.0)
 
 
 def test_a_shape_is_timed_once(fake_clock, monkeypatch):
     monkeypatch.setattr(device_timing, "can_time", lambda: True)
     for _ in range(3):
-        assert not device_timing.dense_wins(("c",), True, lambda: (100.0, 100.0), lambda: (10.0, 10.0), 1.2,
+        assert not device_timing.dense_wins(("c",), lambda: True, lambda: (100.0, 100.0), lambda: (10.0, 10.0), 1.2,
                                             measure=True)
     assert sorted(way for way, _ in fake_clock) == ["eager", "eager", "graph", "graph"]
 
@@ -46,16 +46,16 @@ def test_calls_outside_a_graph_follow_the_eager_times(fake_clock, monkeypatch):
     HiRE in one, from the same first call's timings."""
     dense, hire = (lambda: (84.0, 85.0)), (lambda: (29.0, 266.0))
     monkeypatch.setattr(device_timing, "can_time", lambda: True)
-    assert device_timing.dense_wins(("e",), False, dense, hire, 1.2, measure=True)
+    assert device_timing.dense_wins(("e",), lambda: False, dense, hire, 1.2, measure=True)
     monkeypatch.setattr(device_timing, "can_time", lambda: False)  # a graph is being captured
-    assert not device_timing.dense_wins(("e",), True, dense, hire, 1.2, measure=True)
+    assert not device_timing.dense_wins(("e",), lambda: True, dense, hire, 1.2, measure=True)
     assert len(fake_clock) == 4
 
 
 def test_while_capturing_the_cost_model_decides_and_nothing_is_cached(fake_clock, monkeypatch):
     monkeypatch.setattr(device_timing, "can_time", lambda: False)
-    assert device_timing.dense_wins(("d",), True, lambda: (100.0,) * 2, lambda: (10.0,) * 2, 1.2, measure=True)
-    assert not device_timing.dense_wins(("d",), False, lambda: (100.0,) * 2, lambda: (1000.0,) * 2, 1.2,
+    assert device_timing.dense_wins(("d",), lambda: True, lambda: (100.0,) * 2, lambda: (10.0,) * 2, 1.2, measure=True)
+    assert not device_timing.dense_wins(("d",), lambda: False, lambda: (100.0,) * 2, lambda: (1000.0,) * 2, 1.2,
                                         measure=True)
     assert fake_clock == [] and ("d",) not in device_timing._DENSE_VS_HIRE
 

@@ -239,11 +239,9 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
             top = tl.sort(packed, descending=True)
         if PACK32:
             top_idx = (0xFFFF - (top & 0xFFFF)).to(tl.int64)
-        else:
-            top_idx = 0xFFFFFFFF - (top & 0xFFFFFFFF)
-        if PACK32:
             top_keys = top >> 16
         else:
+            top_idx = 0xFFFFFFFF - (top & 0xFFFFFFFF)
             top_keys = (top >> 32).to(tl.int32)
         o = tl.arange(0, K_POW2)
         in_k = o < k

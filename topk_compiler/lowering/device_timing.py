@@ -115,20 +115,20 @@ def can_time() -> bool:
 _DENSE_VS_HIRE: dict[tuple, tuple[float, float, float, float]] = {}
 
 
-def dense_wins(key: tuple, model_prefers_dense: bool, dense: Callable[[], object], hire: Callable[[], object],
-               min_speedup: float, measure: bool, captured: bool | None = None) -> bool:
+def dense_wins(key: tuple, model_prefers_dense: Callable[[], bool], dense: Callable[[], object],
+               hire: Callable[[], object], min_speedup: float, measure: bool, captured: bool | None = None) -> bool:
     """Whether a HiRE op runs its dense form: with ``measure`` (its kernels run on the GPU) by the
     times of both forms at ``key``'s first call (HiRE must be ``min_speedup`` faster), else by the
-    cost model's verdict. A decode step is latency-bound: a call captured in a CUDA graph follows
+    cost model's verdict (asked only then: most calls find the times). A decode step is latency-bound: a call captured in a CUDA graph follows
     the forms' replayed times, any other call their eager times (the host's dispatch included).
     ``captured``: the choice for calls in a graph (True) or outside one (False) rather than for
     this call (None)."""
     if not measure:
-        return model_prefers_dense
+        return model_prefers_dense()
     capturing = not can_time()
     if key not in _DENSE_VS_HIRE:
         if capturing:
-            return model_prefers_dense
+            return model_prefers_dense()
         _DENSE_VS_HIRE[key] = (gpu_time_us(dense, cold=False), gpu_time_us(hire, cold=False),
                                eager_time_us(dense), eager_time_us(hire))
     dense_graph, hire_graph, dense_eager, hire_eager = _DENSE_VS_HIRE[key]

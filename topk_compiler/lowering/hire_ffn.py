@@ -133,13 +133,12 @@ def runs_dense(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expect
     timed at the shape's first call (for this call, or with ``captured`` for calls in a CUDA graph
     or outside one), elsewhere (and while a graph is captured first) as predicted."""
     d_ff, d = w1.shape
-    rows = x.numel() // d
-    model_prefers_dense = dense_is_cheaper(rows, d, d_ff, w2.shape[0], expected_neurons, predictor, rank, x.dtype,
-                                           str(x.device))
     key = ("ffn", str(x.device), tuple(x.shape), x.dtype, tuple(w1.shape), w2.shape[0], b1 is None, b2 is None,
            activation, predictor, rank, threshold, expected_neurons)
     return device_timing.dense_wins(
-        key, model_prefers_dense, lambda: dense_ffn(x, w1, b1, w2, b2, activation),
+        key, lambda: dense_is_cheaper(x.numel() // d, d, d_ff, w2.shape[0], expected_neurons, predictor, rank,
+                                      x.dtype, str(x.device)),
+        lambda: dense_ffn(x, w1, b1, w2, b2, activation),
         lambda: _hire_ffn(x, w1, b1, w2, b2, activation, predictor, rank, threshold, expected_neurons),
         hire_cost_model.MIN_SPEEDUP, measure=hire_predictor.uses_kernel(x), captured=captured)
 

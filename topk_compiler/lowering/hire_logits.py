@@ -137,13 +137,11 @@ def runs_dense(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype,
     GPU as timed at the shape's first call (for this call, or with ``captured`` for calls in a
     CUDA graph or outside one), elsewhere (and while a graph is captured first) as predicted."""
     n, d = weight.shape
-    rows = x.numel() // d
-    model_prefers_dense = dense_is_cheaper(rows, d, n, k, candidates, predictor, rank, x.dtype, str(x.device),
-                                           normalize)
     key = ("logits", str(x.device), tuple(x.shape), x.dtype, (n, d), bias is None, k, largest, sorted, scale,
            normalize, out_dtype, predictor, rank, candidates)
     return device_timing.dense_wins(
-        key, model_prefers_dense,
+        key, lambda: dense_is_cheaper(x.numel() // d, d, n, k, candidates, predictor, rank, x.dtype, str(x.device),
+                                      normalize),
         lambda: dense_logits_topk(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype),
         lambda: _hire_logits_topk(x, weight, bias, k, largest, sorted, scale, normalize, out_dtype, predictor, rank,
                                   candidates),
