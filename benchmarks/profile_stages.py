@@ -35,7 +35,8 @@ profile_stages_h200_first.json by the script's first version (uncommitted, on c2
 HiRE FFN's kernels before any change of this session, and top-k stages whose radix4 rows failed
 to compile. profile_stages_h200_host.json by ``--only hire host`` at 3cb419e (its HiRE part timed
 a one-row kernel that predicted and computed its own neurons, 19 us, since replaced);
-profile_stages_h200_hire_lowrank.json by ``--only hire`` at eb527a6 (the four-launch one-row
+profile_stages_h200_hire_lists.json by ``--only hire`` at dbd16e8 (the four-launch one-row
+low-rank path as it stands); profile_stages_h200_hire_lowrank.json by ``--only hire`` at eb527a6 (the four-launch one-row
 low-rank path the op runs, with a slot prefetch and a load order since reverted: they measured
 no faster).
 """
