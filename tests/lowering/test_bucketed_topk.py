@@ -196,6 +196,32 @@ def test_gradient_flows_to_selected_positions(device):
     assert torch.equal(x.grad, x_exact.grad)
 
 
+def test_approx_topk_skips_the_dispatch_only_where_nothing_needs_it(device, monkeypatch):
+    """An eager call without autograd runs the op's body directly, with the op's results; a call
+    that needs a gradient, or runs under a function mode, goes through the op."""
+    from topk_compiler.lowering import bucketed_topk as op_module
+
+    x = torch.randn(8, 3000, device=device)
+    direct = approx_topk(x, 40, recall_target=0.9)
+    dispatched = torch.ops.topk_compiler.bucketed_topk(x, 40, -1, True, True, 0.9, 0, 0, "interleaved", 0, "auto", 0)
+    assert_equal(direct.values, dispatched[0])
+    assert_equal(direct.indices, dispatched[1])
+
+    calls = []
+    monkeypatch.setattr(op_module, "_bucketed_topk", lambda *args: calls.append(args) or dispatched)
+    approx_topk(x, 40, recall_target=0.9)
+    assert len(calls) == 1
+    x_grad = x.clone().requires_grad_(True)
+    approx_topk(x_grad, 40, recall_target=0.9).values.sum().backward()
+    assert x_grad.grad is not None and len(calls) == 1
+    with torch.no_grad():
+        approx_topk(x_grad, 40, recall_target=0.9)
+    assert len(calls) == 2
+    with torch.device(device):  # a function mode
+        approx_topk(x, 40, recall_target=0.9)
+    assert len(calls) == 2
+
+
 def test_opcheck(device):
     x = torch.randn(4, 2048, device=device, requires_grad=True)
     for args in [(x, 64, -1, True, True, 0.9, 0, 0, "interleaved", 0, "always", 0),

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils import _python_dispatch
 
 from topk_compiler.config import check_layout, check_recall_target
 from topk_compiler.lowering import device_timing
@@ -188,8 +189,7 @@ def lookup_tuned(rows: int, n: int, k: int, dtype: torch.dtype, device: str, lar
     return plans.graph if captured else plans.eager
 
 
-@torch.library.custom_op("topk_compiler::bucketed_topk", mutates_args=())
-def bucketed_topk(
+def _bucketed_topk(
     x: torch.Tensor,
     k: int,
     dim: int,
@@ -246,6 +246,9 @@ def bucketed_topk(
     return values.movedim(-1, dim).contiguous(), indices.movedim(-1, dim).contiguous()
 
 
+bucketed_topk = torch.library.custom_op("topk_compiler::bucketed_topk", mutates_args=())(_bucketed_topk)
+
+
 @bucketed_topk.register_fake
 def _(x, k, dim, largest, sorted, recall_target, num_buckets, per_bucket_k, layout, seed, rewrite, min_elements):
     if x.dim() == 0:
@@ -295,9 +298,26 @@ def approx_topk(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"approx_topk: x must be a Tensor, got {type(x).__name__}")
     check_arguments(recall_target, num_buckets, per_bucket_k, layout, seed)
-    values, indices = torch.ops.topk_compiler.bucketed_topk(
-        x, k, dim, largest, sorted, float(recall_target), num_buckets or 0, per_bucket_k or 0, layout, seed,
-        "auto", 0,
-    )
+    args = (x, k, dim, largest, sorted, float(recall_target), num_buckets or 0, per_bucket_k or 0, layout, seed,
+            "auto", 0)
+    values, indices = _bucketed_topk(*args) if _plain_eager_call(x) else torch.ops.topk_compiler.bucketed_topk(*args)
     return torch.return_types.topk((values, indices))
 
+
+def _plain_eager_call(x: torch.Tensor) -> bool:
+    """Whether a call can skip the custom op's dispatch: it needs no gradient, nothing traces or
+    intercepts it (no torch.compile, vmap, dispatch or function mode), and ``x`` is a plain tensor
+    on a real device. The dispatch (autograd wrapper, dispatcher round trip) took about 50 us of
+    host time per eager call on an H200's host (benchmarks/results/profile_stages_h200_host_direct.json),
+    longer than many calls' kernels."""
+    if _is_wrapped is None or _function_mode_on is None:  # a torch without these internals: always dispatch
+        return False
+    return (type(x) is torch.Tensor and x.device.type in ("cpu", "cuda")
+            and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+            and not _is_wrapped(x) and not _function_mode_on()
+            and _python_dispatch._get_current_dispatch_mode() is None)
+
+
+# Internals (present in torch 2.11-2.13), looked up once.
+_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", None)
