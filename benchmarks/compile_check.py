@@ -39,7 +39,7 @@ def _signature(fn: triton.JITFunction, args, kwargs):
     """(signature, constexprs, attrs, options) of one launch of ``fn``."""
     bound = dict(zip(fn.arg_names, args))
     bound.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
-    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "launch_pdl")}
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         value = bound[name]
@@ -127,6 +127,18 @@ def _bf16(*shape):
     return torch.empty(*shape, dtype=torch.bfloat16)
 
 
+def _chained(call):
+    """``call`` with its launches chained as on a Hopper GPU (``kernels.chains_launches``)."""
+    def run():
+        from unittest import mock
+
+        from topk_compiler.kernels import sparse_ffn
+
+        with mock.patch.object(sparse_ffn, "chains_launches", lambda t: True):
+            return call()
+    return run
+
+
 def families() -> dict:
     """{name: (call of one launcher at a realistic size, whether its launches must not spill)}."""
     from topk_compiler.kernels.bucketed_topk import fused_bucketed_topk, split_bucketed_topk
@@ -155,9 +167,9 @@ def families() -> dict:
         "sparse FFN, one row of 4096 x 16384": (lambda: sparse_ffn(
             _bf16(1, 4096), _bf16(16384, 4096), _bf16(16384), _bf16(16384, 4096), _bf16(4096), _bf16(1, 16384), 0.0,
             programs=132, expected=1862), True),
-        "sparse FFN predicted in the kernel, one row of 4096 x 16384, rank 128": (lambda: lowrank_sparse_ffn_row(
-            _bf16(1, 4096), _bf16(4096, 128), _bf16(16384, 128), _bf16(16384, 4096), _bf16(16384), _bf16(16384, 4096),
-            _bf16(4096), 0.0, programs=132), True),
+        "sparse FFN predicted in the kernel, one row of 4096 x 16384, rank 128, chained": (_chained(
+            lambda: lowrank_sparse_ffn_row(_bf16(1, 4096), _bf16(4096, 128), _bf16(16384, 128), _bf16(16384, 4096),
+                                           _bf16(16384), _bf16(16384, 4096), _bf16(4096), 0.0, programs=132)), True),
         "sparse FFN, several rows": (lambda: sparse_ffn(
             _bf16(8, 512), _bf16(2048, 512), None, _bf16(2048, 512), None, torch.empty(8, 2048), 0.0,
             programs=16, expected=300), False),

@@ -143,3 +143,28 @@ def test_cost_model_copies_the_kernel_constants():
     assert hire_cost_model.SELECT_BLOCK == kernels.SELECT_BLOCK
     assert hire_cost_model.SELECT_EARLIER == kernels.SELECT_EARLIER
     assert hire_cost_model.FFN_ROW_MAX_WIDTH == kernels.ROW_MAX_WIDTH
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="launches chain on Hopper and later")
+def test_lowrank_row_chained_launches_in_a_cuda_graph():
+    """The four launches chained (each starting while the one before finishes), replayed in a
+    CUDA graph over new inputs: each replay equals the eager call on its own input, bit for bit
+    (a launch reading its predecessor's output too early would see the previous replay's)."""
+    from topk_compiler.kernels import chains_launches
+
+    x, w1, b1, w2, b2, a, b, _ = lowrank_case(512, 4096, 256, 32, torch.bfloat16, seed=11)
+    assert chains_launches(x)
+    w2t = w2.T.contiguous()
+    static_x = x.clone()
+    lowrank_sparse_ffn_row(static_x, a, b, w1, b1, w2t, b2, 0.0, programs=132, expected=400)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lowrank_sparse_ffn_row(static_x, a, b, w1, b1, w2t, b2, 0.0, programs=132, expected=400)
+    for seed in range(5):
+        fresh = torch.randn(1, 512, generator=torch.Generator().manual_seed(seed)).to(x)
+        static_x.copy_(fresh)
+        graph.replay()
+        eager = lowrank_sparse_ffn_row(fresh, a, b, w1, b1, w2t, b2, 0.0, programs=132, expected=400)
+        assert torch.equal(out, eager)
+        assert not torch.equal(out, b2[None, :])

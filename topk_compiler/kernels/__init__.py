@@ -24,3 +24,24 @@ def next_pow2(x: int) -> int:
 @functools.cache
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(index)
+
+
+def chains_launches(t) -> bool:
+    """Whether kernels on ``t``'s device may launch as programmatic dependents of the kernel
+    before them (Hopper and later; not the interpreter): they start, and load what does not
+    depend on it, while it finishes, and wait for its writes at ``gdc_wait``.
+    ``TOPK_COMPILER_CHAIN_LAUNCHES=0`` turns this off (each launch then waits for the last)."""
+    import os
+
+    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("TOPK_COMPILER_CHAIN_LAUNCHES", "1") == "0":
+        return False
+    return _capability(t.device.index if t.device.index is not None else 0)[0] >= 9

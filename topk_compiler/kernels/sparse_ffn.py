@@ -33,8 +33,9 @@ parallelism against partial-sum traffic, and ``BLOCK_S`` from the expected numbe
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from topk_compiler.kernels import cdiv, next_pow2
+from topk_compiler.kernels import cdiv, chains_launches, next_pow2
 from topk_compiler.kernels.gather_matmul import ACTIVATIONS, activate, block_m, dot_precision, gather_dot
 
 # (BLOCK_K, BLOCK_N, N_SPLIT, num_warps, num_stages) tried by the autotuner, all spill-free on
@@ -202,7 +203,8 @@ def _sparse_ffn_row_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr,
                            K, N, P, LISTS,                                                  # sizes
                            w1_row_stride, w2t_row_stride, list_stride,                      # strides
                            HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
-                           K_POW2: tl.constexpr, N_POW2: tl.constexpr, LISTS_POW2: tl.constexpr):
+                           K_POW2: tl.constexpr, N_POW2: tl.constexpr, LISTS_POW2: tl.constexpr,
+                           CHAINED: tl.constexpr):
     """One row of x. Program p takes slot blocks p, p + P, ...; of each it loads the neurons'
     whole rows of W1 and of W2T at once (the W2T rows do not wait for the activations, so a
     block is one round trip to memory), and it keeps its partial sum of the output in registers
@@ -210,7 +212,12 @@ def _sparse_ffn_row_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr,
 
     The slots are one list of ``count[0]`` (LISTS_POW2 == 0), or LISTS lists, list i holding
     ``count[i]`` slots from ``slots + i * list_stride``, numbered one after the other: a
-    program finds the list of each of its slots from the counts (no compaction launch)."""
+    program finds the list of each of its slots from the counts (no compaction launch).
+
+    CHAINED: launched as a programmatic dependent of the kernel that wrote the slots and counts
+    (``x`` was written before that kernel's chain began)."""
+    if CHAINED:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     k = tl.arange(0, K_POW2)
     n = tl.arange(0, N_POW2)
@@ -218,6 +225,8 @@ def _sparse_ffn_row_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr,
     in_n = n < N
     x = tl.load(x_ptr + k, mask=in_k, other=0.0).to(tl.float32)
     acc = tl.zeros([N_POW2], dtype=tl.float32)
+    if CHAINED:
+        gdc_wait()
     if LISTS_POW2 > 0:
         lists = tl.arange(0, LISTS_POW2)
         sizes = tl.load(count_ptr + lists, mask=lists < LISTS, other=0)
@@ -253,8 +262,11 @@ def _sparse_ffn_row_kernel(x_ptr, w1_ptr, b1_ptr, w2t_ptr, slots_ptr, count_ptr,
 def _project_kernel(x_ptr, a_ptr, partial_ptr,   # pointers
                     K, R, CHUNK,                 # sizes
                     a_row_stride,                # strides
-                    BLOCK_K: tl.constexpr, R_POW2: tl.constexpr):
-    """Program g: ``x[c] @ A[c]`` in fp32 over its CHUNK rows c of A ([K, R]), into partial[g]."""
+                    BLOCK_K: tl.constexpr, R_POW2: tl.constexpr, CHAINED: tl.constexpr):
+    """Program g: ``x[c] @ A[c]`` in fp32 over its CHUNK rows c of A ([K, R]), into partial[g].
+    CHAINED: the prediction may launch at once, to load its share of B meanwhile."""
+    if CHAINED:
+        gdc_launch_dependents()
     g = tl.program_id(0)
     r = tl.arange(0, R_POW2)
     acc = tl.zeros([R_POW2], dtype=tl.float32)
@@ -273,13 +285,18 @@ def _predict_neurons_kernel(xa_partial_ptr, b_ptr, b1_ptr, lists_ptr, counts_ptr
                             D_FF, R, G, P, threshold,                              # sizes, threshold
                             b_row_stride,                                          # strides
                             HAS_BIAS: tl.constexpr, R_POW2: tl.constexpr, BLOCK_J: tl.constexpr,
-                            BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+                            BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, CHAINED: tl.constexpr):
     """Program p predicts the pre-activations ``(x A) B[j] + b1[j]`` of the neurons j = p, p + P,
     ... (interleaved, so that runs of active neurons spread over the programs) from the G fp32
     partial sums of ``x A`` (``_project_kernel``), rounded to the weight dtype where the
     plain-torch predictor rounds (``x A``, then the scores). It stores those above the threshold,
     in order, as list p (``lists + p * BLOCK_J``), and their number as counts[p]: no scores go
-    through memory and no program waits on another."""
+    through memory and no program waits on another.
+
+    CHAINED: launched as a programmatic dependent of ``_project_kernel``: the first tile of B is
+    loaded before waiting for its partial sums."""
+    if CHAINED:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     j = pid + tl.arange(0, BLOCK_J) * P
     in_j = j < D_FF
@@ -287,14 +304,16 @@ def _predict_neurons_kernel(xa_partial_ptr, b_ptr, b1_ptr, lists_ptr, counts_ptr
     for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         in_r = r < R
+        b = tl.load(b_ptr + j.to(tl.int64)[:, None] * b_row_stride + r[None, :], mask=in_j[:, None] & in_r[None, :],
+                    other=0.0)
+        if CHAINED:
+            gdc_wait()
         xa = tl.zeros([BLOCK_R], dtype=tl.float32)
         for g0 in range(0, G, BLOCK_G):
             g = g0 + tl.arange(0, BLOCK_G)
             xa += tl.sum(tl.load(xa_partial_ptr + g[:, None] * R_POW2 + r[None, :],
                                  mask=(g < G)[:, None] & in_r[None, :], other=0.0), axis=0)
         xa = xa.to(b_ptr.dtype.element_ty).to(tl.float32)
-        b = tl.load(b_ptr + j.to(tl.int64)[:, None] * b_row_stride + r[None, :], mask=in_j[:, None] & in_r[None, :],
-                    other=0.0)
         score += tl.sum(b.to(tl.float32) * xa[None, :], axis=1)
     if HAS_BIAS:
         score += tl.load(b1_ptr + j, mask=in_j, other=0.0).to(tl.float32)
@@ -313,11 +332,15 @@ _sparse_ffn_mma_tuned = triton.autotune(configs=_configs(MMA_CONFIGS), key=["M",
 def _sum_partials_kernel(partial_ptr, bias_ptr, out_ptr,   # pointers
                          P, M, N,                          # sizes
                          out_row_stride,                   # strides
-                         HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                         CHAINED: tl.constexpr):
+    """CHAINED: launched as a programmatic dependent of the kernel that wrote the partial sums."""
     m = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = n < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if CHAINED:
+        gdc_wait()
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         tile = tl.load(partial_ptr + (p.to(tl.int64)[:, None] * M + m) * N + n[None, :],
@@ -413,7 +436,9 @@ def lowrank_sparse_ffn_row(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
     chunk = cdiv(cdiv(k, g), block_k) * block_k
     g = cdiv(k, chunk)
     xa_partial = torch.empty(g, r_pow2, dtype=torch.float32, device=x2d.device)
-    _project_kernel[(g,)](x2d, a, xa_partial, k, r, chunk, a.stride(0), BLOCK_K=block_k, R_POW2=r_pow2)
+    chained = chains_launches(x2d)
+    _project_kernel[(g,)](x2d, a, xa_partial, k, r, chunk, a.stride(0), BLOCK_K=block_k, R_POW2=r_pow2,
+                          CHAINED=chained)
     lists_count = max(1, min(programs, d_ff))
     block_j = next_pow2(cdiv(d_ff, lists_count))
     block_r = min(r_pow2, max(16, PREDICT_TILE // block_j))
@@ -423,7 +448,7 @@ def lowrank_sparse_ffn_row(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
                                             lists_count, threshold, b.stride(0), HAS_BIAS=b1 is not None,
                                             R_POW2=r_pow2, BLOCK_J=block_j, BLOCK_R=block_r,
                                             BLOCK_G=max(1, min(next_pow2(g), _REDUCE_TILE // block_r)),
-                                            num_warps=PREDICT_WARPS)
+                                            CHAINED=chained, num_warps=PREDICT_WARPS, launch_pdl=chained)
     return _row_ffn(x2d, w1, b1, w2t, b2, lists, counts, activation, programs, expected)
 
 
@@ -432,21 +457,24 @@ def _row_ffn(x2d, w1, b1, w2t, b2, slots, count, activation, programs, expected)
     k, n = x2d.shape[1], w2t.shape[1]
     p = max(1, min(programs, cdiv(max(expected, 1), ROW_BLOCK_S)))
     lists = slots.shape[0] if slots.dim() == 2 else 0
+    chained = chains_launches(x2d)
     partial = torch.empty(p, 1, n, dtype=torch.float32, device=x2d.device)
     _sparse_ffn_row_kernel[(p,)](x2d, w1, b1 if b1 is not None else slots, w2t, slots, count, partial, k, n, p, lists,
                                  w1.stride(0), w2t.stride(0), slots.stride(0) if lists else 0,
                                  HAS_BIAS=b1 is not None, ACTIVATION=ACTIVATIONS[activation], BLOCK_S=ROW_BLOCK_S,
                                  K_POW2=next_pow2(k), N_POW2=next_pow2(n), LISTS_POW2=next_pow2(lists) if lists else 0,
-                                 num_warps=ROW_WARPS)
-    return _sum_partials(partial, b2, torch.empty(1, n, dtype=x2d.dtype, device=x2d.device))
+                                 CHAINED=chained, num_warps=ROW_WARPS, launch_pdl=chained)
+    return _sum_partials(partial, b2, torch.empty(1, n, dtype=x2d.dtype, device=x2d.device), chained=chained)
 
 
-def _sum_partials(partial: torch.Tensor, b2: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """out = the sum of the partial sums [programs, rows, d_out] + b2, in out's dtype."""
+def _sum_partials(partial: torch.Tensor, b2: torch.Tensor | None, out: torch.Tensor, *,
+                  chained: bool = False) -> torch.Tensor:
+    """out = the sum of the partial sums [programs, rows, d_out] + b2, in out's dtype; ``chained``:
+    launched as a programmatic dependent of the kernel that wrote them."""
     p, rows, n = partial.shape
     block_p = min(next_pow2(p), _REDUCE_MAX_BLOCK_P)
     block_n = min(next_pow2(n), max(16, _REDUCE_TILE // block_p))
     _sum_partials_kernel[(rows, cdiv(n, block_n))](
         partial, b2 if b2 is not None else partial, out, p, rows, n, out.stride(0),
-        HAS_BIAS=b2 is not None, BLOCK_P=block_p, BLOCK_N=block_n)
+        HAS_BIAS=b2 is not None, BLOCK_P=block_p, BLOCK_N=block_n, CHAINED=chained, launch_pdl=chained)
     return out
