@@ -36,9 +36,12 @@ HiRE FFN's kernels before any change of this session, and top-k stages whose rad
 to compile. profile_stages_h200_host.json by ``--only hire host`` at 3cb419e (its HiRE part timed
 a one-row kernel that predicted and computed its own neurons, 19 us, since replaced);
 profile_stages_h200_hire_lists.json by ``--only hire`` at dbd16e8 (the four-launch one-row
-low-rank path as it stands); profile_stages_h200_hire_lowrank.json by ``--only hire`` at eb527a6 (the four-launch one-row
+low-rank path before its launches chained); profile_stages_h200_hire_lowrank.json by ``--only hire`` at eb527a6 (the four-launch one-row
 low-rank path the op runs, with a slot prefetch and a load order since reverted: they measured
-no faster).
+no faster). profile_stages_h200_host_direct.json by ``--only host`` at 3d32033 (the public
+API's direct call beside the custom op's dispatch); profile_stages_h200_hire_chained.json by
+``--only hire`` at 2938ef0 (the four launches chained: under the profiler a chained kernel's
+time includes its wait for the one before, so its kernel times do not add up as before).
 """
 
 from __future__ import annotations
