@@ -114,3 +114,27 @@ def test_mode_travels_in_options_because_torch_compile_refuses_both():
     assert ApproxTopkConfig.from_options({"mode": "reduce-overhead"}).mode == "reduce-overhead"
     with pytest.raises(ValueError, match="mode must be one of"):
         ApproxTopkConfig.from_options({"mode": "fast"})
+
+
+@pytest.mark.parametrize("options,replays", [
+    ({}, False),
+    ({"mode": "reduce-overhead"}, True),
+    ({"mode": "max-autotune-no-cudagraphs"}, False),
+    ({"inductor": {"triton.cudagraphs": True}}, True),
+    ({"mode": "reduce-overhead", "inductor": {"triton.cudagraphs": False}}, False),
+])
+def test_passes_know_whether_the_graph_replays_as_cuda_graphs(options, replays):
+    assert ApproxTopkConfig.from_options(options).replays_cuda_graphs() is replays
+
+
+def test_torch_compiles_mode_reaches_the_passes(monkeypatch):
+    """torch.compile(mode=...) without options: the passes price sites as the mode runs them."""
+    from topk_compiler import backend
+
+    seen = []
+    monkeypatch.setattr(backend, "run_passes", lambda gm, inputs, config: seen.append(config.mode))
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", lambda gm, inputs, config_patches=None: gm.forward)
+    torch._dynamo.reset()
+    torch.compile(lambda x: torch.topk(x, 3), backend="approx_topk", mode="reduce-overhead")(torch.randn(4, 10))
+    torch._dynamo.reset()
+    assert seen == ["reduce-overhead"]

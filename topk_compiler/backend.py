@@ -6,6 +6,7 @@ Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml) an
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -38,12 +39,13 @@ def approx_topk_backend(gm: torch.fx.GraphModule, example_inputs: list, *,
     passes one of the two, never both, so with options the mode comes as ``options["mode"]``.
     """
     config = ApproxTopkConfig.from_options(options)
+    if mode is not None:
+        config = dataclasses.replace(config, mode=mode)
     run_passes(gm, example_inputs, config)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    mode = mode or config.mode
-    patches = {**(list_mode_options(mode) if mode else {}), **config.inductor}
+    patches = {**(list_mode_options(config.mode) if config.mode else {}), **config.inductor}
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 

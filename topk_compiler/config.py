@@ -314,6 +314,16 @@ class ApproxTopkConfig:
     def valid_options(cls) -> list[str]:
         return sorted((*_TOP_LEVEL_OPTIONS, *_TOPK_OPTIONS))
 
+    def replays_cuda_graphs(self) -> bool:
+        """Whether Inductor runs the compiled graph as CUDA graph replays (``mode`` or the
+        ``triton.cudagraphs`` patch, else Inductor's own setting), so that no call pays the host's
+        dispatch: the passes then price the device's work alone."""
+        from torch._inductor import config as inductor_config
+        from torch._inductor import list_mode_options
+
+        patches = {**(list_mode_options(self.mode) if self.mode else {}), **self.inductor}
+        return bool(patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
+
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> ApproxTopkConfig:
         """Builds the config from ``torch.compile(..., options=...)``; unknown names raise."""
