@@ -75,3 +75,23 @@ def test_one_row_lowrank_ffn_fuses_prediction_on_a_gpu(monkeypatch):
     weights = (128 * (4096 + 16384) + 1638 * 2 * 4096) * 2
     assert weights < fused.bytes < weights + 132 * 4096 * 8 + 4 * 4096 * 2 + 8 * 1638
     assert cm.fused_ffn_programs(16384, 4096, 132) == 132 * cm.FFN_ROW_PROGRAMS_PER_SM
+
+
+@pytest.mark.parametrize("replays", [True, False])
+def test_outside_cuda_graphs_decode_hire_pays_its_dispatch(monkeypatch, replays):
+    """bench_hire's FFN and LM head at batch 1 on an H200: HiRE wins replayed (27 us against 83
+    dense; 57 against 296) and loses eagerly (328 against 84; 663 against 306), and the model,
+    with the host's dispatch priced in outside CUDA graphs, says so."""
+    from topk_compiler.lowering import cost_model
+
+    gpu = cost_model.DeviceProfile("cuda", "NVIDIA H200", 132, 4.2e12, dict(cost_model._DEFAULT_CUDA_WEIGHTS))
+    monkeypatch.setattr(cost_model, "device_profile", lambda device: gpu)
+    ffn = (cm.hire_ffn_cost(1, 4096, 16384, 4096, 1853, "lowrank", 128, torch.bfloat16, "cuda"),
+           cm.dense_ffn_cost(1, 4096, 16384, 4096, torch.bfloat16, "cuda"))
+    head = (cm.hire_logits_cost(1, 4096, 128256, 50, 472, "lowrank", 64, torch.bfloat16, "cuda"),
+            cm.dense_logits_cost(1, 4096, 128256, 50, torch.bfloat16, "cuda"))
+    for (hire, dense), dense_eager_us in ((ffn, 84.0), (head, 306.0)):
+        priced_hire, priced_dense, verdict = cm.as_called(hire, dense, "cuda", replays)
+        assert cm.worth_rewriting(priced_hire, priced_dense) is replays
+        assert ("outside CUDA graphs" in verdict) is not replays
+        assert priced_dense.us < 1.2 * dense_eager_us  # dense is not priced out of the race either

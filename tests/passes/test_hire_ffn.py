@@ -148,3 +148,17 @@ def test_inductor_compiled_model_equals_the_eager_op():
         expected = x + hire_ffn(x, model.fc1.weight, model.fc1.bias, model.fc2.weight, model.fc2.bias, "relu",
                                 "lowrank", 6, -0.5, D_FF // 4, "always")
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_outside_cuda_graphs_hire_pays_its_launches_dispatch(monkeypatch):
+    """Where HiRE's launches cost the host more than dense saves, the site stays dense unless the
+    graph replays as CUDA graphs."""
+    from topk_compiler.lowering import cost_model
+
+    monkeypatch.setitem(cost_model.HOST_SECONDS, "cpu", {"torch_op": 1e-5, "our_op": 1e-3, "triton_launch": 1e-4})
+    big = nn.Sequential(nn.Linear(512, 4096), nn.ReLU(), nn.Linear(4096, 512))
+    with torch.no_grad():
+        (eager,) = explain(big, torch.randn(1, 512), hire={"rank": 32})
+        (replayed,) = explain(big, torch.randn(1, 512), hire={"rank": 32}, mode="reduce-overhead")
+    assert not eager.rewritten and "outside CUDA graphs" in eager.reason and "dense predicted cheaper" in eager.reason
+    assert replayed.rewritten

@@ -177,6 +177,25 @@ def test_cost_model_declines_large_batch_and_rewrites_batch_one():
     assert one_decision.rewritten and "faster than dense" in one_decision.reason
 
 
+def test_outside_cuda_graphs_hire_pays_its_launches_dispatch(monkeypatch):
+    """The batch-one site above stays dense where HiRE's launches cost the host more than dense
+    saves, unless the graph replays as CUDA graphs."""
+    from topk_compiler.lowering import cost_model
+
+    monkeypatch.setitem(cost_model.HOST_SECONDS, "cpu", {"torch_op": 1e-5, "our_op": 1e-2, "triton_launch": 1e-4})
+    head = nn.Linear(256, 30000, bias=False)
+
+    def model(x):
+        return torch.topk(head(x), 5)
+
+    with torch.no_grad():
+        eager = explain(model, torch.randn(1, 256), hire={"rank": 8, "candidates": 64})
+        (replayed,) = explain(model, torch.randn(1, 256), hire={"rank": 8, "candidates": 64}, mode="reduce-overhead")
+    eager_decision = [d for d in eager if d.pass_name == "hire_logits"][0]
+    assert not eager_decision.rewritten and "outside CUDA graphs" in eager_decision.reason
+    assert replayed.rewritten
+
+
 def test_calibration_entry_is_used_only_for_a_recall_target_it_meets():
     model = Head("linear")
     key = f"test_hire_logits.py:{_site(model).rsplit(':', 1)[1]}"

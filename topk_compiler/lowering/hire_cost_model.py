@@ -17,6 +17,7 @@ candidates than that, so the estimate errs towards the dense form.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -242,6 +243,21 @@ def hire_ffn_cost(rows: int, d: int, d_ff: int, d_out: int, expected_neurons: in
     flops += 2 * rows * union * (d + d_out)
     launches += 3 if rows == 1 else 4
     return _cost(bytes_, flops, launches, profile, e, extra)
+
+
+def as_called(hire: FormCost, dense: FormCost, device: str, replays_cuda_graphs: bool
+              ) -> tuple[FormCost, FormCost, str]:
+    """(hire, dense, the report's verdict) priced as a site's calls will run. Outside CUDA graphs
+    each call pays the host's dispatch: HiRE one call of our op with its launches, dense its torch
+    ops, each at the longer of its host and device times (``cost_model.outside_graphs``)."""
+    if replays_cuda_graphs:
+        return hire, dense, verdict(hire, dense)
+    p = cost_model.device_profile(device)
+    hire_host = cost_model.our_op_host_seconds(hire.launches, p)
+    dense_host = cost_model.torch_ops_host_seconds(dense.launches, p)
+    hire = dataclasses.replace(hire, seconds=float(cost_model.outside_graphs(hire.seconds, hire_host)))
+    dense = dataclasses.replace(dense, seconds=float(cost_model.outside_graphs(dense.seconds, dense_host)))
+    return hire, dense, f"outside CUDA graphs (the host's dispatch priced in): {verdict(hire, dense)}"
 
 
 def worth_rewriting(hire: FormCost, dense: FormCost) -> bool:

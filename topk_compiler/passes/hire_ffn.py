@@ -141,6 +141,7 @@ class HireFfnPass(ApproxTopkPass):
     def __init__(self, config: ApproxTopkConfig, report: RewriteReport):
         super().__init__(report)
         self.config = config
+        self.replays_cuda_graphs = config.replays_cuda_graphs()
 
     def apply(self, gm: torch.fx.GraphModule, example_inputs: list) -> int:
         return sum(self._visit(gm, up, act, down, example_inputs) for up, act, down in ffn_sites(gm.graph))
@@ -190,13 +191,13 @@ class HireFfnPass(ApproxTopkPass):
         dense = hire_cost_model.dense_ffn_cost(rows_hint, d, d_ff, d_out, x.dtype, device)
         hire = hire_cost_model.hire_ffn_cost(rows_hint, d, d_ff, d_out, settings.candidates, settings.predictor,
                                              settings.rank, x.dtype, device)
+        hire, dense, verdict = hire_cost_model.as_called(hire, dense, device, self.replays_cuda_graphs)
         e = hire_cost_model.element_size(x.dtype)
         details.update(bytes_read=int(hire.bytes), dense_bytes_read=int(dense.bytes),
                        predictor_bytes=hire_cost_model.predictor_bytes(settings.predictor, d_ff, d, settings.rank, e))
         if x.is_cuda:
             details["extra_memory_bytes"] = d_out * d_ff * e  # the transposed copy of W2
         estimates = dict(predicted_us=hire.us, exact_us=dense.us)
-        verdict = hire_cost_model.verdict(hire, dense)
         policy = self.config.hire.rewrite
         if policy == "auto" and not dynamic and not hire_cost_model.worth_rewriting(hire, dense):
             return keep(verdict, **estimates)

@@ -236,6 +236,7 @@ class HireLogitsPass(ApproxTopkPass):
     def __init__(self, config: ApproxTopkConfig, report: RewriteReport):
         super().__init__(report)
         self.config = config
+        self.replays_cuda_graphs = config.replays_cuda_graphs()
 
     def apply(self, gm: torch.fx.GraphModule, example_inputs: list) -> int:
         rewritten = 0
@@ -291,11 +292,11 @@ class HireLogitsPass(ApproxTopkPass):
         dense = hire_cost_model.dense_logits_cost(rows_hint, d, n, k, x.dtype, device, facts.normalize)
         hire = hire_cost_model.hire_logits_cost(rows_hint, d, n, k, settings.candidates, settings.predictor,
                                                 settings.rank, x.dtype, device, facts.normalize)
+        hire, dense, verdict = hire_cost_model.as_called(hire, dense, device, self.replays_cuda_graphs)
         e = hire_cost_model.element_size(x.dtype)
         details.update(bytes_read=int(hire.bytes), dense_bytes_read=int(dense.bytes),
                        predictor_bytes=hire_cost_model.predictor_bytes(settings.predictor, n, d, settings.rank, e))
         estimates = dict(predicted_us=hire.us, exact_us=dense.us)
-        verdict = hire_cost_model.verdict(hire, dense)
         policy = self.config.hire.rewrite
         if policy == "auto" and not dynamic and not hire_cost_model.worth_rewriting(hire, dense):
             return keep(verdict, **estimates)
