@@ -166,3 +166,44 @@ def test_unknown_options_list_the_valid_ones():
         ApproxTopkConfig.from_options({"site_overrides": {"model.py": 0.9}})
     with pytest.raises(ValueError, match="min_elements"):
         ApproxTopkConfig.from_options({"min_elements": -1})
+
+
+def test_outside_cuda_graphs_a_small_site_is_timed_with_its_dispatch(monkeypatch):
+    """A latency-bound site (on a GPU, here simulated) is timed at compile time as calls from
+    Python: where our op's call is the longer, torch.topk stays, unless the graph replays as CUDA
+    graphs (mode="reduce-overhead"), where no call pays the dispatch and nothing is timed."""
+    from topk_compiler.lowering.plan import TopkPlan
+    from topk_compiler.passes import topk_rewrite
+
+    fast_kernel = TopkPlan("bucketed", "fused", 64, 1, expected_recall=0.96, predicted_us=5.0, torch_topk_us=50.0,
+                           reason="predicted 10.0x faster than exact")
+    timed = []
+    times = {"ours": 66.1, "torch": 18.4}
+    monkeypatch.setattr(topk_rewrite, "plan_topk", lambda *args: fast_kernel)
+    monkeypatch.setattr(topk_rewrite, "_timed_at_compile_time", lambda x: True)
+    monkeypatch.setattr(topk_rewrite, "eager_site_times_us",
+                        lambda *args: timed.append(args) or (times["ours"], times["torch"]))
+    x = torch.randn(1, 1024)
+    (slow,) = topk_compiler.explain(lambda x: torch.topk(x, 16), x)
+    assert not slow.rewritten and "measured at compile time, our op 66.1 us a call against torch.topk's 18.4" in slow.reason
+    assert timed[0][:5] == ((1, 1024), torch.float32, "cpu", 16, -1)
+    times["ours"] = 9.0
+    (fast,) = topk_compiler.explain(lambda x: torch.topk(x, 16), x)
+    assert fast.rewritten and "our op 9.0 us a call" in fast.reason
+    (replayed,) = topk_compiler.explain(lambda x: torch.topk(x, 16), x, mode="reduce-overhead")
+    assert replayed.rewritten and len(timed) == 2
+    (big,) = topk_compiler.explain(lambda x: torch.topk(x, 16), torch.randn(64, 2**14))
+    assert big.rewritten and len(timed) == 2  # 2**20 elements: the device's work decides
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times calls on a GPU")
+def test_small_gpu_site_is_timed_at_compile_time():
+    """1 x 16384 k=16: predicted faster on the device, then timed as calls from Python."""
+    from topk_compiler.lowering import bucketed_topk
+    from topk_compiler.lowering.plan import MIN_SPEEDUP
+
+    x = torch.randn(1, 16384, device="cuda")
+    (decision,) = topk_compiler.explain(lambda x: torch.topk(x, 16), x, recall_target=0.9)
+    assert "measured at compile time" in decision.reason
+    (times,) = [t for key, t in bucketed_topk._EAGER_SITES.items() if key[:4] == ((1, 16384), torch.float32, "cuda:0", 16)]
+    assert min(times) > 0 and decision.rewritten == (times[0] * MIN_SPEEDUP <= times[1])

@@ -15,6 +15,7 @@ to the selected positions, as torch.topk's does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -175,6 +176,40 @@ def _measure_plans(x2d, k, largest, sorted, recall_target, num_buckets, per_buck
         return MeasuredPlans(eager=graph, graph=graph)
     eager = pick_measured(list(approx), list(exact), timer(device_timing.eager_time_us), **race)
     return MeasuredPlans(eager=eager, graph=graph)
+
+
+# (shape, dtype, device, k, dim, largest, sorted, recall target, layout, seed, min_elements) ->
+# (our op, torch.topk) in us per call outside CUDA graphs.
+_EAGER_SITES: dict[tuple, tuple[float, float]] = {}
+
+
+def eager_site_times_us(shape: tuple[int, ...], dtype: torch.dtype, device: str, k: int, dim: int, largest: bool,
+                        sorted: bool, recall_target: float, layout: str, seed: int,
+                        min_elements: int) -> tuple[float, float]:
+    """(our op, torch.topk): microseconds per call outside CUDA graphs on a random input of this
+    shape (``device_timing.eager_time_us``: host clock, calls back to back), measured once. A
+    compiled graph that does not replay as CUDA graphs pays each call's dispatch: for a
+    latency-bound site it outweighs the kernels, and only a measurement on the host that will
+    run the model says which call is shorter (torch.topk's own dispatch grows with the launches
+    its algorithm makes)."""
+    key = (tuple(shape), dtype, device, k, dim, largest, sorted, recall_target, layout, seed, min_elements)
+    if key not in _EAGER_SITES:
+        with _real_tensors():
+            x = torch.randn(shape, dtype=dtype, device=device)
+            op = torch.ops.topk_compiler.bucketed_topk.default
+            ours = device_timing.eager_time_us(
+                lambda: op(x, k, dim, largest, sorted, recall_target, 0, 0, layout, seed, "auto", min_elements))
+            exact = device_timing.eager_time_us(lambda: torch.topk(x, k, dim, largest, sorted))
+        _EAGER_SITES[key] = (ours, exact)
+    return _EAGER_SITES[key]
+
+
+def _real_tensors():
+    """A context where factories make real tensors even inside a compiler's fake-tensor mode."""
+    from torch._subclasses import fake_tensor
+
+    unset = getattr(fake_tensor, "unset_fake_temporarily", None)  # torch 2.11-2.13 have it
+    return unset() if unset is not None else contextlib.nullcontext()
 
 
 def lookup_tuned(rows: int, n: int, k: int, dtype: torch.dtype, device: str, largest: bool, sorted: bool,

@@ -5,7 +5,10 @@ Matches ``torch.topk``, ``Tensor.topk`` and ``torch.ops.aten.topk`` with any ``d
 planner (``lowering/plan.py``) predicts the bucketed op faster than exact on the input's device,
 or when the recall target is 1 and our exact Triton selection beats torch.topk. With a dynamic
 reduced length the op re-plans on every call, so such sites are rewritten whenever they are
-eligible. Everything else stays exact, with the reason recorded.
+eligible. A latency-bound site of a graph that will not replay as CUDA graphs is also timed at
+compile time, our op against torch.topk, each as a call from Python: there each call pays the
+host's dispatch, which can outweigh what the kernels save. Everything else stays exact, with
+the reason recorded.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import torch
 import torch.fx
 
 from topk_compiler.config import ApproxTopkConfig
-from topk_compiler.lowering import bucketed_topk as _registers_the_op  # noqa: F401
-from topk_compiler.lowering.plan import plan_topk
+from topk_compiler.lowering import device_timing
+from topk_compiler.lowering.bucketed_topk import LATENCY_BOUND_ELEMENTS, eager_site_times_us
+from topk_compiler.lowering.plan import MIN_SPEEDUP, plan_topk
 from topk_compiler.passes.base import (
     ApproxTopkPass,
     RewriteDecision,
@@ -59,6 +63,7 @@ class TopkRewritePass(ApproxTopkPass):
         self.recall_target = config.recall_target
         self.config = config.topk
         self.overrides = config
+        self.replays_cuda_graphs = config.replays_cuda_graphs()
 
     def apply(self, gm: torch.fx.GraphModule, example_inputs: list) -> int:
         rewritten = 0
@@ -124,6 +129,16 @@ class TopkRewritePass(ApproxTopkPass):
                          exact_us=plan.torch_topk_us)
         if plan.kernel == "torch" and not (dynamic_length and recall_target < 1.0):
             return keep(plan.reason, **estimates)
+        measured = ""
+        if (not (dynamic_length or self.replays_cuda_graphs or num_buckets) and self.config.rewrite == "auto"
+                and rows_hint * n_hint < LATENCY_BOUND_ELEMENTS and _timed_at_compile_time(x)):
+            ours_us, torch_us = eager_site_times_us(
+                tuple(size_hint(s) for s in x.shape), x.dtype, str(x.device), k_hint, dim, largest, sorted_,
+                recall_target, layout, self.config.seed, min_elements)
+            measured = (f"outside CUDA graphs each call pays the host's dispatch: measured at compile time, our op "
+                        f"{ours_us:.1f} us a call against torch.topk's {torch_us:.1f}")
+            if ours_us * (MIN_SPEEDUP if plan.algorithm == "bucketed" else 1.0) > torch_us:
+                return keep(f"{measured}; mode='reduce-overhead' replays CUDA graphs and rewrites it", **estimates)
 
         with graph.inserting_before(node):
             new = graph.call_function(
@@ -138,7 +153,7 @@ class TopkRewritePass(ApproxTopkPass):
         node.replace_all_uses_with(new)
         graph.erase_node(node)
 
-        reason = plan.reason
+        reason = f"{plan.reason}; {measured}" if measured else plan.reason
         if dynamic_length:
             reason = f"dynamic length: planned per call (at the example size: {plan.kernel}, {plan.reason})"
         self.record(RewriteDecision(
@@ -147,3 +162,9 @@ class TopkRewritePass(ApproxTopkPass):
             num_buckets=plan.num_buckets or None, per_bucket_k=plan.per_bucket_k or None, **estimates,
         ))
         return 1
+
+
+def _timed_at_compile_time(x) -> bool:
+    """Whether a site's calls can be timed on its device now: a GPU, and no CUDA graph being
+    captured."""
+    return x.is_cuda and device_timing.can_time()
