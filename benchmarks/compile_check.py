@@ -142,6 +142,7 @@ def _chained(call):
 def families() -> dict:
     """{name: (call of one launcher at a realistic size, whether its launches must not spill)}."""
     from topk_compiler.kernels.bucketed_topk import fused_bucketed_topk, split_bucketed_topk
+    from topk_compiler.kernels.certified_topk import certified_topk
     from topk_compiler.kernels.filtered_topk import filtered_topk
     from topk_compiler.kernels.gather_matmul import gather_matmul
     from topk_compiler.kernels.quantized_scores import quantized_scores
@@ -160,6 +161,8 @@ def families() -> dict:
         "split, radix, sort launch": (lambda: split_bucketed_topk(
             torch.empty(2, 65536), 256, num_buckets=1024, per_bucket_k=2, segments=8, largest=False, sorted=True,
             select="radix", sort_with="launch"), False),
+        "certified exact, 256 x 128256-like fp32 k=50": (lambda: certified_topk(
+            torch.empty(2, 128256), 50, num_buckets=1024, per_bucket_k=4, largest=True, sorted=True), False),
         "filtered exact": (lambda: filtered_topk(
             torch.empty(2, 16384), 100, num_buckets=512, per_bucket_k=1, largest=True, sorted=True), False),
         "exact select in registers": (lambda: exact_topk(

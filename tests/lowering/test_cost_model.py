@@ -19,7 +19,7 @@ def test_fitted_weights_cover_every_term():
     assert all(w >= 0 for w in CUDA_WEIGHTS["H100"].values())
 
 
-@pytest.mark.parametrize("formula", ["fused", "split", "select", "filtered", "torch"])
+@pytest.mark.parametrize("formula", ["fused", "split", "select", "filtered", "certified", "torch"])
 def test_formulas_evaluate_symbolically_and_agree_with_concrete_sizes(formula):
     n = sympy.Symbol("n", positive=True, integer=True)
     args = {
@@ -27,6 +27,7 @@ def test_formulas_evaluate_symbolically_and_agree_with_concrete_sizes(formula):
         "split": lambda n_: cost_model.split_time(8, n_, 256, 512, 2, 4, 2, True, "radix", "launch", H100),
         "select": lambda n_: cost_model.select_time(64, n_, 256, 2, True, "bisect", "program", H100),
         "filtered": lambda n_: cost_model.filtered_time(64, n_, 256, 512, 2, 2, False, "bisect", "program", H100),
+        "certified": lambda n_: cost_model.certified_time(64, n_, 256, 512, 4, 2, True, "bisect", "launch", 0.1, H100),
         "torch": lambda n_: cost_model.torch_topk_time(64, n_, 256, 2, H100),
     }[formula]
     expr = args(n)
@@ -112,3 +113,17 @@ def test_rank_sort_is_timed_for_few_rows_of_large_k_only(monkeypatch):
     assert cost_model.rank_sort_time(32, 1434, H100) > t > cost_model.rank_sort_time(16, 700, H100)
     k = sympy.Symbol("k", positive=True, integer=True)
     assert float(cost_model.rank_sort_time(16, k, H100).subs(k, 1434)) == pytest.approx(t, rel=1e-9)
+
+
+def test_certified_exact_plans_for_long_rows_of_small_k(monkeypatch):
+    """256 x 128256 fp32 k=50: the certified kernel is among the exact plans, with two or more
+    slots a bucket, survivors in registers, and most calls certified."""
+    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
+    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
+    plan.shortlist.cache_clear()
+    _, exact = plan.shortlist(256, 128256, 50, torch.float32, "cuda", 1.0)
+    plan.shortlist.cache_clear()
+    certified = [p for p in exact if p.kernel == "certified"]
+    assert certified and all(p.algorithm == "exact" and p.select != "bitonic" for p in certified)
+    for b, kb, flagged in plan.certified_bucketings(256, 128256, 50, 4):
+        assert kb >= 2 and b * next_pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[4] and flagged <= 1 - plan.CERTIFIED_CALLS

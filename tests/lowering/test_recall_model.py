@@ -80,3 +80,19 @@ def test_measured_recall_counts_ties_once_and_nan_as_largest():
     assert measured_recall(x, torch.tensor([[4, 1, 0]]), 3) == pytest.approx(2 / 3)
     assert measured_recall(x, torch.tensor([[1, 2, 3]]), 3) == pytest.approx(2 / 3)
     assert measured_recall(x, torch.tensor([[0, 3]]), 2, largest=False) == 1.0
+
+
+@pytest.mark.parametrize("n,k,b,kb", [(2048, 20, 64, 3), (4099, 40, 128, 3), (8192, 64, 256, 3)])
+def test_uncertified_probability_matches_simulation(n, k, b, kb):
+    """The share of random rows in which some interleaved bucket holds kb or more of the top k
+    (k / b <= 1/3, where the planner uses it)."""
+    from topk_compiler.lowering.recall_model import uncertified_probability
+
+    trials = 4000
+    gen = torch.Generator().manual_seed(n)
+    positions = torch.rand(trials, n, generator=gen).topk(k, dim=1).indices  # the top k of a random order
+    counts = torch.zeros(trials, b, dtype=torch.int64).scatter_add_(1, positions % b, torch.ones_like(positions))
+    simulated = (counts.max(1).values >= kb).float().mean().item()
+    model = uncertified_probability(n, k, b, kb)
+    assert 0.02 < model < 0.98
+    assert abs(model - simulated) < 4 * (model * (1 - model) / trials) ** 0.5 + 0.01

@@ -74,27 +74,14 @@ def exact_from_memory(x_row_ptr, n, k, values_row_ptr, indices_row_ptr, order_ro
 
 
 @triton.jit
-def _filtered_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, cand_keys_ptr, cand_idx_ptr, tie_idx_ptr,  # pointers
-                          n, k, num_buckets, slots,                                                           # sizes
-                          x_row_stride, out_row_stride, cand_row_stride,                                      # strides
-                          BLANES: tl.constexpr, KB: tl.constexpr, KBP: tl.constexpr, LAYOUT: tl.constexpr,
-                          UNROLL: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr,
-                          POS_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, K_POW2: tl.constexpr,
-                          SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
-                          ORDER32: tl.constexpr, PACK32: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row_ptr = x_ptr + row * x_row_stride
-    values_row_ptr = values_ptr + row * out_row_stride
-    indices_row_ptr = indices_ptr + row * out_row_stride
-    order_row_ptr = order_ptr + row * out_row_stride
-    cand_keys_row = cand_keys_ptr + row * cand_row_stride
-    cand_idx_row = cand_idx_ptr + row * cand_row_stride
-    tie_idx_row = tie_idx_ptr + row * out_row_stride
-
-    survivors, _ = bucket_survivors_of(x_row_ptr, row, 0, n, num_buckets, slots, 0,
-                                       BLANES, KB, KBP, LAYOUT, UNROLL, LARGEST, KEY_BITS, POS_BITS)
-    bound = kth_key_bisect(survivors, k, KEY_BITS)
-
+def filter_and_select(x_row_ptr, bound, n, k, values_row_ptr, indices_row_ptr, order_row_ptr, cand_keys_row,
+                      cand_idx_row, tie_idx_row,
+                      LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+                      K_POW2: tl.constexpr, SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
+                      ORDER32: tl.constexpr, PACK32: tl.constexpr):
+    """Exact top-k of one row given ``bound``, at most its k-th largest key: the elements above
+    it compacted into the CAP-slot scratch, the first k ties into ``tie_idx_row``, then steps 3
+    of the module docstring."""
     above_base = tl.zeros([], dtype=tl.int32)
     tied_base = tl.zeros([], dtype=tl.int32)
     for start in range(0, n, BLOCK):
@@ -141,6 +128,26 @@ def _filtered_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, cand_keys_p
             if SORT_HERE:
                 tl.debug_barrier()
                 sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2, ORDER32)
+
+
+@triton.jit
+def _filtered_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, cand_keys_ptr, cand_idx_ptr, tie_idx_ptr,  # pointers
+                          n, k, num_buckets, slots,                                                           # sizes
+                          x_row_stride, out_row_stride, cand_row_stride,                                      # strides
+                          BLANES: tl.constexpr, KB: tl.constexpr, KBP: tl.constexpr, LAYOUT: tl.constexpr,
+                          UNROLL: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr,
+                          POS_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, K_POW2: tl.constexpr,
+                          SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
+                          ORDER32: tl.constexpr, PACK32: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row_ptr = x_ptr + row * x_row_stride
+    survivors, _ = bucket_survivors_of(x_row_ptr, row, 0, n, num_buckets, slots, 0,
+                                       BLANES, KB, KBP, LAYOUT, UNROLL, LARGEST, KEY_BITS, POS_BITS)
+    bound = kth_key_bisect(survivors, k, KEY_BITS)
+    filter_and_select(x_row_ptr, bound, n, k, values_ptr + row * out_row_stride, indices_ptr + row * out_row_stride,
+                      order_ptr + row * out_row_stride, cand_keys_ptr + row * cand_row_stride,
+                      cand_idx_ptr + row * cand_row_stride, tie_idx_ptr + row * out_row_stride,
+                      LARGEST, KEY_BITS, CAP, BLOCK, K_POW2, SORTED, SELECT, SORT_HERE, ORDER32, PACK32)
 
 
 def filtered_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool, sorted: bool,

@@ -216,7 +216,8 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
                      K_POW2: tl.constexpr, KEY_BITS: tl.constexpr, SORTED: tl.constexpr,
                      SELECT: tl.constexpr, SORT_HERE: tl.constexpr, ORDER32: tl.constexpr,
                      PACK32: tl.constexpr, LARGEST: tl.constexpr):
-    """Writes the k candidates with the largest keys (int64 indices, values rebuilt from keys).
+    """Writes the k candidates with the largest keys (int64 indices, values rebuilt from keys);
+    returns the k-th largest key.
 
     keys: int32 [NS], padding = ``key_pad``, made by ``order_key`` with LARGEST; idx: [NS]
     element indices; at least k real candidates. With SORTED and not SORT_HERE, the row is left
@@ -247,6 +248,7 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
         in_k = o < k
         tl.store(indices_row_ptr + o, top_idx, mask=in_k)
         tl.store(values_row_ptr + o, values_of(top_keys, top_idx, in_k, x_row_ptr, KEY_BITS, LARGEST), mask=in_k)
+        threshold = tl.min(tl.where(in_k, top_keys, 2147483647), axis=0)
     else:
         if SELECT == 1:
             threshold = kth_key_bisect(keys, k, KEY_BITS)
@@ -264,6 +266,7 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
             if SORTED and SORT_HERE:
                 tl.debug_barrier()
                 sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2, ORDER32)
+    return threshold
 
 
 @triton.jit

@@ -65,6 +65,7 @@ def _run(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan,
         return bucketed_topk_torch(x2d, k, largest=largest, sorted=sorted, num_buckets=plan.num_buckets,
                                    per_bucket_k=plan.per_bucket_k, layout=layout, seed=seed)
     from topk_compiler.kernels import bucketed_topk as bucketed_kernels
+    from topk_compiler.kernels import certified_topk as certified_kernels
     from topk_compiler.kernels import filtered_topk as filtered_kernels
     from topk_compiler.kernels import select_topk as select_kernels
 
@@ -77,6 +78,10 @@ def _run(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan,
     if plan.kernel == "filtered":
         return filtered_kernels.filtered_topk(x2d, k, num_warps=plan.num_warps, **bucketing, **finish)
     layout_args = dict(layout_id=LAYOUT_IDS[layout], seed=seed)
+    if plan.kernel == "certified":
+        values, indices, _ = certified_kernels.certified_topk(x2d, k, num_warps=plan.num_warps, **bucketing,
+                                                             **layout_args, **finish)
+        return values, indices
     if plan.kernel == "fused":
         return bucketed_kernels.fused_bucketed_topk(x2d, k, num_warps=plan.num_warps, **bucketing, **layout_args,
                                                     **finish)

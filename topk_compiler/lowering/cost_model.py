@@ -284,6 +284,18 @@ def filtered_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, se
     return p.weight("launch") + _waves(rows, p) * per_row + outer
 
 
+def certified_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, select, sort_with, flagged,
+                   p: DeviceProfile):
+    """``certified_topk``: the fused kernel with its certificate, then a launch recomputing the
+    rows it flags (``flagged``: the probability that any is), each by a filtering pass over the
+    row and a selection among the candidate slots."""
+    ns = num_buckets * _next_pow2(per_bucket_k)
+    recompute = (_stream(n, elem_bytes, 0, p) + n * p.weight("filter")
+                 + _select(ns, k, _key_bits(elem_bytes), select, p))
+    return (fused_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, select, sort_with, p)
+            + p.weight("launch") + flagged * recompute)
+
+
 def torch_topk_time(rows, n, k, elem_bytes, p: DeviceProfile):
     """torch.topk (fitted): a pass-proportional term per element, a sort of the k outputs per row."""
     return (

@@ -20,7 +20,7 @@ import torch
 
 from topk_compiler.kernels import cdiv, next_pow2
 from topk_compiler.lowering import cost_model
-from topk_compiler.lowering.recall_model import expected_recall, guaranteed_recall, survivors
+from topk_compiler.lowering.recall_model import expected_recall, guaranteed_recall, survivors, uncertified_probability
 
 # An approximate plan must be predicted (and, on the GPU, measured) at least this much faster
 # than exact top-k.
@@ -48,6 +48,10 @@ MAX_BITONIC_K = 256
 # The exact filtered kernel's stage 1 keeps this expected recall, so that about k / recall
 # candidates pass its filter, well inside the candidate slots (at least twice k).
 FILTER_RECALL = 0.8
+# The certified exact kernel's bucketings: the fewest slots per bucket count with which a call's
+# rows in random order all pass the certificate at least this often (a failing row costs a
+# recompute; one slot never certifies the bucket holding the maximum).
+CERTIFIED_CALLS = 0.5
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SELECTS = ("bisect", "radix", "bitonic")
 SORT_WITH = ("program", "launch", "rank")
@@ -68,7 +72,8 @@ class TopkPlan:
         kernel: "torch" (torch.topk), "reference" (bucketed in plain torch ops), "fused" (stage 1
             and 2 in one Triton program per row), "split" (stage 1 over several programs per row,
             then stage 2), "select" (exact Triton selection of rows held in registers) or
-            "filtered" (exact: a bucketed bound, a filtering pass, a selection).
+            "filtered" (exact: a bucketed bound, a filtering pass, a selection) or "certified"
+            (exact: the fused kernel, whose rows are certified exact or recomputed).
         num_buckets, per_bucket_k: the bucketing (bucketed and filtered only).
         segments: programs per row of the split kernel's stage 1.
         select: how the k-th largest key is found: "bisect" (one count per key bit), "radix" (one
@@ -211,6 +216,23 @@ def filtered_bucketings(n: int, k: int, elem: int):
                 break
 
 
+def certified_bucketings(rows: int, n: int, k: int, elem: int):
+    """(num_buckets, per_bucket_k, probability that a call recomputes a row) for the certified
+    exact kernel: per bucket count, the fewest slots (two or more) certifying a call's rows with
+    probability CERTIFIED_CALLS, survivors held in registers and numerous enough for k."""
+    for b in BUCKET_CHOICES:
+        for kb in range(2, MAX_PER_BUCKET_K + 1):
+            ns = b * next_pow2(kb)
+            if ns > MAX_REGISTER_SURVIVORS[elem] or b * kb >= n // 2:
+                break
+            if ns < next_pow2(k):
+                continue
+            flagged = 1.0 - (1.0 - uncertified_probability(n, k, b, kb)) ** rows
+            if flagged <= 1.0 - CERTIFIED_CALLS:
+                yield b, kb, flagged
+                break
+
+
 def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
     torch_us = _us(cost_model.torch_topk_time(rows, n, k, elem, profile))
     plans = [TopkPlan("exact", "torch", predicted_us=torch_us, torch_topk_us=torch_us, reason="torch.topk")]
@@ -230,6 +252,15 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
             plans.append(TopkPlan("exact", "filtered", b, kb, select=select, sort_with=sort_with,
                                   num_warps=warps_for(b, b * next_pow2(kb)),
                                   sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us, reason="exact Triton filtered selection"))
+    for b, kb, flagged in certified_bucketings(rows, n, k, elem):
+        for select, sort_with in _finishes(rows, k, sorted_):
+            if select == "bitonic":
+                continue
+            t = _us(cost_model.certified_time(rows, n, k, b, kb, elem, sorted_, select, sort_with, flagged, profile))
+            plans.append(TopkPlan("exact", "certified", b, kb, select=select, sort_with=sort_with,
+                                  num_warps=fused_warps(rows, b, b * next_pow2(kb), profile.processors),
+                                  sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us,
+                                  reason=f"exact: certified bucketed (a row recomputed in {flagged:.0%} of calls)"))
     return plans
 
 

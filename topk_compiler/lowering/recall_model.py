@@ -117,6 +117,34 @@ def guaranteed_recall(n: int, k: int, num_buckets: int, per_bucket_k: int) -> fl
     return min(1.0, _expected_min_binomial(runs, lam / runs, per_bucket_k) / lam)
 
 
+def _tail_hypergeometric(n: int, k: int, m: int, kb: int) -> float:
+    """P(X >= kb) for X ~ hypergeometric (population n, k successes, m draws)."""
+    lo, hi = max(0, m - (n - k)), min(m, k)
+    if kb > hi:
+        return 0.0
+    if kb <= lo:
+        return 1.0
+    log_total = _log_comb(n, m)
+    below = sum(math.exp(_log_comb(k, x) + _log_comb(n - k, m - x) - log_total) for x in range(lo, kb))
+    return max(0.0, 1.0 - below)
+
+
+@functools.lru_cache(maxsize=65536)
+def uncertified_probability(n: int, k: int, num_buckets: int, per_bucket_k: int,
+                            layout: str = "interleaved") -> float:
+    """Probability that a row in random order fails the certificate of
+    ``kernels/certified_topk.py``: some bucket holds ``per_bucket_k`` or more of its top k
+    (the buckets treated as independent, which for k << n is close)."""
+    _check(n, k, num_buckets, per_bucket_k)
+    if k == 0:
+        return 0.0
+    certified = 1.0
+    for size, count in bucket_sizes(n, num_buckets, layout).items():
+        if size:
+            certified *= (1.0 - _tail_hypergeometric(n, k, size, per_bucket_k)) ** count
+    return 1.0 - certified
+
+
 def survivors(n: int, num_buckets: int, per_bucket_k: int, layout: str = "interleaved") -> int:
     """How many real (non-padding) elements stage 1 keeps."""
     return sum(count * min(size, per_bucket_k) for size, count in bucket_sizes(n, num_buckets, layout).items())

@@ -1,0 +1,75 @@
+"""Exact top-k from the bucketed one: each row's result certified, or recomputed.
+
+Stage 1 keeps the top ``per_bucket_k`` (kb) of each bucket, so an element it drops is at most its
+bucket's kb-th survivor. Where no bucket's kb-th survivor reaches the k-th largest survivor key
+T, every dropped element is below T and the top-k of the survivors is the row's own: exact, for
+the cost of one streaming pass. ``_fused_bucketed_topk_kernel`` with CERTIFY checks this per row
+and flags the rows it cannot certify (a bucket holding kb or more of the row's top k: rare for
+inputs in random order when k / num_buckets is small; ``recall_model.uncertified_probability``).
+A second launch recomputes only the flagged rows, and its other programs return at once: the
+k-th survivor key is a bound on the row's k-th key, so one more pass over the row compacts the
+elements above it and selects among them (``filtered_topk.filter_and_select``, which falls back
+to bisection over the row if too many pass). Always exact; fast unless many rows are flagged (an
+order that crowds large elements into few buckets; the "shuffled" layout spreads any order).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from topk_compiler.kernels import next_pow2
+from topk_compiler.kernels.bucketed_topk import _fused_bucketed_topk_kernel, check_stage1, stage1_meta
+from topk_compiler.kernels.filtered_topk import FILTER_BLOCK, filter_and_select
+from topk_compiler.kernels.select_topk import finish_sort, new_outputs, select_meta
+
+
+@triton.jit
+def _recompute_flagged_kernel(x_ptr, flags_ptr, bounds_ptr, values_ptr, indices_ptr, order_ptr,  # pointers
+                              cand_keys_ptr, cand_idx_ptr,
+                              n, k,                                                              # sizes
+                              x_row_stride, out_row_stride, cand_row_stride,                     # strides
+                              LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, CAP: tl.constexpr,
+                              BLOCK: tl.constexpr, K_POW2: tl.constexpr, SORTED: tl.constexpr,
+                              SELECT: tl.constexpr, SORT_HERE: tl.constexpr, ORDER32: tl.constexpr,
+                              PACK32: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(flags_ptr + row) != 0:
+        # The first ties go to the output's index row before it is rewritten (as in filtered_topk).
+        filter_and_select(x_ptr + row * x_row_stride, tl.load(bounds_ptr + row), n, k,
+                          values_ptr + row * out_row_stride, indices_ptr + row * out_row_stride,
+                          order_ptr + row * out_row_stride, cand_keys_ptr + row * cand_row_stride,
+                          cand_idx_ptr + row * cand_row_stride, indices_ptr + row * out_row_stride,
+                          LARGEST, KEY_BITS, CAP, BLOCK, K_POW2, SORTED, SELECT, SORT_HERE, ORDER32, PACK32)
+
+
+def certified_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool, sorted: bool,
+                   layout_id: int = 0, seed: int = 0, select: str = "bisect", sort_with: str = "program",
+                   sort_warps: int = 1, unroll: int = 4, num_warps: int = 8, recompute_warps: int = 8,
+                   block: int = FILTER_BLOCK):
+    """Exact top-k of each row of ``x2d`` ([rows, n], unit last stride); the bucketing sets only
+    the speed. Returns (values, indices, flags): flags[row] != 0 where the row was recomputed."""
+    check_stage1(x2d, k, num_buckets, per_bucket_k, layout_id, unroll)
+    assert select != "bitonic", "certified_topk: the survivors are selected by bisect or radix"
+    rows, n = x2d.shape
+    slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets, layout_id, unroll, largest)
+    cap = num_buckets * meta["KBP"]
+    assert cap >= next_pow2(k), f"certified_topk: {cap} candidate slots hold fewer than k={k}"
+    values, indices, order = new_outputs(x2d, k, meta["KEY_BITS"], sorted, select)
+    flags = torch.empty(rows, dtype=torch.int32, device=x2d.device)
+    bounds = torch.empty_like(flags)
+    finish = select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with)
+    if rows:
+        _fused_bucketed_topk_kernel[(rows,)](
+            x2d, values, indices, order, flags, bounds, n, k, num_buckets, slots, seed, x2d.stride(0), k, **meta,
+            **finish, CERTIFY=True, num_warps=num_warps,
+        )
+        # Written only by the programs of flagged rows.
+        cand_keys = torch.empty(rows, cap, dtype=torch.int32, device=x2d.device)
+        cand_idx = torch.empty_like(cand_keys)
+        _recompute_flagged_kernel[(rows,)](
+            x2d, flags, bounds, values, indices, order, cand_keys, cand_idx, n, k, x2d.stride(0), k, cap,
+            LARGEST=largest, KEY_BITS=meta["KEY_BITS"], CAP=cap, BLOCK=block, num_warps=recompute_warps, **finish,
+        )
+    values, indices = finish_sort(values, indices, order, sorted=sorted, select=select, sort_with=sort_with,
+                                  sort_warps=sort_warps)
+    return values, indices, flags
