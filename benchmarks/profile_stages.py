@@ -14,6 +14,10 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
 * ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
   stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
   ``rank_sort``: ``rank_sort`` of them (many programs per row); ``torch_sort``: ``torch.sort``.
+* Small-k shapes, the certified exact kernel at each bucketing the planner offers: whole
+  (``certified``, with the rows it flagged on this input), the approximate fused kernel of the
+  same bucketing, and its recompute launch with no row flagged and with every row flagged and
+  bisecting (the worst case).
 
 HiRE FFN (bf16, d=4096, d_ff=16384, 10% active, batch 1, calibrated as in bench_hire.py): device
 time of each kernel the op launches (torch.profiler), the op's CUDA-graph replay, and dense; then
@@ -63,7 +67,7 @@ from triton.testing import do_bench
 
 from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, fused_bucketed_topk, stage1_meta
 from topk_compiler.kernels.select_topk import (compact_positions, kth_key_bisect, kth_key_radix, rank_sort,
-                                                sort_selected)
+                                                select_meta, sort_selected)
 from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, sparse_ffn
 from topk_compiler.lowering.hire_cost_model import expected_union
 from topk_compiler.lowering.hire_predictor import predictor_for, transposed_copy
@@ -185,7 +189,44 @@ def topk_stages(rows, n, k, dtype, bucketings, focus) -> list[dict]:
                                                                             unroll=unroll, warps=warps))
     if focus == "select":
         sorts(rows, n, k, dtype, record)
+    else:
+        certified(x, k, record)
     return out
+
+
+def certified(x, k, record):
+    """The certified exact kernel at the planner's bucketings: whole, its certifying pass alone
+    (the fused kernel with CERTIFY), and its recompute launch with no row flagged and with every
+    row flagged (the worst case), beside the approximate fused kernel of the same bucketing."""
+    from topk_compiler.kernels import certified_topk as module
+    from topk_compiler.lowering.plan import certified_bucketings, fused_warps
+
+    rows, n = x.shape
+    processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    for b, kb, flagged in certified_bucketings(rows, n, k, x.element_size()):
+        warps = fused_warps(rows, b, b * triton.next_power_of_2(kb), processors)
+        _, _, flags = module.certified_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=True,
+                                            num_warps=warps)
+        label = f"certified:w{warps}:predicted_flagged={flagged:.2f}:flagged_rows={int((flags != 0).sum())}"
+        record(label, b, kb, lambda: module.certified_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True,
+                                                             sorted=True, num_warps=warps))
+        record(f"fused_approximate:w{warps}", b, kb, lambda: fused_bucketed_topk(
+            x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=True, num_warps=warps))
+        slots, meta = stage1_meta(x, b, kb, b, 0, 4, True)
+        cap = b * meta["KBP"]
+        finish = select_meta(k, meta["KEY_BITS"], n, sorted=True, select="bisect", sort_with="program")
+        values, indices = torch.empty(rows, k, dtype=x.dtype, device=x.device), torch.empty(rows, k, dtype=torch.int64,
+                                                                                             device=x.device)
+        order = torch.empty(rows, k, dtype=torch.int32 if finish["ORDER32"] else torch.int64, device=x.device)
+        bounds = torch.zeros(rows, dtype=torch.int32, device=x.device)
+        cand = torch.empty(rows, cap, dtype=torch.int32, device=x.device)
+        # Every row flagged with the bound at key 0 (about half of a normal row above it): more
+        # pass than the slots hold, so every program bisects its row, the slowest path.
+        for name, flags in (("none_flagged", torch.zeros(rows, dtype=torch.int32, device=x.device)),
+                            ("all_flagged_bisecting", torch.ones(rows, dtype=torch.int32, device=x.device))):
+            record(f"recompute:{name}", b, kb, lambda f=flags: module._recompute_flagged_kernel[(rows,)](
+                x, f, bounds, values, indices, order, cand, cand, n, k, x.stride(0), k, cap, LARGEST=True,
+                KEY_BITS=meta["KEY_BITS"], CAP=cap, BLOCK=module.FILTER_BLOCK, num_warps=8, **finish))
 
 
 def sorts(rows, n, k, dtype, record):
