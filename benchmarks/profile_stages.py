@@ -218,14 +218,14 @@ def certified(x, k, record):
         values, indices = torch.empty(rows, k, dtype=x.dtype, device=x.device), torch.empty(rows, k, dtype=torch.int64,
                                                                                              device=x.device)
         order = torch.empty(rows, k, dtype=torch.int32 if finish["ORDER32"] else torch.int64, device=x.device)
-        bounds = torch.zeros(rows, dtype=torch.int32, device=x.device)
-        cand = torch.empty(rows, cap, dtype=torch.int32, device=x.device)
+        scratch = torch.empty(rows, 2 * cap, dtype=torch.int32, device=x.device)
         # Every row flagged with the bound at key 0 (about half of a normal row above it): more
         # pass than the slots hold, so every program bisects its row, the slowest path.
-        for name, flags in (("none_flagged", torch.zeros(rows, dtype=torch.int32, device=x.device)),
-                            ("all_flagged_bisecting", torch.ones(rows, dtype=torch.int32, device=x.device))):
-            record(f"recompute:{name}", b, kb, lambda f=flags: module._recompute_flagged_kernel[(rows,)](
-                x, f, bounds, values, indices, order, cand, cand, n, k, x.stride(0), k, cap, LARGEST=True,
+        for name, flag in (("none_flagged", 0), ("all_flagged_bisecting", 1)):
+            certificate = torch.zeros(2, rows, dtype=torch.int32, device=x.device)
+            certificate[0] = flag
+            record(f"recompute:{name}", b, kb, lambda c=certificate: module._recompute_flagged_kernel[(rows,)](
+                x, c, values, indices, order, scratch, n, k, x.stride(0), k, 2 * cap, LARGEST=True,
                 KEY_BITS=meta["KEY_BITS"], CAP=cap, BLOCK=module.FILTER_BLOCK, num_warps=8, **finish))
 
 
@@ -334,7 +334,7 @@ def host_overheads(calls: int = 2000) -> dict:
         finish = select_meta(k, meta["KEY_BITS"], x.shape[1], sorted=True, select=plan.select,
                              sort_with=plan.sort_with)
         layers["the Triton launch alone (outputs preallocated)"] = lambda: kernels._fused_bucketed_topk_kernel[(1,)](
-            x, values, indices, order, indices, indices, x.shape[1], k, plan.num_buckets, slots, 0, x.stride(0), k, **meta,
+            x, values, indices, order, indices, x.shape[1], k, plan.num_buckets, slots, 0, x.stride(0), k, **meta,
             **finish, CERTIFY=False, num_warps=plan.num_warps)
         layers["torch.empty x3 (the outputs)"] = lambda: new_outputs(x, k, meta["KEY_BITS"], True)
     eager_plan = op_module.lookup_tuned(1, 4096, k, x.dtype, str(x.device), True, True, 0.95)

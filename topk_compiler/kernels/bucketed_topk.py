@@ -148,7 +148,7 @@ def bucket_survivors_of(x_row_ptr, row, seg, n, num_buckets, slots, seed,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _fused_bucketed_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, flags_ptr, bounds_ptr,  # pointers
+def _fused_bucketed_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, certificate_ptr,  # pointers
                                 n, k, num_buckets, slots, seed,                          # sizes
                                 x_row_stride, out_row_stride,                            # strides
                                 BLANES: tl.constexpr, KB: tl.constexpr, KBP: tl.constexpr,
@@ -156,9 +156,10 @@ def _fused_bucketed_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, flags
                                 KEY_BITS: tl.constexpr, POS_BITS: tl.constexpr, K_POW2: tl.constexpr,
                                 SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
                                 ORDER32: tl.constexpr, PACK32: tl.constexpr, CERTIFY: tl.constexpr):
-    """CERTIFY: flags[row] = 0 where the top-k of the survivors is the row's: no bucket's
-    KB-th survivor reaches their k-th largest key, so every element stage 1 dropped is below it;
-    bounds[row] = that key (at most the row's k-th largest: the survivors are a subset)."""
+    """CERTIFY: certificate [2, rows]: [0, row] = 0 where the top-k of the survivors is the
+    row's (no bucket's KB-th survivor reaches their k-th largest key, so every element stage 1
+    dropped is below it); [1, row] = that key (at most the row's k-th largest: the survivors are
+    a subset)."""
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = x_ptr + row * x_row_stride
     keys, idx = bucket_survivors_of(x_row_ptr, row, 0, n, num_buckets, slots, seed,
@@ -171,8 +172,8 @@ def _fused_bucketed_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, flags
         # A bucket's KB-th survivor reaches the k-th key when KB of its survivors do (its KBP
         # slots are adjacent); one that kept fewer than KB real elements dropped none.
         reaching = tl.sum(tl.reshape((keys >= kth).to(tl.int32), [BLANES, KBP]), axis=1)
-        tl.store(flags_ptr + row, tl.max((reaching >= KB).to(tl.int32), axis=0))
-        tl.store(bounds_ptr + row, kth)
+        tl.store(certificate_ptr + row, tl.max((reaching >= KB).to(tl.int32), axis=0))
+        tl.store(certificate_ptr + tl.num_programs(0) + row, kth)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -228,7 +229,7 @@ def fused_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_buck
     values, indices, order = new_outputs(x2d, k, meta["KEY_BITS"], sorted, select)
     if rows:
         _fused_bucketed_topk_kernel[(rows,)](
-            x2d, values, indices, order, indices, indices, n, k, num_buckets, slots, seed, x2d.stride(0), k, **meta,
+            x2d, values, indices, order, indices, n, k, num_buckets, slots, seed, x2d.stride(0), k, **meta,
             **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
             CERTIFY=False, num_warps=num_warps,
         )
