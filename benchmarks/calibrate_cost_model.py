@@ -38,7 +38,7 @@ import torch
 from topk_compiler.lowering import bucketed_topk as op
 from topk_compiler.kernels import next_pow2
 from topk_compiler.lowering import cost_model, plan
-from topk_compiler.lowering.recall_model import expected_recall, measured_recall
+from topk_compiler.lowering.recall_model import expected_recall, measured_recall, uncertified_probability
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (rows, n, k, dtype): the headline shapes of the benchmark, then shapes that spread the features
@@ -130,6 +130,9 @@ def variants(rows, n, k, dtype, quick=False):
                 [("bisect", sort)]:
             out.append(_base("filtered", num_buckets=b, per_bucket_k=kb, select=select, sort_with=sort_with,
                              num_warps=plan.warps_for(b, b * next_pow2(kb))))
+    for b, kb, _ in list(plan.certified_bucketings(rows, n, k, elem))[:2]:
+        out.append(_base("certified", num_buckets=b, per_bucket_k=kb, select="bisect", sort_with=sort,
+                         num_warps=plan.fused_warps(rows, b, b * next_pow2(kb), 132)))
     return out
 
 
@@ -147,6 +150,10 @@ def run_variant(x, k, v):
         return select_kernels.exact_topk(x, k, largest=True, num_warps=v["num_warps"], **finish)
     if v["kernel"] == "filtered":
         return filtered_kernels.filtered_topk(x, k, num_warps=v["num_warps"], **bucketing, **finish)
+    if v["kernel"] == "certified":
+        from topk_compiler.kernels import certified_topk as certified_kernels
+
+        return certified_kernels.certified_topk(x, k, num_warps=v["num_warps"], **bucketing, **finish)[:2]
     if v["kernel"] == "fused":
         return bucketed_kernels.fused_bucketed_topk(x, k, num_warps=v["num_warps"], **bucketing, **finish)
     if v["kernel"] == "survivors":
@@ -169,6 +176,10 @@ def predicted_us(rows, n, k, elem, v, profile):
         t = cost_model.select_time(rows, n, k, *common)
     elif kernel == "filtered":
         t = cost_model.filtered_time(rows, n, k, v["num_buckets"], v["per_bucket_k"], *common)
+    elif kernel == "certified":
+        row_fails = uncertified_probability(n, k, v["num_buckets"], v["per_bucket_k"])
+        t = cost_model.certified_time(rows, n, k, v["num_buckets"], v["per_bucket_k"], elem, v["sorted"],
+                                      v["select"], v["sort_with"], 1.0 - (1.0 - row_fails) ** rows, profile)
     else:
         t = None
     return None if t is None else float(t) * 1e6
@@ -227,7 +238,7 @@ def check(x, k, v, out):
     values, indices = out
     ok = torch.equal(x.gather(1, indices), values)
     recall = measured_recall(x, indices, k)
-    if v["kernel"] in ("torch", "select", "filtered"):
+    if v["kernel"] in ("torch", "select", "filtered", "certified"):
         exact = torch.topk(x, k, dim=1).values
         got = values if v["sorted"] else values.sort(dim=1, descending=True).values
         return bool(ok and torch.equal(got, exact)), recall, 1.0
