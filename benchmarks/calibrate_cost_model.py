@@ -14,7 +14,7 @@ Per shape the sweep holds, for the approximate kernels at recall 0.95, every way
 (select by bisection, radix histograms or a bitonic network; sort in the program or in a separate
 launch) on up to three bucketings; launch parameters (warps, loads in flight, the sort launch's
 warps) around the middle bucketing; the split kernel where rows are few; one bucketing at recall
-0.9 and 0.99; the exact kernels (rows in registers, filtered); torch.topk sorted and unsorted; and
+0.9 and 0.99; the exact kernels (rows in registers, filtered, certified); torch.topk sorted and unsorted; and
 stage 1 alone (survivors to memory) to see how close it streams to the HBM floor.
 Kernels are compiled first by ``--jobs`` worker processes on two-row slices of the same length
 (Triton specialises on the same argument properties), so the timing process finds them cached.
@@ -64,7 +64,7 @@ def _base_variant(kernel, **kw):
 
 
 def _default_sort(k):
-    return "program" if next_pow2(k) <= plan.MAX_BITONIC_K else "torch"
+    return "program" if next_pow2(k) <= plan.MAX_BITONIC_K else "launch"
 
 
 def _split_configs(rows, n, k, elem):
@@ -95,7 +95,7 @@ def variants(rows, n, k, dtype, quick=False):
     fused = fused[max(0, len(fused) // 2 - 1): len(fused) // 2 + 2]
     for i, (b, kb) in enumerate(fused):
         middle = i == len(fused) // 2
-        fin = finishes if middle else sorted({("bisect", sort), ("bisect", "torch")})
+        fin = finishes if middle else [("bisect", sort)]
         for select, sort_with in fin:
             out.append(_base("fused", num_buckets=b, per_bucket_k=kb, select=select, sort_with=sort_with,
                              num_warps=plan.warps_for(b, b * next_pow2(kb)), recall_target=TARGET))
@@ -122,11 +122,11 @@ def variants(rows, n, k, dtype, quick=False):
                                  num_warps=plan.warps_for(b, b * next_pow2(kb)), recall_target=target))
     n_pow2 = next_pow2(n)
     if n_pow2 <= plan.MAX_REGISTER_SURVIVORS[elem]:
-        for select, sort_with in [("bisect", "program"), ("bisect", "torch"), ("radix", sort)] + (
+        for select, sort_with in [("bisect", "program"), ("radix", sort)] + (
                 [("bitonic", "program")] if next_pow2(k) <= plan.MAX_BITONIC_K else []):
             out.append(_base("select", select=select, sort_with=sort_with, num_warps=plan.warps_for(n_pow2 // 8, n_pow2)))
     for i, (b, kb) in enumerate(list(plan.filtered_bucketings(n, k, elem))[:2]):
-        for select, sort_with in sorted({("bisect", sort), ("bisect", "torch"), ("radix", sort)}) if i == 0 else \
+        for select, sort_with in sorted({("bisect", sort), ("radix", sort)}) if i == 0 else \
                 [("bisect", sort)]:
             out.append(_base("filtered", num_buckets=b, per_bucket_k=kb, select=select, sort_with=sort_with,
                              num_warps=plan.warps_for(b, b * next_pow2(kb))))
