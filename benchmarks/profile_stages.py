@@ -25,7 +25,9 @@ the sparse FFN alone (selection, FFN, reduction) with 132, 264 and 528 programs;
 kernels that predict in the kernel (projection, fused kernel, reduction) with 132 and 264.
 
 Host: the time per eager call of each layer of our op (custom-op dispatch, its Python body, the
-launcher, the bare Triton launch) on a small input, against torch.topk.
+launcher, the bare Triton launch) on a small input, against torch.topk; then one large call
+(256 x 128256 fp32 k=50) eagerly: its host time, do_bench's eager time and the replay beside a
+cProfile of where its host time goes.
 
     PYTHONPATH=. python3 -m benchmarks.profile_stages --out $OUT    # a GPU, about 4 minutes
     PYTHONPATH=. python3 -m benchmarks.profile_stages --only hire host --out $OUT
@@ -352,6 +354,53 @@ def host_overheads(calls: int = 2000) -> dict:
     return result
 
 
+def large_eager_call(calls: int = 300, top: int = 25) -> dict:
+    """256 x 128256 fp32 k=50 at recall 0.95 called from Python: host time per call (back to
+    back, and each after the device finished), do_bench's eager time (L2 flushed between calls),
+    the graph replay, and a cProfile of the calls by time spent in each function: where an eager
+    call whose kernel takes 55 us spends the rest."""
+    import cProfile
+    import io
+    import pstats
+
+    from topk_compiler import approx_topk
+
+    x = torch.randn(256, 128256, device="cuda")
+
+    def fn():
+        return approx_topk(x, 50, recall_target=0.95)
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    back_to_back = (time.perf_counter() - start) / calls * 1e6
+    waited = []
+    for _ in range(calls // 10):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        waited.append((time.perf_counter() - t) * 1e6)  # the host's part alone: nothing waits on the device
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        fn()
+    profile.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    result = dict(back_to_back_us=back_to_back, host_part_us=sorted(waited)[len(waited) // 2],
+                  do_bench_eager_us=timed(fn)["us"], graph_replay_us=timed(graph.replay)["us"],
+                  cprofile_by_tottime=text.getvalue().splitlines())
+    print(json.dumps({k: v for k, v in result.items() if k != "cprofile_by_tottime"}), flush=True)
+    return result
+
+
 PARTS = ("topk", "hire", "host")
 
 
@@ -371,6 +420,7 @@ def main(argv=None):
         payload["hire_ffn"] = hire_ffn_kernels()
     if "host" in args.only:
         payload["host"] = host_overheads()
+        payload["host_large"] = large_eager_call()
     payload["seconds"] = round(time.time() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_stages.json").write_text(json.dumps(payload, indent=1) + "\n")
