@@ -71,6 +71,7 @@ from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, fused_bucke
 from topk_compiler.kernels.select_topk import (compact_positions, kth_key_bisect, kth_key_radix, rank_sort,
                                                 select_meta, sort_selected)
 from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, sparse_ffn
+from topk_compiler.lowering import device_timing
 from topk_compiler.lowering.hire_cost_model import expected_union
 from topk_compiler.lowering.hire_predictor import predictor_for, transposed_copy
 from topk_compiler.lowering.plan import warps_for
@@ -342,14 +343,7 @@ def host_overheads(calls: int = 2000) -> dict:
     eager_plan = op_module.lookup_tuned(1, 4096, k, x.dtype, str(x.device), True, True, 0.95)
     result = {"graph_plan": dataclasses.asdict(plan), "eager_plan": dataclasses.asdict(eager_plan), "us_per_call": {}}
     for name, fn in layers.items():
-        for _ in range(200):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        result["us_per_call"][name] = (time.perf_counter() - start) / calls * 1e6
+        result["us_per_call"][name] = device_timing.eager_time_us(fn, replays=calls)
     print(json.dumps(result, indent=1), flush=True)
     return result
 
@@ -370,13 +364,7 @@ def large_eager_call(calls: int = 300, top: int = 25) -> dict:
     def fn():
         return approx_topk(x, 50, recall_target=0.95)
 
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    back_to_back = (time.perf_counter() - start) / calls * 1e6
+    back_to_back = device_timing.eager_time_us(fn, replays=calls)
     waited = []
     for _ in range(calls // 10):
         torch.cuda.synchronize()

@@ -42,11 +42,9 @@ def approx_topk_backend(gm: torch.fx.GraphModule, example_inputs: list, *,
     if mode is not None:
         config = dataclasses.replace(config, mode=mode)
     run_passes(gm, example_inputs, config)
-    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {**(list_mode_options(config.mode) if config.mode else {}), **config.inductor}
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    return compile_fx(gm, example_inputs, config_patches=config.inductor_patches() or None)
 
 
 def register() -> None:

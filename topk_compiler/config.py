@@ -314,15 +314,20 @@ class ApproxTopkConfig:
     def valid_options(cls) -> list[str]:
         return sorted((*_TOP_LEVEL_OPTIONS, *_TOPK_OPTIONS))
 
+    def inductor_patches(self) -> dict[str, Any]:
+        """The Inductor config patches the rest of the graph is compiled with: ``mode``'s, then
+        ``inductor``'s over them."""
+        from torch._inductor import list_mode_options
+
+        return {**(list_mode_options(self.mode) if self.mode else {}), **self.inductor}
+
     def replays_cuda_graphs(self) -> bool:
         """Whether Inductor runs the compiled graph as CUDA graph replays (``mode`` or the
         ``triton.cudagraphs`` patch, else Inductor's own setting), so that no call pays the host's
         dispatch: the passes then price the device's work alone."""
         from torch._inductor import config as inductor_config
-        from torch._inductor import list_mode_options
 
-        patches = {**(list_mode_options(self.mode) if self.mode else {}), **self.inductor}
-        return bool(patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
+        return bool(self.inductor_patches().get("triton.cudagraphs", inductor_config.triton.cudagraphs))
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> ApproxTopkConfig:

@@ -10,6 +10,7 @@ its launch intercepted).
 
 import functools
 import importlib.util
+import os
 
 
 def cdiv(a: int, b: int) -> int:
@@ -38,8 +39,6 @@ def chains_launches(t) -> bool:
     before them (Hopper and later; not the interpreter): they start, and load what does not
     depend on it, while it finishes, and wait for its writes at ``gdc_wait``.
     ``TOPK_COMPILER_CHAIN_LAUNCHES=0`` turns this off (each launch then waits for the last)."""
-    import os
-
     if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if os.environ.get("TOPK_COMPILER_CHAIN_LAUNCHES", "1") == "0":

@@ -393,7 +393,7 @@ def sparse_ffn(x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t
         return torch.empty(rows, n, dtype=x2d.dtype, device=x2d.device)
     slots, count = select_neurons(pred, threshold)
     if rows == 1 and max(k, n) <= ROW_MAX_WIDTH:
-        return _row_ffn(x2d, w1, b1, w2t, b2, slots, count, activation, programs, expected)
+        return _row_ffn(x2d, w1, b1, w2t, b2, slots, count, activation, programs, expected, chains_launches(x2d))
     out = torch.empty(rows, n, dtype=x2d.dtype, device=x2d.device)
     bm = min(block_m(rows), MAX_BLOCK_M)
     bs = neurons_per_program(expected, rows, programs)
@@ -449,15 +449,15 @@ def lowrank_sparse_ffn_row(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
                                             R_POW2=r_pow2, BLOCK_J=block_j, BLOCK_R=block_r,
                                             BLOCK_G=max(1, min(next_pow2(g), _REDUCE_TILE // block_r)),
                                             CHAINED=chained, num_warps=PREDICT_WARPS, launch_pdl=chained)
-    return _row_ffn(x2d, w1, b1, w2t, b2, lists, counts, activation, programs, expected)
+    return _row_ffn(x2d, w1, b1, w2t, b2, lists, counts, activation, programs, expected, chained)
 
 
-def _row_ffn(x2d, w1, b1, w2t, b2, slots, count, activation, programs, expected):
-    """The row kernel over ``slots`` (one list, or one list per row of a 2-D ``slots``), reduced."""
+def _row_ffn(x2d, w1, b1, w2t, b2, slots, count, activation, programs, expected, chained):
+    """The row kernel over ``slots`` (one list, or one list per row of a 2-D ``slots``), reduced;
+    ``chained``: launched as programmatic dependents (``kernels.chains_launches``)."""
     k, n = x2d.shape[1], w2t.shape[1]
     p = max(1, min(programs, cdiv(max(expected, 1), ROW_BLOCK_S)))
     lists = slots.shape[0] if slots.dim() == 2 else 0
-    chained = chains_launches(x2d)
     partial = torch.empty(p, 1, n, dtype=torch.float32, device=x2d.device)
     _sparse_ffn_row_kernel[(p,)](x2d, w1, b1 if b1 is not None else slots, w2t, slots, count, partial, k, n, p, lists,
                                  w1.stride(0), w2t.stride(0), slots.stride(0) if lists else 0,

@@ -53,18 +53,19 @@ def _log_comb(a: int, b: int) -> float:
     return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
 
 
+def _hypergeometric_below(n: int, k: int, m: int, kb: int):
+    """(x, P(X = x)) for x < kb, X ~ hypergeometric (population n, k successes, m draws)."""
+    log_total = _log_comb(n, m)
+    for x in range(max(0, m - (n - k)), kb):
+        yield x, math.exp(_log_comb(k, x) + _log_comb(n - k, m - x) - log_total)
+
+
 def _expected_min_hypergeometric(n: int, k: int, m: int, kb: int) -> float:
     """E[min(X, kb)] for X ~ hypergeometric (population n, k successes, m draws)."""
-    lo, hi = max(0, m - (n - k)), min(m, k)
-    if kb >= hi:
+    if kb >= min(m, k):
         return m * k / n
     # E[min(X, kb)] = kb - sum_{x < kb} (kb - x) P(X = x): only kb terms.
-    log_total = _log_comb(n, m)
-    deficit = 0.0
-    for x in range(lo, kb):
-        log_p = _log_comb(k, x) + _log_comb(n - k, m - x) - log_total
-        deficit += (kb - x) * math.exp(log_p)
-    return kb - deficit
+    return kb - sum((kb - x) * p for x, p in _hypergeometric_below(n, k, m, kb))
 
 
 def _expected_min_binomial(trials: int, p: float, kb: int) -> float:
@@ -119,14 +120,9 @@ def guaranteed_recall(n: int, k: int, num_buckets: int, per_bucket_k: int) -> fl
 
 def _tail_hypergeometric(n: int, k: int, m: int, kb: int) -> float:
     """P(X >= kb) for X ~ hypergeometric (population n, k successes, m draws)."""
-    lo, hi = max(0, m - (n - k)), min(m, k)
-    if kb > hi:
+    if kb > min(m, k):
         return 0.0
-    if kb <= lo:
-        return 1.0
-    log_total = _log_comb(n, m)
-    below = sum(math.exp(_log_comb(k, x) + _log_comb(n - k, m - x) - log_total) for x in range(lo, kb))
-    return max(0.0, 1.0 - below)
+    return max(0.0, 1.0 - sum(p for _, p in _hypergeometric_below(n, k, m, kb)))
 
 
 @functools.lru_cache(maxsize=65536)
