@@ -25,7 +25,8 @@ the sparse FFN alone (selection, FFN, reduction) with 132, 264 and 528 programs;
 kernels that predict in the kernel (projection, fused kernel, reduction) with 132 and 264.
 
 Host: the time per eager call of each layer of our op (custom-op dispatch, its Python body, the
-launcher, the bare Triton launch) on a small input, against torch.topk; then one large call
+launcher, the bare Triton launch, and the same launch through ``kernels.launch.Launch``) on a
+small input, against torch.topk; then one large call
 (256 x 128256 fp32 k=50) eagerly: its host time, do_bench's eager time and the replay beside a
 cProfile of where its host time goes.
 
@@ -313,6 +314,7 @@ def host_overheads(calls: int = 2000) -> dict:
     """Host time per eager call of each layer of our op, on 1 x 4096 fp32 k=16 (kernels of a few
     microseconds, queued back to back: the host is the bottleneck), against torch.topk."""
     from topk_compiler.kernels import bucketed_topk as kernels
+    from topk_compiler.kernels.launch import Launch
     from topk_compiler.kernels.select_topk import new_outputs, select_meta
     from topk_compiler.lowering import bucketed_topk as op_module
 
@@ -339,6 +341,11 @@ def host_overheads(calls: int = 2000) -> dict:
         layers["the Triton launch alone (outputs preallocated)"] = lambda: kernels._fused_bucketed_topk_kernel[(1,)](
             x, values, indices, order, indices, x.shape[1], k, plan.num_buckets, slots, 0, x.stride(0), k, **meta,
             **finish, CERTIFY=False, num_warps=plan.num_warps)
+        launch = Launch(kernels._fused_bucketed_topk_kernel, (1,), n=x.shape[1], k=k, num_buckets=plan.num_buckets,
+                        slots=slots, seed=0, x_row_stride=x.stride(0), out_row_stride=k, **meta, **finish,
+                        CERTIFY=False, num_warps=plan.num_warps)
+        layers["the same launch through kernels.launch.Launch (the compiled kernel called directly)"] = (
+            lambda: launch(x, values, indices, order, indices))
         layers["torch.empty x3 (the outputs)"] = lambda: new_outputs(x, k, meta["KEY_BITS"], True)
     eager_plan = op_module.lookup_tuned(1, 4096, k, x.dtype, str(x.device), True, True, 0.95)
     result = {"graph_plan": dataclasses.asdict(plan), "eager_plan": dataclasses.asdict(eager_plan), "us_per_call": {}}

@@ -324,6 +324,31 @@ def test_a_latency_bound_shape_keeps_a_plan_for_eager_calls_and_one_for_graphs(m
     assert op_module.tuned_plan(big, *args[1:]).kernel == "fused"
 
 
+def test_a_shape_prepares_its_kernels_once_and_every_call_computes_its_own_input(monkeypatch):
+    """Later calls of a shape reuse the launches prepared at its first (``_prepare``) and still
+    return their own input's top-k; another shape or plan prepares its own."""
+    from topk_compiler.lowering import bucketed_topk as op_module
+    from topk_compiler.lowering.bucketed_reference import bucketed_topk_torch
+    from topk_compiler.lowering.plan import TopkPlan
+
+    prepared = []
+    real_prepare = op_module._prepare
+    monkeypatch.setattr(op_module, "_prepare", lambda *args: prepared.append(args[1:]) or real_prepare(*args))
+    monkeypatch.setattr(op_module, "_PREPARED", {})
+    fused = TopkPlan("bucketed", "fused", num_buckets=16, per_bucket_k=2, select="bisect", num_warps=2)
+    select = TopkPlan("exact", "select", select="radix", sort_with="launch", num_warps=2)
+    for x in (torch.randn(3, 200), torch.randn(3, 200), torch.randn(5, 150)):
+        x = x.to(KERNEL_DEVICE)
+        values, indices = op_module._run(x, 7, True, True, fused, "interleaved", 0)
+        expected = bucketed_topk_torch(x, 7, largest=True, sorted=True, num_buckets=16, per_bucket_k=2,
+                                       layout="interleaved", seed=0)
+        assert_equal(values, expected[0])
+        assert_equal(indices, expected[1])
+        values, _ = op_module._run(x, 7, True, True, select, "interleaved", 0)
+        assert_equal(values, torch.topk(x, 7).values)
+    assert [(args[0], args[3]) for args in prepared] == [(7, fused), (7, select)] * 2
+
+
 @settings(max_examples=12)  # every shortlisted kernel runs, in the interpreter without a GPU
 @given(topk_inputs(), st.sampled_from([0.5, 0.9, 0.99, 1.0]), st.sampled_from(["interleaved", "contiguous", "shuffled"]))
 def test_every_plan_a_first_call_may_pick_keeps_the_invariants(inputs, recall_target, layout):

@@ -22,8 +22,10 @@ import triton.language as tl
 
 from topk_compiler.kernels import cdiv, next_pow2
 from topk_compiler.kernels.bucket_layout import element_index, group_rotation
+from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
-from topk_compiler.kernels.select_topk import finish_sort, new_outputs, select_and_store, select_meta, select_topk
+from topk_compiler.kernels.select_topk import (finisher_for, order32, outputs_maker, prepare_select, select_and_store,
+                                               select_meta)
 
 MAX_PER_BUCKET_K = 8
 # Loads in flight per lane and step: 8 keeps every tried (lanes, warps) of the planner within
@@ -218,53 +220,94 @@ def stage1_meta(x2d: torch.Tensor, num_buckets: int, per_bucket_k: int, blanes: 
                        UNROLL=unroll, LARGEST=largest, KEY_BITS=key_bits, POS_BITS=pos_bits)
 
 
-def fused_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
-                        sorted: bool, layout_id: int = 0, seed: int = 0, select: str = "bisect",
-                        sort_with: str = "program", sort_warps: int = 1, unroll: int = 4, num_warps: int = 8):
-    """Stage 1 and stage 2 in one program per row of ``x2d`` ([rows, n], unit last stride); with
-    ``sorted``, ``sort_with`` says where the k selected are sorted (``select_topk.finish_sort``)."""
+def prepare_fused_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
+                                sorted: bool, layout_id: int = 0, seed: int = 0, select: str = "bisect",
+                                sort_with: str = "program", sort_warps: int = 1, unroll: int = 4,
+                                num_warps: int = 8):
+    """The function of x2d (this one's shape, dtype and row stride) running ``fused_bucketed_topk``
+    with these arguments, its launches fixed (``launch.Launch``)."""
     check_stage1(x2d, k, num_buckets, per_bucket_k, layout_id, unroll)
     rows, n = x2d.shape
     slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets, layout_id, unroll, largest)
-    values, indices, order = new_outputs(x2d, k, meta["KEY_BITS"], sorted, select)
-    if rows:
-        _fused_bucketed_topk_kernel[(rows,)](
-            x2d, values, indices, order, indices, n, k, num_buckets, slots, seed, x2d.stride(0), k, **meta,
-            **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
-            CERTIFY=False, num_warps=num_warps,
-        )
-    return finish_sort(values, indices, order, sorted=sorted, select=select, sort_with=sort_with,
-                       sort_warps=sort_warps)
+    make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted, select)
+    launch = Launch(_fused_bucketed_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots, seed=seed,
+                    x_row_stride=x2d.stride(0), out_row_stride=k, **meta,
+                    **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
+                    CERTIFY=False, num_warps=num_warps)
+    finish = finisher_for(rows, k, order32_entries=order32(meta["KEY_BITS"], k), sorted=sorted, select=select,
+                          sort_with=sort_with, sort_warps=sort_warps)
+
+    def run(x2d):
+        values, indices, order = make_outputs()
+        if rows:
+            launch(x2d, values, indices, order, indices)  # no certificate: a placeholder pointer
+        return finish(values, indices, order)
+
+    return run
 
 
-def bucket_survivors(x2d: torch.Tensor, *, num_buckets: int, per_bucket_k: int, segments: int, largest: bool,
-                     layout_id: int = 0, seed: int = 0, unroll: int = 4, num_warps: int = 4):
-    """Stage 1 with ``segments`` programs per row: survivors' keys and indices, [rows, num_buckets * KBP] int32."""
+def fused_bucketed_topk(x2d: torch.Tensor, k: int, **options):
+    """Stage 1 and stage 2 in one program per row of ``x2d`` ([rows, n], unit last stride); with
+    ``sorted``, ``sort_with`` says where the k selected are sorted (``select_topk.finisher_for``).
+    ``options``: those of ``prepare_fused_bucketed_topk``."""
+    return prepare_fused_bucketed_topk(x2d, k, **options)(x2d)
+
+
+def prepare_bucket_survivors(x2d: torch.Tensor, *, num_buckets: int, per_bucket_k: int, segments: int, largest: bool,
+                             layout_id: int = 0, seed: int = 0, unroll: int = 4, num_warps: int = 4):
+    """(the function of x2d giving ``bucket_survivors``, the bits of its keys)."""
     check_stage1(x2d, 1, num_buckets, per_bucket_k, layout_id, unroll)
     assert num_buckets % segments == 0, f"segments ({segments}) must divide num_buckets ({num_buckets})"
-    rows = x2d.shape[0]
+    rows, n = x2d.shape
     slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets // segments, layout_id, unroll, largest)
-    keys = torch.empty(rows, num_buckets * meta["KBP"], dtype=torch.int32, device=x2d.device)
-    idx = torch.empty_like(keys)
-    if rows:
-        _bucket_survivors_kernel[(rows, segments)](
-            x2d, keys, idx, x2d.shape[1], num_buckets, slots, seed, x2d.stride(0), keys.stride(0), **meta,
-            num_warps=num_warps,
-        )
-    return keys, idx, meta["KEY_BITS"]
+    shape, device = (rows, num_buckets * meta["KBP"]), x2d.device
+    launch = Launch(_bucket_survivors_kernel, (rows, segments), n=n, num_buckets=num_buckets, slots=slots, seed=seed,
+                    x_row_stride=x2d.stride(0), cand_row_stride=shape[1], **meta, num_warps=num_warps)
+
+    def run(x2d):
+        keys = torch.empty(shape, dtype=torch.int32, device=device)
+        idx = torch.empty(shape, dtype=torch.int32, device=device)
+        if rows:
+            launch(x2d, keys, idx)
+        return keys, idx
+
+    return run, meta["KEY_BITS"]
 
 
-def split_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, segments: int,
-                        largest: bool, sorted: bool, layout_id: int = 0, seed: int = 0, select: str = "bisect",
-                        sort_with: str = "program", sort_warps: int = 1, unroll: int = 4, num_warps: int = 4,
-                        select_num_warps: int | None = None):
-    """Stage 1 over ``segments`` programs per row, then a second launch for stage 2 (by default
-    16 warps past 4096 candidates, where 8 spill: ``python -m benchmarks.compile_check``)."""
+def bucket_survivors(x2d: torch.Tensor, **options):
+    """Stage 1 with ``segments`` programs per row: survivors' keys and indices, [rows, num_buckets * KBP]
+    int32, and the bits of the keys. ``options``: those of ``prepare_bucket_survivors``."""
+    run, key_bits = prepare_bucket_survivors(x2d, **options)
+    keys, idx = run(x2d)
+    return keys, idx, key_bits
+
+
+def prepare_split_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, segments: int,
+                                largest: bool, sorted: bool, layout_id: int = 0, seed: int = 0,
+                                select: str = "bisect", sort_with: str = "program", sort_warps: int = 1,
+                                unroll: int = 4, num_warps: int = 4, select_num_warps: int | None = None):
+    """The function of x2d running ``split_bucketed_topk`` with these arguments."""
     if select_num_warps is None:
         select_num_warps = 16 if num_buckets * next_pow2(per_bucket_k) > 4096 else 8
-    keys, idx, key_bits = bucket_survivors(
+    survivors, key_bits = prepare_bucket_survivors(
         x2d, num_buckets=num_buckets, per_bucket_k=per_bucket_k, segments=segments, largest=largest,
         layout_id=layout_id, seed=seed, unroll=unroll, num_warps=num_warps,
     )
-    return select_topk(keys, idx, x2d, k, key_bits=key_bits, sorted=sorted, largest=largest, select=select,
-                       sort_with=sort_with, sort_warps=sort_warps, num_warps=select_num_warps)
+    m = num_buckets * next_pow2(per_bucket_k)
+    assert 0 < k <= m, f"split_bucketed_topk: need 0 < k <= {m} survivors, got k={k}"
+    select_survivors = prepare_select(x2d, k, m, m, key_bits=key_bits, sorted=sorted, select=select,
+                                      sort_with=sort_with, sort_warps=sort_warps, raw=False, largest=largest,
+                                      num_warps=select_num_warps)
+
+    def run(x2d):
+        keys, idx = survivors(x2d)
+        return select_survivors(keys, idx, x2d)
+
+    return run
+
+
+def split_bucketed_topk(x2d: torch.Tensor, k: int, **options):
+    """Stage 1 over ``segments`` programs per row, then a second launch for stage 2 (by default
+    16 warps past 4096 candidates, where 8 spill: ``python -m benchmarks.compile_check``).
+    ``options``: those of ``prepare_split_bucketed_topk``."""
+    return prepare_split_bucketed_topk(x2d, k, **options)(x2d)

@@ -20,7 +20,8 @@ import triton.language as tl
 from topk_compiler.kernels import next_pow2
 from topk_compiler.kernels.bucketed_topk import _fused_bucketed_topk_kernel, check_stage1, stage1_meta
 from topk_compiler.kernels.filtered_topk import FILTER_BLOCK, filter_and_select
-from topk_compiler.kernels.select_topk import finish_sort, new_outputs, select_meta
+from topk_compiler.kernels.launch import Launch
+from topk_compiler.kernels.select_topk import finisher_for, order32, outputs_maker, select_meta
 
 
 @triton.jit
@@ -44,33 +45,47 @@ def _recompute_flagged_kernel(x_ptr, certificate_ptr, values_ptr, indices_ptr, o
                           LARGEST, KEY_BITS, CAP, BLOCK, K_POW2, SORTED, SELECT, SORT_HERE, ORDER32, PACK32)
 
 
-def certified_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool, sorted: bool,
-                   layout_id: int = 0, seed: int = 0, select: str = "bisect", sort_with: str = "program",
-                   sort_warps: int = 1, unroll: int = 4, num_warps: int = 8, recompute_warps: int = 8,
-                   block: int = FILTER_BLOCK):
-    """Exact top-k of each row of ``x2d`` ([rows, n], unit last stride); the bucketing sets only
-    the speed. Returns (values, indices, flags): flags[row] != 0 where the row was recomputed."""
+def prepare_certified_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
+                           sorted: bool, layout_id: int = 0, seed: int = 0, select: str = "bisect",
+                           sort_with: str = "program", sort_warps: int = 1, unroll: int = 4, num_warps: int = 8,
+                           recompute_warps: int = 8, block: int = FILTER_BLOCK):
+    """The function of x2d (this one's shape, dtype and row stride) running ``certified_topk``
+    with these arguments, its launches fixed (``launch.Launch``)."""
     check_stage1(x2d, k, num_buckets, per_bucket_k, layout_id, unroll)
     assert select != "bitonic", "certified_topk: the survivors are selected by bisect or radix"
     rows, n = x2d.shape
     slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets, layout_id, unroll, largest)
     cap = num_buckets * meta["KBP"]
     assert cap >= next_pow2(k), f"certified_topk: {cap} candidate slots hold fewer than k={k}"
-    values, indices, order = new_outputs(x2d, k, meta["KEY_BITS"], sorted, select)
-    # One allocation each (a torch.empty costs about 5 us of host time on an H200's host): flags
-    # and bounds; candidate keys and indices, written only by the programs of flagged rows.
-    certificate = torch.empty(2, rows, dtype=torch.int32, device=x2d.device)
-    scratch = torch.empty(rows, 2 * cap, dtype=torch.int32, device=x2d.device)
+    make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted, select)
     finish = select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with)
-    if rows:
-        _fused_bucketed_topk_kernel[(rows,)](
-            x2d, values, indices, order, certificate, n, k, num_buckets, slots, seed, x2d.stride(0), k, **meta,
-            **finish, CERTIFY=True, num_warps=num_warps,
-        )
-        _recompute_flagged_kernel[(rows,)](
-            x2d, certificate, values, indices, order, scratch, n, k, x2d.stride(0), k, 2 * cap,
-            LARGEST=largest, KEY_BITS=meta["KEY_BITS"], CAP=cap, BLOCK=block, num_warps=recompute_warps, **finish,
-        )
-    values, indices = finish_sort(values, indices, order, sorted=sorted, select=select, sort_with=sort_with,
-                                  sort_warps=sort_warps)
-    return values, indices, certificate[0]
+    certify = Launch(_fused_bucketed_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots, seed=seed,
+                     x_row_stride=x2d.stride(0), out_row_stride=k, **meta, **finish, CERTIFY=True,
+                     num_warps=num_warps)
+    recompute = Launch(_recompute_flagged_kernel, (rows,), n=n, k=k, x_row_stride=x2d.stride(0), out_row_stride=k,
+                       scratch_row_stride=2 * cap, LARGEST=largest, KEY_BITS=meta["KEY_BITS"], CAP=cap, BLOCK=block,
+                       **finish, num_warps=recompute_warps)
+    sort = finisher_for(rows, k, order32_entries=order32(meta["KEY_BITS"], k), sorted=sorted, select=select,
+                        sort_with=sort_with, sort_warps=sort_warps)
+    device = x2d.device
+
+    def run(x2d):
+        values, indices, order = make_outputs()
+        # One allocation each (a torch.empty costs about 5 us of host time on an H200's host):
+        # flags and bounds; candidate keys and indices, written only by the programs of flagged rows.
+        certificate = torch.empty((2, rows), dtype=torch.int32, device=device)
+        scratch = torch.empty((rows, 2 * cap), dtype=torch.int32, device=device)
+        if rows:
+            certify(x2d, values, indices, order, certificate)
+            recompute(x2d, certificate, values, indices, order, scratch)
+        values, indices = sort(values, indices, order)
+        return values, indices, certificate[0]
+
+    return run
+
+
+def certified_topk(x2d: torch.Tensor, k: int, **options):
+    """Exact top-k of each row of ``x2d`` ([rows, n], unit last stride); the bucketing sets only
+    the speed. Returns (values, indices, flags): flags[row] != 0 where the row was recomputed.
+    ``options``: those of ``prepare_certified_topk``."""
+    return prepare_certified_topk(x2d, k, **options)(x2d)

@@ -21,8 +21,9 @@ import triton.language as tl
 from topk_compiler.kernels import next_pow2
 from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, check_stage1, stage1_meta
 from topk_compiler.kernels.order_key import order_key
-from topk_compiler.kernels.select_topk import (compact_positions, finish_sort, key_pad, kth_key_bisect,
-                                               new_outputs, order_entry, select_and_store, select_meta,
+from topk_compiler.kernels.launch import Launch
+from topk_compiler.kernels.select_topk import (compact_positions, finisher_for, key_pad, kth_key_bisect, order32,
+                                               order_entry, outputs_maker, select_and_store, select_meta,
                                                sort_stored, store_selected)
 
 # Elements per step of the filtering pass: 4096 keeps 16 per thread in flight at 8 warps.
@@ -150,27 +151,40 @@ def _filtered_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, cand_keys_p
                       LARGEST, KEY_BITS, CAP, BLOCK, K_POW2, SORTED, SELECT, SORT_HERE, ORDER32, PACK32)
 
 
-def filtered_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool, sorted: bool,
-                  select: str = "bisect", sort_with: str = "program", sort_warps: int = 1, unroll: int = 4,
-                  block: int = FILTER_BLOCK, num_warps: int = 8):
-    """Exact top-k of each row of ``x2d`` ([rows, n], unit last stride); ``num_buckets`` and
-    ``per_bucket_k`` only set how tight the bound is (and so how many candidates pass), never
-    which elements are returned."""
+def prepare_filtered_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
+                          sorted: bool, select: str = "bisect", sort_with: str = "program", sort_warps: int = 1,
+                          unroll: int = 4, block: int = FILTER_BLOCK, num_warps: int = 8):
+    """The function of x2d (this one's shape, dtype and row stride) running ``filtered_topk`` with
+    these arguments, its launch fixed (``launch.Launch``)."""
     check_stage1(x2d, k, num_buckets, per_bucket_k, 0, unroll)
     assert select != "bitonic", "filtered_topk: the candidates are selected by bisect or radix"
     rows, n = x2d.shape
     slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets, 0, unroll, largest)
     cap = num_buckets * meta["KBP"]
     assert cap >= next_pow2(k), f"filtered_topk: {cap} candidate slots hold fewer than k={k}"
-    values, indices, order = new_outputs(x2d, k, meta["KEY_BITS"], sorted)
-    if rows:
-        cand_keys = torch.empty(rows, cap, dtype=torch.int32, device=x2d.device)
-        cand_idx = torch.empty_like(cand_keys)
-        # The first ties are written to the output's index row before it is filled.
-        _filtered_topk_kernel[(rows,)](
-            x2d, values, indices, order, cand_keys, cand_idx, indices, n, k, num_buckets, slots, x2d.stride(0), k,
-            cap, CAP=cap, BLOCK=block, num_warps=num_warps, **meta,
-            **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
-        )
-    return finish_sort(values, indices, order, sorted=sorted, select=select, sort_with=sort_with,
-                       sort_warps=sort_warps)
+    make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted)
+    launch = Launch(_filtered_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots,
+                    x_row_stride=x2d.stride(0), out_row_stride=k, cand_row_stride=cap, **meta, CAP=cap, BLOCK=block,
+                    **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
+                    num_warps=num_warps)
+    finish = finisher_for(rows, k, order32_entries=order32(meta["KEY_BITS"], k), sorted=sorted, select=select,
+                          sort_with=sort_with, sort_warps=sort_warps)
+    scratch_shape, device = (rows, cap), x2d.device
+
+    def run(x2d):
+        values, indices, order = make_outputs()
+        if rows:
+            cand_keys = torch.empty(scratch_shape, dtype=torch.int32, device=device)
+            cand_idx = torch.empty(scratch_shape, dtype=torch.int32, device=device)
+            # The first ties are written to the output's index row before it is filled.
+            launch(x2d, values, indices, order, cand_keys, cand_idx, indices)
+        return finish(values, indices, order)
+
+    return run
+
+
+def filtered_topk(x2d: torch.Tensor, k: int, **options):
+    """Exact top-k of each row of ``x2d`` ([rows, n], unit last stride); ``num_buckets`` and
+    ``per_bucket_k`` only set how tight the bound is (and so how many candidates pass), never
+    which elements are returned. ``options``: those of ``prepare_filtered_topk``."""
+    return prepare_filtered_topk(x2d, k, **options)(x2d)

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from topk_compiler.kernels import cdiv, next_pow2
+from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import nan_key, order_key, value_of_key
 
 SELECT_METHODS = {"bitonic": 0, "bisect": 1, "radix": 2}
@@ -40,6 +41,7 @@ SORT_WITH = ("program", "launch", "rank")
 # The rank sort's tile: each program ranks RANK_BLOCK_I entries against RANK_BLOCK_J others a step.
 RANK_BLOCK_I = 64
 RANK_BLOCK_J = 256
+RANK_SORT_WARPS = 4
 
 
 @triton.jit
@@ -333,12 +335,7 @@ def rank_sort(values: torch.Tensor, indices: torch.Tensor, order: torch.Tensor, 
     with SORTED and not SORT_HERE), into new tensors."""
     rows, k = values.shape
     assert values.stride() == indices.stride() == order.stride() == (k, 1), "rank_sort: contiguous [rows, k] rows"
-    sorted_values, sorted_indices = torch.empty_like(values), torch.empty_like(indices)
-    if rows and k:
-        _rank_sort_kernel[(rows, cdiv(k, RANK_BLOCK_I))](values, indices, order, sorted_values, sorted_indices, k,
-                                                        values.stride(0), BLOCK_I=RANK_BLOCK_I,
-                                                        BLOCK_J=RANK_BLOCK_J, num_warps=num_warps)
-    return sorted_values, sorted_indices
+    return sort_finisher(rows, k, sort_with="rank", sort_warps=num_warps)(values, indices, order)
 
 
 def order32(key_bits: int, k: int) -> bool:
@@ -346,27 +343,34 @@ def order32(key_bits: int, k: int) -> bool:
     return key_bits == 16 and k <= 2**16
 
 
+def outputs_maker(x2d: torch.Tensor, k: int, key_bits: int, sorted: bool, select: str = "bisect"):
+    """A function making new (values, indices, order entries) for ``select_and_store`` on rows of
+    ``x2d``; the entries only where they are written: sorted output that a bitonic network does
+    not already sort."""
+    shape, dtype, device = (x2d.shape[0], k), x2d.dtype, x2d.device
+    order_dtype = (torch.int32 if order32(key_bits, k) else torch.int64) if sorted and select != "bitonic" else None
+
+    def make():
+        values = torch.empty(shape, dtype=dtype, device=device)
+        indices = torch.empty(shape, dtype=torch.int64, device=device)
+        order = indices if order_dtype is None else torch.empty(shape, dtype=order_dtype, device=device)
+        return values, indices, order
+
+    return make
+
+
 def new_outputs(x2d: torch.Tensor, k: int, key_bits: int, sorted: bool, select: str = "bisect"):
-    """(values, indices, order entries) for ``select_and_store``; the entries only where they are
-    written: sorted output that a bitonic network does not already sort."""
-    rows = x2d.shape[0]
-    values = torch.empty(rows, k, dtype=x2d.dtype, device=x2d.device)
-    indices = torch.empty(rows, k, dtype=torch.int64, device=x2d.device)
-    if sorted and select != "bitonic":
-        order = torch.empty(rows, k, dtype=torch.int32 if order32(key_bits, k) else torch.int64, device=x2d.device)
-    else:
-        order = indices  # never written
-    return values, indices, order
+    """(values, indices, order entries) for ``select_and_store`` (``outputs_maker``)."""
+    return outputs_maker(x2d, k, key_bits, sorted, select)()
 
 
 def sort_selected(values: torch.Tensor, indices: torch.Tensor, order: torch.Tensor, *, num_warps: int = 1) -> None:
     """Sorts each row of (values, indices) in place by its order entries (``select_and_store``
     with SORTED and not SORT_HERE)."""
     rows, k = values.shape
-    if rows and k:
-        _sort_selected_kernel[(rows,)](values, indices, order, k, values.stride(0),
-                                       K_POW2=next_pow2(k), ORDER32=order.dtype == torch.int32,
-                                       num_warps=num_warps)
+    assert values.stride() == indices.stride() == order.stride() == (k, 1), "sort_selected: contiguous [rows, k] rows"
+    sort_finisher(rows, k, sort_with="launch", sort_warps=num_warps,
+                  order32_entries=order.dtype == torch.int32)(values, indices, order)
 
 
 def select_meta(k: int, key_bits: int, n: int, *, sorted: bool, select: str, sort_with: str) -> dict:
@@ -378,27 +382,68 @@ def select_meta(k: int, key_bits: int, n: int, *, sorted: bool, select: str, sor
                 PACK32=key_bits == 16 and n <= 2**16)
 
 
-def finish_sort(values, indices, order, *, sorted: bool, select: str, sort_with: str, sort_warps: int):
-    """Runs ``sort_selected`` or ``rank_sort`` where the selecting program left the sort to a
-    separate launch."""
-    if sorted and select != "bitonic" and sort_with == "launch":
-        sort_selected(values, indices, order, num_warps=sort_warps)
-    elif sorted and select != "bitonic" and sort_with == "rank":
-        return rank_sort(values, indices, order)
+def _sorted_already(values, indices, order):
     return values, indices
 
 
-def _launch(keys, idx, x2d, k, m, cand_row_stride, *, key_bits, sorted, select, sort_with, sort_warps, raw,
-            largest, num_warps):
-    values, indices, order = new_outputs(x2d, k, key_bits, sorted, select)
-    if x2d.shape[0]:
-        _select_topk_kernel[(x2d.shape[0],)](
-            keys, idx, x2d, values, indices, order, k, m, cand_row_stride, x2d.stride(0), k,
-            NS=next_pow2(m), KEY_BITS=key_bits, RAW=raw, LARGEST=largest, num_warps=num_warps,
-            **select_meta(k, key_bits, x2d.shape[1], sorted=sorted, select=select, sort_with=sort_with),
-        )
-    return finish_sort(values, indices, order, sorted=sorted, select=select, sort_with=sort_with,
-                       sort_warps=sort_warps)
+def sort_finisher(rows: int, k: int, *, sort_with: str, sort_warps: int, order32_entries: bool = False):
+    """The function of (values, indices, order entries), new contiguous [rows, k] outputs of
+    ``select_and_store``, returning them sorted: by ``sort_selected`` in place ("launch"), by
+    ``_rank_sort_kernel`` into new tensors ("rank"), or as they are ("program").
+    ``order32_entries``: the entries are int32."""
+    if sort_with == "program" or not rows or not k:
+        return _sorted_already
+    if sort_with == "launch":
+        launch = Launch(_sort_selected_kernel, (rows,), k=k, out_row_stride=k, K_POW2=next_pow2(k),
+                        ORDER32=order32_entries, num_warps=sort_warps)
+
+        def sort_in_place(values, indices, order):
+            launch(values, indices, order)
+            return values, indices
+
+        return sort_in_place
+    assert sort_with == "rank", f"sort_with must be one of {SORT_WITH}, got {sort_with!r}"
+    launch = Launch(_rank_sort_kernel, (rows, cdiv(k, RANK_BLOCK_I)), k=k, row_stride=k, BLOCK_I=RANK_BLOCK_I,
+                    BLOCK_J=RANK_BLOCK_J, num_warps=sort_warps)
+
+    def sort_by_rank(values, indices, order):
+        sorted_values, sorted_indices = torch.empty_like(values), torch.empty_like(indices)
+        launch(values, indices, order, sorted_values, sorted_indices)
+        return sorted_values, sorted_indices
+
+    return sort_by_rank
+
+
+def finisher_for(rows: int, k: int, *, order32_entries: bool, sorted: bool, select: str, sort_with: str,
+                 sort_warps: int):
+    """``sort_finisher`` for outputs that ``select_and_store`` wrote with these arguments (a
+    bitonic network, or unsorted output, leaves nothing to sort)."""
+    separate = sorted and select != "bitonic" and sort_with != "program"
+    return sort_finisher(rows, k, sort_with=sort_with if separate else "program",
+                         sort_warps=sort_warps if sort_with == "launch" else RANK_SORT_WARPS,
+                         order32_entries=order32_entries)
+
+
+def prepare_select(x2d: torch.Tensor, k: int, m: int, cand_row_stride: int, *, key_bits: int, sorted: bool,
+                   select: str, sort_with: str, sort_warps: int, raw: bool, largest: bool, num_warps: int):
+    """The function of (keys, idx, x2d) that selects the top k of m candidates per row of
+    ``x2d``-shaped inputs (with ``raw``, of x2d's own rows)."""
+    rows = x2d.shape[0]
+    make_outputs = outputs_maker(x2d, k, key_bits, sorted, select)
+    launch = Launch(_select_topk_kernel, (rows,), k=k, m=m, cand_row_stride=cand_row_stride,
+                    x_row_stride=x2d.stride(0), out_row_stride=k, NS=next_pow2(m), KEY_BITS=key_bits,
+                    **select_meta(k, key_bits, x2d.shape[1], sorted=sorted, select=select, sort_with=sort_with),
+                    RAW=raw, LARGEST=largest, num_warps=num_warps)
+    finish = finisher_for(rows, k, order32_entries=order32(key_bits, k), sorted=sorted, select=select,
+                          sort_with=sort_with, sort_warps=sort_warps)
+
+    def run(keys, idx, x2d):
+        values, indices, order = make_outputs()
+        if rows:
+            launch(keys, idx, x2d, values, indices, order)
+        return finish(values, indices, order)
+
+    return run
 
 
 def select_topk(keys: torch.Tensor, idx: torch.Tensor, x2d: torch.Tensor, k: int, *, key_bits: int, sorted: bool,
@@ -410,16 +455,27 @@ def select_topk(keys: torch.Tensor, idx: torch.Tensor, x2d: torch.Tensor, k: int
     assert idx.shape == keys.shape and keys.dtype == torch.int32, "select_topk: int32 [rows, m] keys and indices"
     assert x2d.dim() == 2 and x2d.shape[0] == rows and x2d.stride(1) == 1, "select_topk: x2d must be [rows, n], unit last stride"
     assert 0 < k <= m, f"select_topk: need 0 < k <= m, got k={k}, m={m}"
-    return _launch(keys, idx, x2d, k, m, keys.stride(0), key_bits=key_bits, sorted=sorted, select=select,
-                   sort_with=sort_with, sort_warps=sort_warps, raw=False, largest=largest, num_warps=num_warps)
+    assert idx.stride(0) == keys.stride(0), "select_topk: keys and indices share a row stride"
+    return prepare_select(x2d, k, m, keys.stride(0), key_bits=key_bits, sorted=sorted, select=select,
+                          sort_with=sort_with, sort_warps=sort_warps, raw=False, largest=largest,
+                          num_warps=num_warps)(keys, idx, x2d)
+
+
+def prepare_exact_topk(x2d: torch.Tensor, k: int, *, largest: bool, sorted: bool, select: str = "radix",
+                       sort_with: str = "launch", sort_warps: int = 1, num_warps: int = 8):
+    """The function of x2d ([rows, n], unit last stride, this one's shape, dtype and row stride)
+    giving the exact top-k of each row, the row held in registers."""
+    assert x2d.dim() == 2 and x2d.stride(1) == 1, "exact_topk: x2d must be [rows, n], unit last stride"
+    assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"exact_topk: unsupported dtype {x2d.dtype}"
+    assert 0 < k <= x2d.shape[1], f"exact_topk: need 0 < k <= n, got k={k}, n={x2d.shape[1]}"
+    key_bits = 16 if x2d.element_size() == 2 else 32
+    run = prepare_select(x2d, k, x2d.shape[1], 0, key_bits=key_bits, sorted=sorted, select=select,
+                         sort_with=sort_with, sort_warps=sort_warps, raw=True, largest=largest, num_warps=num_warps)
+    return lambda x2d: run(x2d, x2d, x2d)
 
 
 def exact_topk(x2d: torch.Tensor, k: int, *, largest: bool, sorted: bool, select: str = "radix",
                sort_with: str = "launch", sort_warps: int = 1, num_warps: int = 8):
     """Exact top-k of each row of ``x2d`` ([rows, n], unit last stride), the row held in registers."""
-    assert x2d.dim() == 2 and x2d.stride(1) == 1, "exact_topk: x2d must be [rows, n], unit last stride"
-    assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"exact_topk: unsupported dtype {x2d.dtype}"
-    assert 0 < k <= x2d.shape[1], f"exact_topk: need 0 < k <= n, got k={k}, n={x2d.shape[1]}"
-    key_bits = 16 if x2d.element_size() == 2 else 32
-    return _launch(x2d, x2d, x2d, k, x2d.shape[1], 0, key_bits=key_bits, sorted=sorted, select=select,
-                   sort_with=sort_with, sort_warps=sort_warps, raw=True, largest=largest, num_warps=num_warps)
+    return prepare_exact_topk(x2d, k, largest=largest, sorted=sorted, select=select, sort_with=sort_with,
+                              sort_warps=sort_warps, num_warps=num_warps)(x2d)

@@ -64,29 +64,52 @@ def _run(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan,
     if plan.kernel == "reference":
         return bucketed_topk_torch(x2d, k, largest=largest, sorted=sorted, num_buckets=plan.num_buckets,
                                    per_bucket_k=plan.per_bucket_k, layout=layout, seed=seed)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    # Plans are looked up from caches that keep them, so a plan's id names it; the entry keeps
+    # its plan too, so that id is never reused for another while the entry lives.
+    key = (id(plan), x2d.shape, x2d.stride(0), x2d.dtype, x2d.device, k, largest, sorted, layout, seed)
+    entry = _PREPARED.get(key)
+    if entry is None or entry[1] is not plan:
+        if len(_PREPARED) >= MAX_PREPARED:
+            _PREPARED.clear()
+        entry = _PREPARED[key] = (_prepare(x2d, k, largest, sorted, plan, layout, seed), plan)
+    return entry[0](x2d)
+
+
+# (plan id, shape, row stride, dtype, device, k, largest, sorted, layout, seed) -> (the plan's
+# kernels prepared for such inputs, the plan). Preparing computes every launch argument and fixes
+# the launches (``kernels.launch``), so a later call of the shape only allocates and launches:
+# host time is most of a small call's cost.
+_PREPARED: dict[tuple, tuple] = {}
+MAX_PREPARED = 4096
+
+
+def _prepare(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan, layout: str, seed: int):
+    """The function of x2d ([rows, n], unit last stride, this one's shape, dtype and row stride)
+    running ``plan``'s Triton kernels; returns (values, indices)."""
     from topk_compiler.kernels import bucketed_topk as bucketed_kernels
     from topk_compiler.kernels import certified_topk as certified_kernels
     from topk_compiler.kernels import filtered_topk as filtered_kernels
     from topk_compiler.kernels import select_topk as select_kernels
 
-    if x2d.stride(1) != 1:
-        x2d = x2d.contiguous()
     finish = dict(sorted=sorted, select=plan.select, sort_with=plan.sort_with, sort_warps=plan.sort_warps)
     if plan.kernel == "select":
-        return select_kernels.exact_topk(x2d, k, largest=largest, num_warps=plan.num_warps, **finish)
+        return select_kernels.prepare_exact_topk(x2d, k, largest=largest, num_warps=plan.num_warps, **finish)
     bucketing = dict(num_buckets=plan.num_buckets, per_bucket_k=plan.per_bucket_k, largest=largest, unroll=UNROLL)
     if plan.kernel == "filtered":
-        return filtered_kernels.filtered_topk(x2d, k, num_warps=plan.num_warps, **bucketing, **finish)
+        return filtered_kernels.prepare_filtered_topk(x2d, k, num_warps=plan.num_warps, **bucketing, **finish)
     layout_args = dict(layout_id=LAYOUT_IDS[layout], seed=seed)
     if plan.kernel == "certified":
-        values, indices, _ = certified_kernels.certified_topk(x2d, k, num_warps=plan.num_warps, **bucketing,
+        certified = certified_kernels.prepare_certified_topk(x2d, k, num_warps=plan.num_warps, **bucketing,
                                                              **layout_args, **finish)
-        return values, indices
+        return lambda x2d: certified(x2d)[:2]
     if plan.kernel == "fused":
-        return bucketed_kernels.fused_bucketed_topk(x2d, k, num_warps=plan.num_warps, **bucketing, **layout_args,
-                                                    **finish)
+        return bucketed_kernels.prepare_fused_bucketed_topk(x2d, k, num_warps=plan.num_warps, **bucketing,
+                                                            **layout_args, **finish)
     assert plan.kernel == "split", f"unknown kernel {plan.kernel!r}"
-    return bucketed_kernels.split_bucketed_topk(x2d, k, segments=plan.segments, **bucketing, **layout_args, **finish)
+    return bucketed_kernels.prepare_split_bucketed_topk(x2d, k, segments=plan.segments, **bucketing, **layout_args,
+                                                        **finish)
 
 
 # Inputs below this many elements are latency-bound: their plans are timed as back-to-back
