@@ -7,7 +7,9 @@ This catches those here, at no GPU time. Each launcher is called on small CPU te
 kernels' launches intercepted: a launch's arguments become the kernel's signature (pointer
 dtypes, 32-bit ints marked divisible by 16 where they are, as Triton specialises them), its
 keyword constexprs and ``num_warps`` the compile options. ``triton.compile`` then runs down to a
-cubin with the ptxas that ships with Triton; nothing is launched.
+cubin with the ptxas that ships with Triton; nothing is launched. Each launch reports its
+registers, spills, shared memory and the instruction count of each loop that loads from global
+memory (``load_loops``, from the disassembly).
 
     PYTHONPATH=. python -m benchmarks.compile_check                 # every variant of the sweep
     PYTHONPATH=. python -m benchmarks.compile_check --shapes k=2048 --jobs 2
@@ -90,11 +92,32 @@ def _resource_usage(cubin: bytes) -> dict:
     return {"registers": int(usage["REG"]), "spills": int(usage["LOCAL"]) + int(usage["STACK"])}
 
 
+def load_loops(cubin: bytes) -> list[int]:
+    """Instructions in each loop of a cubin that loads from global memory (a backward branch and
+    the code back to its target, as cuobjdump disassembles it): the per-step cost of a streaming
+    loop, readable without a GPU."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    code = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)
+    address = [int(a, 16) for a, _ in code]
+    loops = []
+    for i, (_, instruction) in enumerate(code):
+        target = re.search(r"\bBRA\s+(?:`?\(?[^)]*\)?\s*)?0x([0-9a-f]+)", instruction)
+        if target and int(target.group(1), 16) < address[i] and int(target.group(1), 16) in address:
+            body = [ins for _, ins in code[address.index(int(target.group(1), 16)):i + 1]]
+            if any(re.search(r"\bLDG\b", ins) for ins in body):
+                loops.append(len(body))
+    return loops
+
+
 def compile_launch(fn, args, kwargs) -> dict:
     signature, constexprs, attrs, options = _signature(fn, args, kwargs)
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=HOPPER, options=options)
     return {"kernel": fn.__name__, **_resource_usage(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
-            "num_warps": options.get("num_warps", 4)}
+            "num_warps": options.get("num_warps", 4), "load_loops": load_loops(kernel.asm["cubin"])}
 
 
 def launches_of(call) -> list:

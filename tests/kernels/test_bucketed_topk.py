@@ -66,6 +66,21 @@ def test_buckets_with_empty_slots(select, sort_with, layout, largest):
     assert_matches_reference(values, indices, ref_values, x, sorted_=True, largest=largest)
 
 
+@pytest.mark.parametrize("n", [192, 197, 208, 63])
+@pytest.mark.parametrize("layout", ["interleaved", "shuffled", "contiguous"])
+@pytest.mark.parametrize("dtype,largest", [(torch.float32, True), (torch.bfloat16, False)])
+def test_every_survivor_on_both_sides_of_the_unmasked_steps(n, layout, dtype, largest):
+    """k = every survivor (16 buckets x 2), so a survivor lost or invented changes the output.
+    Stage 1 runs its steps that lie wholly inside the row without masks and the rest with them:
+    lengths where every step is whole (192), one step is partial (197), the contiguous layout's
+    buckets exactly fill the row (208), and no step is whole (63)."""
+    x = torch.randn(2, n).to(dtype).to(KERNEL_DEVICE)
+    ref_values, _ = reference(x, 32, 16, 2, layout, largest=largest)
+    values, indices = fused_bucketed_topk(x, 32, num_buckets=16, per_bucket_k=2, largest=largest, sorted=True,
+                                          layout_id=LAYOUT_IDS[layout], seed=11)
+    assert_matches_reference(values, indices, ref_values, x, sorted_=True, largest=largest)
+
+
 @pytest.mark.parametrize("rows,n,k,b,kb", CASES[:2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("select,sort_with", FINISHES)

@@ -8,20 +8,38 @@ with Triton. It runs in a subprocess: the kernels must be decorated without TRIT
 which this test session sets.
 """
 
+import ast
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_every_kernel_family_compiles_for_sm90():
+@pytest.fixture(scope="module")
+def families_output() -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", "--families"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def test_every_kernel_family_compiles_for_sm90(families_output):
     from benchmarks.compile_check import families
 
-    assert run.stdout.count("ok  ") == len(families()), run.stdout
+    assert families_output.count("ok  ") == len(families()), families_output
+
+
+def test_stage_one_streams_whole_steps_without_masks(families_output):
+    """The fused kernel's stage 1 has two streaming loops: steps wholly inside the row, without
+    masks, then the rest with them; the first must be the shorter (a compare and a select per
+    element fewer)."""
+    line = next(l for l in families_output.splitlines() if l.startswith("ok  fused, k=64, bitonic, one warp: "))
+    (fused,) = ast.literal_eval(line.split(": ", 1)[1])
+    unmasked, masked = fused["load_loops"]
+    assert unmasked < masked

@@ -70,13 +70,16 @@ def _push(v, r0, r1, r2, r3, r4, r5, r6, r7, KB: tl.constexpr):
 
 @triton.jit
 def _slot_entry(x_row_ptr, row, q, g, n, num_buckets, slots, seed, pad,
-                LAYOUT: tl.constexpr, LARGEST: tl.constexpr, POS_BITS: tl.constexpr):
-    """Packed (key, inverted slot) of slot ``g`` of the lanes' buckets ``q``; ``pad`` past the row."""
+                LAYOUT: tl.constexpr, LARGEST: tl.constexpr, POS_BITS: tl.constexpr, MASKED: tl.constexpr):
+    """Packed (key, inverted slot) of slot ``g`` of the lanes' buckets ``q``; with MASKED, ``pad``
+    past the row (without, every lane's element must be in it)."""
+    # Offsets within the row in int32 (``check_stage1`` bounds the row's length): 64-bit
+    # offsets cost about ten instructions per load on sm_90, a fifth of a step of four slots.
     if LAYOUT == 2:
-        offs = q.to(tl.int64) * slots + g
+        offs = q * slots + g
         valid = (offs < n) & (g < slots)
     else:
-        base = tl.cast(g, tl.int64) * num_buckets  # g may be a plain int in the interpreter
+        base = g * num_buckets
         if LAYOUT == 1:
             rot = group_rotation(row, g, seed).to(tl.int32) & (num_buckets - 1)
             lane = (q - rot) & (num_buckets - 1)
@@ -84,12 +87,56 @@ def _slot_entry(x_row_ptr, row, q, g, n, num_buckets, slots, seed, pad,
             lane = q
         offs = base + lane
         valid = lane < (n - base)
-    key = order_key(tl.load(x_row_ptr + offs, mask=valid, other=0.0), LARGEST)
+    if MASKED:
+        key = order_key(tl.load(x_row_ptr + offs, mask=valid, other=0.0), LARGEST)
+    else:
+        key = order_key(tl.load(x_row_ptr + offs), LARGEST)
     if POS_BITS == 16:
         packed = (key << 16) | (0xFFFF - g)
     else:
         packed = (key.to(tl.int64) << 32) | (0xFFFFFFFF - tl.cast(g, tl.int64))
-    return tl.where(valid, packed, pad)
+    if MASKED:
+        packed = tl.where(valid, packed, pad)
+    return packed
+
+
+@triton.jit
+def _stream(x_row_ptr, row, q, start, stop, n, num_buckets, slots, seed, pad, r0, r1, r2, r3, r4, r5, r6, r7,
+            KB: tl.constexpr, LAYOUT: tl.constexpr, UNROLL: tl.constexpr, LARGEST: tl.constexpr,
+            POS_BITS: tl.constexpr, MASKED: tl.constexpr):
+    """Slots ``start``, ``start + UNROLL``, ... below ``stop`` pushed through the lanes' slots."""
+    for g0 in range(start, stop, UNROLL):
+        # Every load of the step first, then the pushes that wait on them.
+        e0 = _slot_entry(x_row_ptr, row, q, g0, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS, MASKED)
+        if UNROLL > 1:
+            e1 = _slot_entry(x_row_ptr, row, q, g0 + 1, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS,
+                             MASKED)
+        if UNROLL > 2:
+            e2 = _slot_entry(x_row_ptr, row, q, g0 + 2, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS,
+                             MASKED)
+            e3 = _slot_entry(x_row_ptr, row, q, g0 + 3, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS,
+                             MASKED)
+        if UNROLL > 4:
+            e4 = _slot_entry(x_row_ptr, row, q, g0 + 4, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS,
+                             MASKED)
+            e5 = _slot_entry(x_row_ptr, row, q, g0 + 5, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS,
+                             MASKED)
+            e6 = _slot_entry(x_row_ptr, row, q, g0 + 6, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS,
+                             MASKED)
+            e7 = _slot_entry(x_row_ptr, row, q, g0 + 7, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS,
+                             MASKED)
+        r0, r1, r2, r3, r4, r5, r6, r7 = _push(e0, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+        if UNROLL > 1:
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e1, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+        if UNROLL > 2:
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e2, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e3, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+        if UNROLL > 4:
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e4, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e5, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e6, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e7, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+    return r0, r1, r2, r3, r4, r5, r6, r7
 
 
 @triton.jit
@@ -105,30 +152,18 @@ def bucket_survivors_of(x_row_ptr, row, seg, n, num_buckets, slots, seed,
     else:
         pad = tl.full([BLANES], -9223372036854775808, tl.int64)
     r0, r1, r2, r3, r4, r5, r6, r7 = pad, pad, pad, pad, pad, pad, pad, pad
-    for g0 in range(0, slots, UNROLL):
-        # Every load of the step first, then the pushes that wait on them.
-        e0 = _slot_entry(x_row_ptr, row, q, g0, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
-        if UNROLL > 1:
-            e1 = _slot_entry(x_row_ptr, row, q, g0 + 1, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
-        if UNROLL > 2:
-            e2 = _slot_entry(x_row_ptr, row, q, g0 + 2, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
-            e3 = _slot_entry(x_row_ptr, row, q, g0 + 3, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
-        if UNROLL > 4:
-            e4 = _slot_entry(x_row_ptr, row, q, g0 + 4, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
-            e5 = _slot_entry(x_row_ptr, row, q, g0 + 5, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
-            e6 = _slot_entry(x_row_ptr, row, q, g0 + 6, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
-            e7 = _slot_entry(x_row_ptr, row, q, g0 + 7, n, num_buckets, slots, seed, pad, LAYOUT, LARGEST, POS_BITS)
-        r0, r1, r2, r3, r4, r5, r6, r7 = _push(e0, r0, r1, r2, r3, r4, r5, r6, r7, KB)
-        if UNROLL > 1:
-            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e1, r0, r1, r2, r3, r4, r5, r6, r7, KB)
-        if UNROLL > 2:
-            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e2, r0, r1, r2, r3, r4, r5, r6, r7, KB)
-            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e3, r0, r1, r2, r3, r4, r5, r6, r7, KB)
-        if UNROLL > 4:
-            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e4, r0, r1, r2, r3, r4, r5, r6, r7, KB)
-            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e5, r0, r1, r2, r3, r4, r5, r6, r7, KB)
-            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e6, r0, r1, r2, r3, r4, r5, r6, r7, KB)
-            r0, r1, r2, r3, r4, r5, r6, r7 = _push(e7, r0, r1, r2, r3, r4, r5, r6, r7, KB)
+    # Steps whose every slot holds an element of the row in every lane run without masks (a
+    # compare and a select per element fewer); the rest, at most the last few, with them.
+    if LAYOUT == 2:
+        full = tl.where(n == num_buckets * slots, slots - slots % UNROLL, 0)
+    else:
+        full = n // (num_buckets * UNROLL) * UNROLL
+    r0, r1, r2, r3, r4, r5, r6, r7 = _stream(x_row_ptr, row, q, 0, full, n, num_buckets, slots, seed, pad,
+                                             r0, r1, r2, r3, r4, r5, r6, r7, KB, LAYOUT, UNROLL, LARGEST, POS_BITS,
+                                             False)
+    r0, r1, r2, r3, r4, r5, r6, r7 = _stream(x_row_ptr, row, q, full, slots, n, num_buckets, slots, seed, pad,
+                                             r0, r1, r2, r3, r4, r5, r6, r7, KB, LAYOUT, UNROLL, LARGEST, POS_BITS,
+                                             True)
     if KBP == 1:
         s = r0
     elif KBP == 2:
@@ -202,6 +237,8 @@ def check_stage1(x2d: torch.Tensor, k: int, num_buckets: int, per_bucket_k: int,
     assert 0 < k <= x2d.shape[1], f"need 0 < k <= n, got k={k}, n={x2d.shape[1]}"
     assert layout_id in (0, 1, 2), f"unknown layout id {layout_id}"
     assert unroll in UNROLLS, f"unroll must be one of {UNROLLS}, got {unroll}"
+    n = x2d.shape[1]
+    assert (cdiv(n, num_buckets) + unroll) * num_buckets < 2**31, f"rows of {n} elements overflow int32 offsets"
 
 
 def bit_widths(x2d: torch.Tensor, slots: int) -> tuple[int, int]:

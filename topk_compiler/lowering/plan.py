@@ -53,6 +53,9 @@ FILTER_RECALL = 0.8
 # recompute; one slot never certifies the bucket holding the maximum).
 CERTIFIED_CALLS = 0.5
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The kernels index within a row in int32 (with a few steps of slack past its end); longer rows
+# go to torch.topk or the reference.
+MAX_TRITON_ROW = 2**30
 SELECTS = ("bisect", "radix", "bitonic")
 SORT_WITH = ("program", "launch", "rank")
 # The rank sort compares every pair of a row's k selected: worth trying for large k (sorts that
@@ -267,7 +270,7 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
 def _ranked(rows, n, k, dtype, device, recall_target, layout, sorted_, forced):
     """(approximate plans, exact plans), each cheapest first by the cost model."""
     profile = cost_model.device_profile(device)
-    triton_ok = _triton_ok(device, dtype)
+    triton_ok = _triton_ok(device, dtype) and n <= MAX_TRITON_ROW
     elem = torch.empty((), dtype=dtype).element_size()
     exact = sorted(_exact_plans(rows, n, k, elem, sorted_, profile, triton_ok), key=lambda p: p.predicted_us)
     torch_us = exact[0].torch_topk_us
