@@ -10,7 +10,9 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
 * ``compact``: + the compaction's positions (reduced to a number); ``compact_store``: + the
   stores of the selected indices and keys, without loading their values from the input.
 * ``unsorted:<select>``: the fused kernel with ``sorted=False`` (threshold, compaction, stores).
-* ``sorted:<select>:<sort_with>``: the fused kernel as the op runs it.
+* ``sorted:<select>:<sort_with>``: the fused kernel as the op runs it (``rank``: then the rank
+  sort launch); ``split:s<n>:...``: for fewer rows than SMs, stage 1 over n programs per row,
+  then the selection and the rank sort.
 * ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
   stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
   ``rank_sort``: ``rank_sort`` of them (many programs per row); ``torch_sort``: ``torch.sort``.
@@ -68,7 +70,8 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, fused_bucketed_topk, stage1_meta
+from topk_compiler.kernels.bucketed_topk import (bucket_survivors_of, fused_bucketed_topk, split_bucketed_topk,
+                                                 stage1_meta)
 from topk_compiler.kernels.select_topk import (compact_positions, kth_key_bisect, kth_key_radix, rank_sort,
                                                 select_meta, sort_selected)
 from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, sparse_ffn
@@ -183,6 +186,12 @@ def topk_stages(rows, n, k, dtype, bucketings, focus) -> list[dict]:
             record("sorted:bisect:program", b, kb, fused(b, kb, "bisect", True))
             record("sorted:bisect:program:u8", b, kb, fused(b, kb, "bisect", True, unroll=8))
             record("sorted:bisect:launch", b, kb, fused(b, kb, "bisect", True, sort_with="launch"))
+            record("sorted:bisect:rank", b, kb, fused(b, kb, "bisect", True, sort_with="rank"))
+            if rows < 132:  # few rows: stage 1 over several programs per row, then the selection
+                for segments in (4, 8):
+                    record(f"split:s{segments}:sorted:bisect:rank", b, kb, lambda s=segments: split_bucketed_topk(
+                        x, k, num_buckets=b, per_bucket_k=kb, segments=s, largest=True, sorted=True,
+                        select="bisect", sort_with="rank"))
         else:
             for warps in (default_warps, 4, 2, 1):
                 if warps > default_warps or (warps < default_warps and warps == 1 and b > 256):
