@@ -286,6 +286,22 @@ def test_first_call_keeps_exact_unless_approximation_is_measured_faster_by_the_m
     assert pick_measured([], [torch_topk], failing.get, exact_only=False, approx_only=True).kernel == "torch"
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_an_input_on_another_gpu_than_the_current_one():
+    """Triton launches on the current device; the op makes the input's device current, as torch's
+    own ops do, for its timings and its kernels."""
+    x = torch.randn(64, 16384, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    for recall_target in (0.95, 1.0):
+        values, indices = approx_topk(x, 100, recall_target=recall_target)
+        assert values.device == x.device and torch.cuda.current_device() == 0
+        assert_equal(values, x.gather(1, indices))
+        if recall_target == 1.0:
+            assert_equal(values, torch.topk(x, 100).values)
+        else:
+            assert measured_recall(x, indices, 100) >= 0.9
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="plans are timed on the GPU only")
 def test_first_call_on_the_gpu_records_the_plan_it_runs():
     from topk_compiler.lowering.bucketed_topk import lookup_tuned

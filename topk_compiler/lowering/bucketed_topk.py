@@ -272,6 +272,12 @@ def _bucketed_topk(
     "auto" (approximate only where predicted faster) or "always"; rows shorter than
     ``min_elements`` stay exact.
     """
+    if x.is_cuda and x.get_device() != torch.cuda.current_device():
+        # Triton launches, and the first call's timings run, on the current device: a tensor on
+        # another needs it made current (torch's own ops do this through their device guards).
+        with torch.cuda.device(x.device):
+            return _bucketed_topk(x, k, dim, largest, sorted, recall_target, num_buckets, per_bucket_k, layout,
+                                  seed, rewrite, min_elements)
     if x.dim() == 0:
         # torch.topk of a 0-d tensor returns the tensor for k in {0, 1} on CPU; on CUDA its k=0
         # result is uninitialised memory. Both devices get the CPU answer.
