@@ -108,6 +108,9 @@ def test_rank_sort_is_timed_for_few_rows_of_large_k_only(monkeypatch):
     for plans in few_rows:
         assert sum(p.sort_with == "rank" for p in plans) >= 1
         assert len([p for p in plans if p.sort_with != "rank" and p.kernel != "torch"]) <= plan.SHORTLIST
+    # Fewer rows than half the SMs: the split kernel sorting by rank races too (both its
+    # launches spread each row over several programs).
+    assert any(p.kernel == "split" and p.sort_with == "rank" for p in few_rows[0])
     assert not any(p.sort_with == "rank" for plans in many_rows + small_k for p in plans)
     t = cost_model.rank_sort_time(16, 1434, H100)
     assert cost_model.rank_sort_time(32, 1434, H100) > t > cost_model.rank_sort_time(16, 700, H100)

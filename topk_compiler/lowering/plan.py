@@ -352,19 +352,26 @@ def shortlist(
         return (), (trivial,)
     forced = (num_buckets, per_bucket_k) if num_buckets is not None else None
     approx, exact = _ranked(rows, n, k, dtype, device, recall_target, layout, sorted, forced)
-    chosen_exact = _with_rank_sort(_distinct(exact), exact)
+    few_rows = 2 * rows <= cost_model.device_profile(device).processors
+    chosen_exact = _with_rank_sort(_distinct(exact), exact, few_rows)
     if not any(p.kernel == "torch" for p in chosen_exact):
         chosen_exact.append(next(p for p in exact if p.kernel == "torch"))
-    return tuple(_with_rank_sort(_distinct(approx), approx)), tuple(chosen_exact)
+    return tuple(_with_rank_sort(_distinct(approx), approx, few_rows)), tuple(chosen_exact)
 
 
-def _with_rank_sort(chosen: list[TopkPlan], plans: list[TopkPlan]) -> list[TopkPlan]:
+def _with_rank_sort(chosen: list[TopkPlan], plans: list[TopkPlan], few_rows: bool) -> list[TopkPlan]:
     """``chosen`` and, if none of them sorts by rank, the cheapest of ``plans`` that does: its
     price is borrowed from another kernel's term, so the first call's timing, not the model,
-    decides whether it wins."""
-    if any(p.sort_with == "rank" for p in chosen):
-        return chosen
-    return chosen + [p for p in plans if p.sort_with == "rank"][:1]
+    decides whether it wins. With ``few_rows`` (fewer than half the SMs), also the cheapest split
+    kernel sorting by rank: both of its launches spread a row over many programs, where the
+    fused kernel streams and sorts each row in one (16 x 14336 fp32 k=1434 sorted 2048 entries
+    a row in one program for 29 of its 45 us, benchmarks/results/profile_stages_h200.json)."""
+    extra = []
+    if not any(p.sort_with == "rank" for p in chosen):
+        extra += [p for p in plans if p.sort_with == "rank"][:1]
+    if few_rows and not any(p.sort_with == "rank" and p.kernel == "split" for p in chosen + extra):
+        extra += [p for p in plans if p.sort_with == "rank" and p.kernel == "split"][:1]
+    return chosen + extra
 
 
 def _distinct(plans: list[TopkPlan]) -> list[TopkPlan]:
