@@ -118,6 +118,14 @@ def test_rank_sort_is_timed_for_few_rows_of_large_k_only(monkeypatch):
     assert float(cost_model.rank_sort_time(16, k, H100).subs(k, 1434)) == pytest.approx(t, rel=1e-9)
 
 
+def test_the_model_prices_the_candidate_slots_the_exact_kernels_allocate():
+    from topk_compiler.kernels.filtered_topk import candidate_slots
+
+    for k in (1, 50, 64, 100, 1434, 2048):
+        assert cost_model._candidate_slots(k) == candidate_slots(k)
+        assert candidate_slots(k) >= 2 * k
+
+
 def test_certified_exact_plans_for_long_rows_of_small_k(monkeypatch):
     """256 x 128256 fp32 k=50: the certified kernel is among the exact plans, with two or more
     slots a bucket, survivors in registers, and most calls certified."""

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from topk_compiler.kernels import next_pow2
 from topk_compiler.kernels.bucketed_topk import _fused_bucketed_topk_kernel, check_stage1, stage1_meta
-from topk_compiler.kernels.filtered_topk import FILTER_BLOCK, filter_and_select
+from topk_compiler.kernels.filtered_topk import FILTER_BLOCK, candidate_slots, filter_and_select
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.select_topk import finisher_for, order32, outputs_maker, select_meta
 
@@ -55,8 +55,9 @@ def prepare_certified_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_b
     assert select != "bitonic", "certified_topk: the survivors are selected by bisect or radix"
     rows, n = x2d.shape
     slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets, layout_id, unroll, largest)
-    cap = num_buckets * meta["KBP"]
-    assert cap >= next_pow2(k), f"certified_topk: {cap} candidate slots hold fewer than k={k}"
+    assert num_buckets * meta["KBP"] >= next_pow2(k), (
+        f"certified_topk: {num_buckets} x {per_bucket_k} survivors hold fewer than k={k}")
+    cap = candidate_slots(k)
     make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted, select)
     finish = select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with)
     certify = Launch(_fused_bucketed_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots, seed=seed,

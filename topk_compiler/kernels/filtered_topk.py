@@ -5,8 +5,8 @@
    the row, so their k-th largest key ``bound`` is at most the row's k-th largest key: every
    element of the exact top-k has a key >= ``bound``.
 2. A second pass over the row (just read by the same program, so mostly from L2) compacts the
-   elements with key > ``bound`` into a scratch of ``CAP`` candidates, and the first k elements
-   equal to it into a second one. About k / recall elements pass, recall being stage 1's.
+   elements with key > ``bound`` into a scratch of ``CAP`` candidates (``candidate_slots``: 2k
+   rounded up), and the first k elements equal to it into a second one. About k / recall elements pass, recall being stage 1's.
 3. If at least k passed, the exact top-k of the candidates is the row's (``select_and_store``);
    if fewer, the row's top-k is all of them plus the first ties. If more than ``CAP`` passed
    (an order that crowds the large elements into a few buckets, e.g. a period dividing the
@@ -20,14 +20,24 @@ import triton.language as tl
 
 from topk_compiler.kernels import next_pow2
 from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, check_stage1, stage1_meta
-from topk_compiler.kernels.order_key import order_key
 from topk_compiler.kernels.launch import Launch
+from topk_compiler.kernels.order_key import order_key
 from topk_compiler.kernels.select_topk import (compact_positions, finisher_for, key_pad, kth_key_bisect, order32,
                                                order_entry, outputs_maker, select_and_store, select_meta,
                                                sort_stored, store_selected)
 
 # Elements per step of the filtering pass: 4096 keeps 16 per thread in flight at 8 warps.
 FILTER_BLOCK = 4096
+
+
+def candidate_slots(k: int) -> int:
+    """Slots for the elements above a row's bound (``CAP``): twice k rounded up to a power of two.
+    About k / r pass a bound that stage 1 found with recall r (the planner's filtered bucketings
+    reach 0.8: 1.25 k), and only the rows a certificate flagged pass more than k by more than a
+    few; a row where more pass than this falls back to bisection. The scratch stays far below the
+    survivors (2 k against ``num_buckets * per_bucket_k`` slots) and so does the register tile of
+    the selection among the candidates."""
+    return 2 * next_pow2(k)
 
 
 @triton.jit
@@ -160,8 +170,9 @@ def prepare_filtered_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bu
     assert select != "bitonic", "filtered_topk: the candidates are selected by bisect or radix"
     rows, n = x2d.shape
     slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets, 0, unroll, largest)
-    cap = num_buckets * meta["KBP"]
-    assert cap >= next_pow2(k), f"filtered_topk: {cap} candidate slots hold fewer than k={k}"
+    assert num_buckets * meta["KBP"] >= next_pow2(k), (
+        f"filtered_topk: {num_buckets} x {per_bucket_k} survivors hold fewer than k={k}")
+    cap = candidate_slots(k)
     make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted)
     launch = Launch(_filtered_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots,
                     x_row_stride=x2d.stride(0), out_row_stride=k, cand_row_stride=cap, **meta, CAP=cap, BLOCK=block,

@@ -273,14 +273,20 @@ def select_time(rows, n, k, elem_bytes, sorted_, select, sort_with, p: DevicePro
     return p.weight("launch") + _waves(rows, p) * per_row + outer
 
 
+def _candidate_slots(k):
+    """``filtered_topk.candidate_slots``: the slots for the elements above a row's bound."""
+    return 2 * _next_pow2(k)
+
+
 def filtered_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, select, sort_with, p: DeviceProfile):
     """``filtered_topk``: stage 1 for a bound, a second pass over the row keeping what exceeds it,
-    an exact selection of the ``num_buckets * per_bucket_k`` (rounded up) candidate slots."""
+    an exact selection among the candidate slots (``_candidate_slots``)."""
     ns = num_buckets * _next_pow2(per_bucket_k)
     key_bits = _key_bits(elem_bytes)
     inner, outer = _finish(rows, k, sorted_, select, sort_with, p)
     per_row = (_stream(n, elem_bytes, per_bucket_k, p) + ns * key_bits * p.weight("bisect")
-               + key_bits * p.weight("sync") + n * p.weight("filter") + _select(ns, k, key_bits, select, p) + inner)
+               + key_bits * p.weight("sync") + n * p.weight("filter")
+               + _select(_candidate_slots(k), k, key_bits, select, p) + inner)
     return p.weight("launch") + _waves(rows, p) * per_row + outer
 
 
@@ -289,9 +295,8 @@ def certified_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, s
     """``certified_topk``: the fused kernel with its certificate, then a launch recomputing the
     rows it flags (``flagged``: the probability that any is), each by a filtering pass over the
     row and a selection among the candidate slots."""
-    ns = num_buckets * _next_pow2(per_bucket_k)
     recompute = (_stream(n, elem_bytes, 0, p) + n * p.weight("filter")
-                 + _select(ns, k, _key_bits(elem_bytes), select, p))
+                 + _select(_candidate_slots(k), k, _key_bits(elem_bytes), select, p))
     return (fused_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, select, sort_with, p)
             + p.weight("launch") + flagged * recompute)
 
