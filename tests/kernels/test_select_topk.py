@@ -125,3 +125,29 @@ def test_new_outputs_use_int32_order_entries_for_16_bit_keys():
     x = torch.randn(2, 10)
     assert new_outputs(x, 4, 16, True)[2].dtype == torch.int32
     assert new_outputs(x, 4, 32, True)[2].dtype == torch.int64
+
+
+def test_rows_sorted_in_their_program_keep_their_entries_in_the_index_row():
+    """(key, index) entries sorted in the program go to the output's index row (no allocation for
+    them); every other sort needs entries of its own."""
+    from topk_compiler.kernels.select_topk import outputs_maker, sorts_entries_in_index_row
+
+    program = dict(sorted=True, select="bisect", sort_with="program")
+    assert sorts_entries_in_index_row(32, 10**6, **program)
+    assert sorts_entries_in_index_row(16, 2**16, **program)
+    assert not sorts_entries_in_index_row(16, 2**16 + 1, **program)  # positions too wide to pack
+    assert not sorts_entries_in_index_row(32, 1000, sorted=True, select="bisect", sort_with="launch")
+    assert not sorts_entries_in_index_row(32, 1000, sorted=False, select="bisect", sort_with="program")
+    x = torch.randn(2, 10)
+    values, indices, order = outputs_maker(x, 4, 32, True, "bisect", entries_in_index_row=True)()
+    assert order is indices
+    _, indices, order = outputs_maker(x, 4, 32, True, "bisect")()
+    assert order is not indices and order.dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_selection_sorting_in_its_program_with_entries_in_the_index_row(dtype):
+    x = special_rows(dtype, 700)
+    for k in (1, 333, 700):
+        values, indices = exact_topk(x, k, largest=True, sorted=True, select="bisect", sort_with="program")
+        assert_exact(values, indices, x, k, True, sorted_=True)

@@ -25,7 +25,7 @@ from topk_compiler.kernels.bucket_layout import element_index, group_rotation
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
 from topk_compiler.kernels.select_topk import (finisher_for, order32, outputs_maker, prepare_select, select_and_store,
-                                               select_meta)
+                                               select_meta, sorts_entries_in_index_row)
 
 MAX_PER_BUCKET_K = 8
 # Loads in flight per lane and step: 8 keeps every tried (lanes, warps) of the planner within
@@ -266,7 +266,8 @@ def prepare_fused_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, 
     check_stage1(x2d, k, num_buckets, per_bucket_k, layout_id, unroll)
     rows, n = x2d.shape
     slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets, layout_id, unroll, largest)
-    make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted, select)
+    in_index_row = sorts_entries_in_index_row(meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with)
+    make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted, select, in_index_row)
     launch = Launch(_fused_bucketed_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots, seed=seed,
                     x_row_stride=x2d.stride(0), out_row_stride=k, **meta,
                     **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
