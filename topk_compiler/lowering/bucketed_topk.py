@@ -315,10 +315,24 @@ def _bucketed_topk(
     return values.movedim(-1, dim).contiguous(), indices.movedim(-1, dim).contiguous()
 
 
-bucketed_topk = torch.library.custom_op("topk_compiler::bucketed_topk", mutates_args=())(_bucketed_topk)
+# The op is registered on the dispatcher directly rather than through torch.library.custom_op,
+# whose Python layers (an autograd wrapper that re-enters the dispatcher, output alias checks, a
+# Dynamo guard) cost more host time than many of the op's kernels. Over the op's body, a call of
+# 1 x 4096 fp32 k=16 on a 2-core CPU (torch 2.13, 20000 calls) cost 12.5-19 us through
+# custom_op and 3-8 us registered as here; the H200's host spent 26 us in custom_op's layers
+# (benchmarks/results/profile_stages_h200_host_direct.json). A call that needs no gradient runs
+# the body from the autograd kernel, a call that does goes through ``_SelectedValues``.
+_LIBRARY = torch.library.Library("topk_compiler", "FRAGMENT")
+_LIBRARY.define(
+    "bucketed_topk(Tensor x, SymInt k, SymInt dim, bool largest, bool sorted, float recall_target, "
+    "SymInt num_buckets, SymInt per_bucket_k, str layout, SymInt seed, str rewrite, SymInt min_elements) "
+    "-> (Tensor, Tensor)"
+)
+_LIBRARY.impl("bucketed_topk", _bucketed_topk, "CompositeExplicitAutograd")
+bucketed_topk = torch.ops.topk_compiler.bucketed_topk.default
 
 
-@bucketed_topk.register_fake
+@torch.library.register_fake("topk_compiler::bucketed_topk", lib=_LIBRARY)
 def _(x, k, dim, largest, sorted, recall_target, num_buckets, per_bucket_k, layout, seed, rewrite, min_elements):
     if x.dim() == 0:
         return torch.empty_like(x), torch.empty((), dtype=torch.int64, device=x.device)
@@ -327,20 +341,36 @@ def _(x, k, dim, largest, sorted, recall_target, num_buckets, per_bucket_k, layo
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
 
 
-def _setup_context(ctx, inputs, output):
-    x, _, dim = inputs[:3]
-    ctx.save_for_backward(output[1])
-    ctx.dim = dim
-    ctx.x_shape = x.shape
+class _SelectedValues(torch.autograd.Function):
+    """The op under autograd: the values' gradient flows to the selected positions, as
+    torch.topk's does; the indices have none."""
+
+    @staticmethod
+    def forward(ctx, x, *arguments):
+        with torch._C._AutoDispatchBelowAutograd():
+            values, indices = bucketed_topk(x, *arguments)
+        ctx.save_for_backward(indices)
+        ctx.mark_non_differentiable(indices)
+        ctx.dim, ctx.x_shape = arguments[1], x.shape
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_indices):
+        (indices,) = ctx.saved_tensors
+        grad_x = torch.ops.aten.value_selecting_reduction_backward(grad_values, ctx.dim, indices, ctx.x_shape, True)
+        return (grad_x,) + (None,) * 11
 
 
-def _backward(ctx, grad_values, grad_indices):
-    (indices,) = ctx.saved_tensors
-    grad_x = torch.ops.aten.value_selecting_reduction_backward(grad_values, ctx.dim, indices, ctx.x_shape, True)
-    return (grad_x,) + (None,) * 11
+def _autograd_kernel(x, *arguments):
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SelectedValues.apply(x, *arguments)
+    if _plain_eager_call(x):  # nothing below autograd to dispatch to but the body
+        return _bucketed_topk(x, *arguments)
+    with torch._C._AutoDispatchBelowAutograd():
+        return bucketed_topk(x, *arguments)
 
 
-bucketed_topk.register_autograd(_backward, setup_context=_setup_context)
+_LIBRARY.impl("bucketed_topk", _autograd_kernel, "Autograd")
 
 
 def approx_topk(
