@@ -6,8 +6,9 @@ import triton
 import triton.language as tl
 
 from tests.conftest import KERNEL_DEVICE
-from topk_compiler.kernels.bucket_layout import element_index
+from topk_compiler.kernels.bucket_layout import element_index, group_rotation
 from topk_compiler.kernels.order_key import order_key
+from topk_compiler.lowering import layouts
 from topk_compiler.lowering.layouts import bucket_members
 from topk_compiler.lowering.order_keys import order_keys
 
@@ -26,6 +27,23 @@ def _members_kernel(out_ptr, num_buckets, slots, seed, LAYOUT: tl.constexpr, BLO
     g = offs % slots
     idx = element_index(row, q, g, num_buckets, slots, seed, LAYOUT)
     tl.store(out_ptr + row * num_buckets * slots + offs, idx, mask=offs < num_buckets * slots)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _rotation_kernel(rows_ptr, out_ptr, seed, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, group_rotation(tl.load(rows_ptr + offs), offs * 40503, seed))
+
+
+def test_group_rotation_matches_the_specification_where_its_products_wrap():
+    """The kernel hashes in uint32, the specification in int64 with 32-bit masks: large rows,
+    groups and the largest seed make every product pass 2**32."""
+    rows = torch.tensor([0, 1, 2**20 + 7, 2**31 - 1] * 16, dtype=torch.int64)
+    for seed in (0, 12345, layouts.MAX_SEED):
+        out = torch.empty(64, dtype=torch.int64, device=KERNEL_DEVICE)
+        _rotation_kernel[(1,)](rows.to(KERNEL_DEVICE), out, seed, BLOCK=64)
+        expected = layouts.group_rotation(rows, torch.arange(64) * 40503, seed)
+        assert torch.equal(out.cpu(), expected)
 
 
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 3.0e38, -3.0e38, float("inf"), float("-inf"), float("nan"), -float("nan"), 65504.0, 1e-7]

@@ -1,24 +1,25 @@
 """Triton form of ``lowering/layouts.py``: the element held by slot ``g`` of bucket ``q``.
 
-The hash works in int64 with 32-bit masks, exactly as the torch specification does, so both give
-the same buckets; it runs once per (group, program), not per element.
+The specification hashes in int64 with 32-bit masks; here the same hash runs in uint32, whose
+products and sums wrap to exactly those low 32 bits (an int64 product costs several
+instructions, and the streaming loop hashes once per slot), so both give the same buckets.
 """
 
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def group_rotation(row, group, seed):
-    """32-bit hash of (seed, row, group) as int64 (see ``lowering/layouts.py``)."""
+    """32-bit hash of (seed, row, group), as int64 (see ``lowering/layouts.py``)."""
     # tl.cast: in the interpreter a loop counter may arrive as a plain int
-    row, group, seed = tl.cast(row, tl.int64), tl.cast(group, tl.int64), tl.cast(seed, tl.int64)
-    h = ((row * 0x27D4EB2F) & 0xFFFFFFFF) + ((group * 0x165667B1) & 0xFFFFFFFF) + ((seed * 0x61C88647) & 0xFFFFFFFF)
-    h = h & 0xFFFFFFFF
+    row, group, seed = tl.cast(row, tl.uint32), tl.cast(group, tl.uint32), tl.cast(seed, tl.uint32)
+    h = row * 0x27D4EB2F + group * 0x165667B1 + seed * 0x61C88647
     h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h = h * 0x7FEB352D
     h = h ^ (h >> 15)
-    h = (h * 0x5BD1E995) & 0xFFFFFFFF
-    return h ^ (h >> 16)
+    h = h * 0x5BD1E995
+    return (h ^ (h >> 16)).to(tl.int64)
 
 
 @triton.jit
