@@ -12,7 +12,8 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
 * ``unsorted:<select>``: the fused kernel with ``sorted=False`` (threshold, compaction, stores).
 * ``sorted:<select>:<sort_with>``: the fused kernel as the op runs it (``rank``: then the rank
   sort launch); ``split:s<n>:...``: for fewer rows than SMs, stage 1 over n programs per row,
-  then the selection and the rank sort.
+  then the selection and the rank sort; ``wide:...``: the wide-bucket kernel at the planner's
+  bucketings, whole and each of its two launches alone.
 * ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
   stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
   ``rank_sort``: ``rank_sort`` of them (many programs per row); ``torch_sort``: ``torch.sort``.
@@ -202,9 +203,29 @@ def topk_stages(rows, n, k, dtype, bucketings, focus) -> list[dict]:
                                                                             unroll=unroll, warps=warps))
     if focus == "select":
         sorts(rows, n, k, dtype, record)
+        if rows < 132:
+            wide(x, k, record)
     else:
         certified(x, k, record)
     return out
+
+
+def wide(x, k, record):
+    """The wide-bucket kernel at every bucketing the planner offers for recall 0.95: whole, and
+    each of its two launches alone (each bucket's top; the merge by rank)."""
+    from topk_compiler.kernels.wide_bucket_topk import WideBucketTopk
+    from topk_compiler.lowering.plan import warps_for, wide_bucketings
+
+    rows, n = x.shape
+    processors = torch.cuda.get_device_properties(x.device).multi_processor_count
+    for b, kb, recall in wide_bucketings(rows, n, k, 0.95, "interleaved", processors):
+        warps = warps_for(triton.next_power_of_2(-(-n // b)))
+        run = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=warps)
+        record(f"wide:w{warps}:recall={recall:.3f}", b, kb, lambda r=run: r(x))
+        entries = run.new_entries()
+        values, indices = run(x)
+        record("wide:select", b, kb, lambda r=run, e=entries: r.select(x, e))
+        record("wide:merge", b, kb, lambda r=run, e=entries, v=values, i=indices: r.merge(e, x, v, i))
 
 
 def certified(x, k, record):

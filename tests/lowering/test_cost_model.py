@@ -107,7 +107,7 @@ def test_rank_sort_is_timed_for_few_rows_of_large_k_only(monkeypatch):
         plan.shortlist.cache_clear()
     for plans in few_rows:
         assert sum(p.sort_with == "rank" for p in plans) >= 1
-        assert len([p for p in plans if p.sort_with != "rank" and p.kernel != "torch"]) <= plan.SHORTLIST
+        assert len([p for p in plans if p.sort_with != "rank" and p.kernel not in ("torch", "wide")]) <= plan.SHORTLIST
     # Fewer rows than half the SMs: the split kernel sorting by rank races too (both its
     # launches spread each row over several programs).
     assert any(p.kernel == "split" and p.sort_with == "rank" for p in few_rows[0])
@@ -116,6 +116,29 @@ def test_rank_sort_is_timed_for_few_rows_of_large_k_only(monkeypatch):
     assert cost_model.rank_sort_time(32, 1434, H100) > t > cost_model.rank_sort_time(16, 700, H100)
     k = sympy.Symbol("k", positive=True, integer=True)
     assert float(cost_model.rank_sort_time(16, k, H100).subs(k, 1434)) == pytest.approx(t, rel=1e-9)
+
+
+def test_wide_buckets_race_for_few_rows_of_large_k_only(monkeypatch):
+    """The wide-bucket plan, with the fewest slots per bucket meeting the target, is among the
+    plans a first call times for few rows of large k; not for many rows or small k."""
+    from topk_compiler.kernels.wide_bucket_topk import MAX_SLOTS
+
+    assert plan.MAX_WIDE_SLOTS == MAX_SLOTS
+    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
+    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
+    plan.shortlist.cache_clear()
+    try:
+        few_rows = plan.shortlist(16, 14336, 1434, torch.float32, "cuda", 0.95)[0]
+        many_rows = plan.shortlist(1024, 32768, 2048, torch.bfloat16, "cuda", 0.95)[0]
+        small_k = plan.shortlist(16, 14336, 64, torch.float32, "cuda", 0.95)[0]
+    finally:
+        plan.shortlist.cache_clear()
+    (wide,) = [p for p in few_rows if p.kernel == "wide"]
+    b, kb = wide.num_buckets, wide.per_bucket_k
+    assert wide.expected_recall >= 0.95 and b * kb >= 1434 and 16 * b <= plan.WIDE_PROGRAMS_PER_SM * 132
+    assert kb == -(-1434 // b) or plan.recall_of(14336, 1434, b, kb - 1, "interleaved") < 0.95
+    assert not any(p.kernel == "wide" for p in many_rows + small_k)
+    assert cost_model.wide_time(64, 14336, 1434, b, kb, 4, H100) > cost_model.wide_time(16, 14336, 1434, b, kb, 4, H100)
 
 
 def test_the_model_prices_the_candidate_slots_the_exact_kernels_allocate():

@@ -22,6 +22,14 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def smallest_bucket(n: int, num_buckets: int, layout_id: int) -> int:
+    """Elements in the smallest bucket of a row of n (``lowering/layouts.py``; layout 2 is
+    contiguous: runs of ceil(n / num_buckets), the last short or empty)."""
+    if layout_id == 2:
+        return max(0, n - (num_buckets - 1) * cdiv(n, num_buckets))
+    return n // num_buckets
+
+
 @functools.cache
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None

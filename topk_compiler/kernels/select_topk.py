@@ -158,6 +158,29 @@ def store_selected(keys, idx, chosen, position, x_row_ptr, values_row_ptr, indic
 
 
 @triton.jit
+def index_entry(keys, idx, PACK32: tl.constexpr):
+    """Packed (key, inverted element index): sorts descending into torch.topk's order, a tie to
+    the smaller index. PACK32: 16-bit keys and indices below 2**16 share an int32, else an int64."""
+    if PACK32:
+        entry = (keys << 16) | (0xFFFF - idx.to(tl.int32))
+    else:
+        entry = (keys.to(tl.int64) << 32) | (0xFFFFFFFF - idx.to(tl.int64))
+    return entry
+
+
+@triton.jit
+def unpack_index_entry(entry, PACK32: tl.constexpr):
+    """(int32 key, int64 index) of ``index_entry``'s packing."""
+    if PACK32:
+        keys = entry >> 16
+        idx = (0xFFFF - (entry & 0xFFFF)).to(tl.int64)
+    else:
+        keys = (entry >> 32).to(tl.int32)
+        idx = 0xFFFFFFFF - (entry & 0xFFFFFFFF)
+    return keys, idx
+
+
+@triton.jit
 def sort_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
                           K_POW2: tl.constexpr, KEY_BITS: tl.constexpr, PACK32: tl.constexpr,
                           LARGEST: tl.constexpr):
@@ -167,11 +190,9 @@ def sort_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_
     int32, else (32-bit keys) an int64. ``order_row_ptr`` may be the index row itself (the
     launcher then allocates no entries): int32 entries fill the first half of its bytes, and
     every entry is loaded before any index is stored."""
+    entry = index_entry(keys, idx, PACK32)
     if PACK32:
-        entry = (keys << 16) | (0xFFFF - idx.to(tl.int32))
         order_row_ptr = order_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    else:
-        entry = (keys.to(tl.int64) << 32) | (0xFFFFFFFF - idx.to(tl.int64))
     tl.store(order_row_ptr + position, entry, mask=chosen)
     tl.debug_barrier()
     o = tl.arange(0, K_POW2)
@@ -183,12 +204,7 @@ def sort_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_
     if K_POW2 > 1:
         entry = tl.sort(entry, descending=True)
     tl.debug_barrier()
-    if PACK32:
-        sorted_keys = entry >> 16
-        sorted_idx = (0xFFFF - (entry & 0xFFFF)).to(tl.int64)
-    else:
-        sorted_keys = (entry >> 32).to(tl.int32)
-        sorted_idx = 0xFFFFFFFF - (entry & 0xFFFFFFFF)
+    sorted_keys, sorted_idx = unpack_index_entry(entry, PACK32)
     tl.store(indices_row_ptr + o, sorted_idx, mask=in_k)
     tl.store(values_row_ptr + o, values_of(sorted_keys, sorted_idx, in_k, x_row_ptr, KEY_BITS, LARGEST), mask=in_k)
 

@@ -104,6 +104,11 @@ def _prepare(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkP
         certified = certified_kernels.prepare_certified_topk(x2d, k, num_warps=plan.num_warps, **bucketing,
                                                              **layout_args, **finish)
         return lambda x2d: certified(x2d)[:2]
+    if plan.kernel == "wide":
+        from topk_compiler.kernels import wide_bucket_topk as wide_kernels
+
+        return wide_kernels.WideBucketTopk(x2d, k, num_buckets=plan.num_buckets, per_bucket_k=plan.per_bucket_k,
+                                           largest=largest, num_warps=plan.num_warps, **layout_args)
     if plan.kernel == "fused":
         return bucketed_kernels.prepare_fused_bucketed_topk(x2d, k, num_warps=plan.num_warps, **bucketing,
                                                             **layout_args, **finish)

@@ -231,6 +231,20 @@ def rank_sort_time(rows, k, p: DeviceProfile):
     return p.weight("launch") + _waves(programs, p) * (RANK_BLOCK_I * k * p.weight("bisect") + 2 * p.weight("sync"))
 
 
+def wide_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, p: DeviceProfile):
+    """``wide_bucket_topk``: a program per (row, bucket) loading its bucket, bisecting for its
+    per_bucket_k-th key and sorting its top per_bucket_k; then a program per (row, bucket) ranking
+    its entries by a binary search in every bucket's list. Priced with the fused kernel's terms
+    (streaming, bisection, sorting networks), not yet calibrated on this kernel."""
+    slots = _next_pow2(_cdiv(n, num_buckets))
+    key_bits = _key_bits(elem_bytes)
+    select = (_stream(slots, elem_bytes, 0, p) + slots * key_bits * p.weight("bisect")
+              + key_bits * p.weight("sync") + _sort_here(per_bucket_k, p))
+    merge = num_buckets * _next_pow2(per_bucket_k) * _log2(per_bucket_k + 1) * p.weight("bisect")
+    programs = rows * num_buckets
+    return 2 * p.weight("launch") + _waves(programs, p) * (select + merge)
+
+
 def _finish(rows, k, sorted_, select, sort_with, p: DeviceProfile):
     """(time inside the selecting program, time of the sort after it)."""
     if not sorted_ or select == "bitonic":

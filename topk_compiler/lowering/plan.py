@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from topk_compiler.kernels import cdiv, next_pow2
+from topk_compiler.kernels import cdiv, next_pow2, smallest_bucket
 from topk_compiler.lowering import cost_model
+from topk_compiler.lowering.layouts import LAYOUT_IDS
 from topk_compiler.lowering.recall_model import expected_recall, guaranteed_recall, survivors, uncertified_probability
 
 # An approximate plan must be predicted (and, on the GPU, measured) at least this much faster
@@ -64,6 +65,13 @@ SORT_WITH = ("program", "launch", "rank")
 # (benchmarks/results/profile_stages_h200.json).
 RANK_SORT_MIN_K = 512
 RANK_SORT_MAX_PAIRS = 2**26
+# The wide-bucket kernel (kernels/wide_bucket_topk.py): 4-32 buckets of up to MAX_WIDE_SLOTS
+# slots held in registers, a program per (row, bucket), for large k of rows too few to fill the
+# GPU with one program each (rows x buckets within WIDE_PROGRAMS_PER_SM a processor).
+WIDE_BUCKET_CHOICES = (4, 8, 16, 32)
+MAX_WIDE_SLOTS = 4096
+WIDE_MIN_K = 256
+WIDE_PROGRAMS_PER_SM = 2
 
 
 @dataclass(frozen=True)
@@ -75,8 +83,9 @@ class TopkPlan:
         kernel: "torch" (torch.topk), "reference" (bucketed in plain torch ops), "fused" (stage 1
             and 2 in one Triton program per row), "split" (stage 1 over several programs per row,
             then stage 2), "select" (exact Triton selection of rows held in registers) or
-            "filtered" (exact: a bucketed bound, a filtering pass, a selection) or "certified"
-            (exact: the fused kernel, whose rows are certified exact or recomputed).
+            "filtered" (exact: a bucketed bound, a filtering pass, a selection), "certified"
+            (exact: the fused kernel, whose rows are certified exact or recomputed) or "wide"
+            (a few wide buckets, a program each, then a merge by rank: few rows of large k).
         num_buckets, per_bucket_k: the bucketing (bucketed and filtered only).
         segments: programs per row of the split kernel's stage 1.
         select: how the k-th largest key is found: "bisect" (one count per key bit), "radix" (one
@@ -219,6 +228,27 @@ def filtered_bucketings(n: int, k: int, elem: int):
                 break
 
 
+def wide_bucketings(rows: int, n: int, k: int, recall_target: float, layout: str, processors: int):
+    """(num_buckets, per_bucket_k, recall) for the wide-bucket kernel: per bucket count, the
+    fewest slots per bucket meeting the target (recall grows with them: found by bisection),
+    where every bucket holds that many and the survivors hold k."""
+    if k < WIDE_MIN_K:
+        return
+    for b in WIDE_BUCKET_CHOICES:
+        if cdiv(n, b) > MAX_WIDE_SLOTS or rows * b > WIDE_PROGRAMS_PER_SM * processors:
+            continue
+        lo, hi = cdiv(k, b), smallest_bucket(n, b, LAYOUT_IDS[layout])
+        if lo > hi or recall_of(n, k, b, hi, layout) < recall_target:
+            continue
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if recall_of(n, k, b, mid, layout) >= recall_target:
+                hi = mid
+            else:
+                lo = mid + 1
+        yield b, lo, recall_of(n, k, b, lo, layout)
+
+
 def certified_bucketings(rows: int, n: int, k: int, elem: int):
     """(num_buckets, per_bucket_k, probability that a call recomputes a row) for the certified
     exact kernel: per bucket count, the fewest slots (two or more) certifying a call's rows with
@@ -284,6 +314,11 @@ def _ranked(rows, n, k, dtype, device, recall_target, layout, sorted_, forced):
             for t, kernel, segments, select, sort_with, warps in options:
                 approx.append(TopkPlan("bucketed", kernel, b, kb, segments, select, sort_with, warps,
                                        sort_warps_for(k, elem), recall, _us(t), torch_us))
+        if triton_ok and forced is None:
+            for b, kb, recall in wide_bucketings(rows, n, k, recall_target, layout, profile.processors):
+                t = cost_model.wide_time(rows, n, k, b, kb, elem, profile)
+                approx.append(TopkPlan("bucketed", "wide", b, kb, 1, "bisect", "program",
+                                       warps_for(next_pow2(cdiv(n, b))), 1, recall, _us(t), torch_us))
     return sorted(approx, key=lambda p: p.predicted_us), exact
 
 
@@ -367,10 +402,12 @@ def _with_rank_sort(chosen: list[TopkPlan], plans: list[TopkPlan], few_rows: boo
     fused kernel streams and sorts each row in one (16 x 14336 fp32 k=1434 sorted 2048 entries
     a row in one program for 29 of its 45 us, benchmarks/results/profile_stages_h200.json)."""
     extra = []
-    if not any(p.sort_with == "rank" for p in chosen):
-        extra += [p for p in plans if p.sort_with == "rank"][:1]
-    if few_rows and not any(p.sort_with == "rank" and p.kernel == "split" for p in chosen + extra):
-        extra += [p for p in plans if p.sort_with == "rank" and p.kernel == "split"][:1]
+    kinds = [lambda p: p.sort_with == "rank"]
+    if few_rows:
+        kinds += [lambda p: p.sort_with == "rank" and p.kernel == "split", lambda p: p.kernel == "wide"]
+    for kind in kinds:
+        if not any(kind(p) for p in chosen + extra):
+            extra += [p for p in plans if kind(p)][:1]
     return chosen + extra
 
 

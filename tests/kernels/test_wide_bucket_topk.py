@@ -1,0 +1,64 @@
+"""The wide-bucket kernel (few buckets, a program each, then a merge by rank) against the
+plain-torch bucketed reference with the same buckets. Without a GPU these run in the Triton
+interpreter on CPU tensors; sizes stay small."""
+
+import pytest
+import torch
+
+from tests.conftest import KERNEL_DEVICE
+from tests.kernels.test_bucketed_topk import assert_matches_reference, reference
+from tests.kernels.test_select_topk import special_rows
+from topk_compiler import expected_recall, measured_recall
+from topk_compiler.kernels.wide_bucket_topk import MAX_SLOTS, wide_bucket_topk
+from topk_compiler.lowering.layouts import LAYOUT_IDS
+
+# (rows, n, k, num_buckets, per_bucket_k): k from 1 to every survivor, buckets of 1 to 256 slots
+# kept, rows that buckets do not divide.
+CASES = [(3, 1000, 100, 8, 30), (1, 1000, 240, 8, 30), (2, 513, 1, 4, 1), (2, 300, 37, 16, 3),
+         (2, 2000, 500, 4, 256), (1, 1030, 200, 16, 14),
+         # 32 programs a row each searching 32 lists: minutes in the interpreter
+         pytest.param(4, 8195, 1500, 32, 60, marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                      reason="GPU only"))]
+
+
+@pytest.mark.parametrize("rows,n,k,b,kb", CASES)
+@pytest.mark.parametrize("layout,dtype,largest", [("interleaved", torch.float32, True), ("interleaved", torch.bfloat16, False),
+                                                  ("shuffled", torch.bfloat16, True), ("contiguous", torch.float32, False)])
+def test_equals_the_reference_with_the_same_buckets(rows, n, k, b, kb, layout, dtype, largest):
+    x = torch.randn(rows, n).to(dtype).to(KERNEL_DEVICE)
+    ref_values, _ = reference(x, k, b, kb, layout, largest)
+    values, indices = wide_bucket_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=largest,
+                                       layout_id=LAYOUT_IDS[layout], seed=11)
+    assert_matches_reference(values, indices, ref_values, x, sorted_=True, largest=largest)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_infinities_and_ties(dtype):
+    """NaN rows, infinities, rows of four values and an all-equal row: the output follows the
+    reference, each index once, ties to the smaller index within the values' order."""
+    x = special_rows(dtype, 600)
+    for largest in (True, False):
+        ref_values, _ = reference(x, 150, 8, 30, "interleaved", largest)
+        values, indices = wide_bucket_topk(x, 150, num_buckets=8, per_bucket_k=30, largest=largest)
+        assert_matches_reference(values, indices, ref_values, x, sorted_=True, largest=largest)
+    values, indices = wide_bucket_topk(x[3:4], 150, num_buckets=8, per_bucket_k=30, largest=True)
+    assert torch.equal(indices.cpu(), indices.cpu().sort(1).values)  # all equal: by index
+
+
+def test_measured_recall_tracks_the_model():
+    n, k, b, kb = 2048, 256, 16, 18
+    x = torch.randn(4, n).to(KERNEL_DEVICE)
+    _, indices = wide_bucket_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True)
+    model = expected_recall(n, k, b, kb, "interleaved")
+    assert model < 0.99  # the cut of each bucket's quota matters here
+    assert abs(measured_recall(x.cpu(), indices.cpu(), k) - model) < 0.03  # 1024 top items: sd 0.006
+
+
+def test_bad_arguments_are_refused():
+    x = torch.randn(2, 1000).to(KERNEL_DEVICE)
+    with pytest.raises(AssertionError, match="smallest bucket"):
+        wide_bucket_topk(x, 100, num_buckets=8, per_bucket_k=126, largest=True)  # buckets of 125
+    with pytest.raises(AssertionError, match="survivors"):
+        wide_bucket_topk(x, 100, num_buckets=8, per_bucket_k=12, largest=True)
+    with pytest.raises(AssertionError, match="exceed"):
+        wide_bucket_topk(torch.empty(1, 4 * MAX_SLOTS + 4), 100, num_buckets=4, per_bucket_k=30, largest=True)

@@ -1,0 +1,167 @@
+"""Bucketed top-k with a few wide buckets, for few rows of large k, in two launches.
+
+The bucketed algorithm with ``num_buckets`` of 4-32 buckets and ``per_bucket_k`` in the hundreds
+(the same buckets and the same recall model as the other kernels, ``lowering/layouts.py``):
+
+1. One program per (row, bucket) holds its bucket in registers, finds the bucket's
+   ``per_bucket_k``-th largest key by bisection, and writes its top ``per_bucket_k`` as (key,
+   inverted index) entries, sorted.
+2. One program per (row, bucket) ranks its bucket's entries among the row's survivors: an
+   entry's rank is the number of entries above it in every bucket's sorted list, each count a
+   binary search (``per_bucket_k`` entries: about 8 probes a list). Entries ranked below k are
+   the row's top-k of the survivors, written straight to their sorted place (ties go to the
+   smaller index, as in the other kernels).
+
+The fused kernel selects and sorts a row in one program: 16 x 14336 fp32 k=1434 ran on 16 of 132
+SMs and sorted for 29 of its 45 us (benchmarks/results/profile_stages_h200.json). Here both
+launches spread each row over ``num_buckets`` programs, and no program sorts more than its own
+bucket's survivors. The entries take the survivors' room (one 8-byte entry each, 4 for 16-bit
+keys of rows up to 2**16).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from topk_compiler.kernels import cdiv, next_pow2, smallest_bucket
+from topk_compiler.kernels.bucket_layout import element_index
+from topk_compiler.kernels.launch import Launch
+from topk_compiler.kernels.order_key import order_key
+from topk_compiler.kernels.select_topk import (compact_positions, index_entry, key_pad, kth_key_bisect,
+                                               unpack_index_entry, values_of)
+
+# A bucket is held in registers: at most this many slots (16 keys a thread at 8 warps).
+MAX_SLOTS = 4096
+MERGE_WARPS = 4
+
+
+@triton.jit
+def _entry_pad(PACK32: tl.constexpr):
+    """Below every entry (its key is below every real key)."""
+    if PACK32:
+        pad = -2147483648
+    else:
+        pad = -9223372036854775808
+    return pad
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
+                       n, per_bucket_k, slots, seed,              # sizes
+                       x_row_stride, entries_row_stride,          # strides
+                       NUM_BUCKETS: tl.constexpr, SLOTS_POW2: tl.constexpr, KB_POW2: tl.constexpr,
+                       LAYOUT: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr,
+                       PACK32: tl.constexpr):
+    """Program (row, q): bucket q's top ``per_bucket_k`` entries, sorted descending, at
+    q * per_bucket_k ... of the row's entries (every bucket holds that many elements at least:
+    the launcher checks)."""
+    row = tl.program_id(0).to(tl.int64)
+    q = tl.program_id(1)
+    g = tl.arange(0, SLOTS_POW2)
+    idx = element_index(row, q, g, NUM_BUCKETS, slots, seed, LAYOUT)
+    valid = (g < slots) & (idx < n)
+    v = tl.load(x_ptr + row * x_row_stride + idx, mask=valid, other=0.0)
+    keys = tl.where(valid, order_key(v, LARGEST), key_pad(KEY_BITS))
+    threshold = kth_key_bisect(keys, per_bucket_k, KEY_BITS)
+    need = per_bucket_k - tl.sum((keys > threshold).to(tl.int32), axis=0)
+    zero = tl.zeros([], dtype=tl.int32)
+    chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
+    entry = index_entry(keys, idx, PACK32)
+    out = entries_ptr + row * entries_row_stride + q * per_bucket_k
+    # Compacted to the bucket's place, then sorted there (every load before any store).
+    tl.store(out + position, entry, mask=chosen)
+    tl.debug_barrier()
+    o = tl.arange(0, KB_POW2)
+    in_kb = o < per_bucket_k
+    top = tl.load(out + o, mask=in_kb, other=_entry_pad(PACK32))
+    if KB_POW2 > 1:
+        top = tl.sort(top, descending=True)
+    tl.debug_barrier()
+    tl.store(out + o, top, mask=in_kb)
+
+
+@triton.jit
+def _merge_by_rank_kernel(entries_ptr, x_ptr, values_ptr, indices_ptr,      # pointers
+                          per_bucket_k, k,                                   # sizes
+                          entries_row_stride, x_row_stride, out_row_stride,  # strides
+                          NUM_BUCKETS: tl.constexpr, KB_POW2: tl.constexpr, LOG_KB: tl.constexpr,
+                          LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, PACK32: tl.constexpr):
+    """Program (row, q): each entry of bucket q's sorted list to output place = its rank among
+    the row's entries, if below k. The rank is the count of entries above it in every list (its
+    own included: there, its position). Entries are distinct (each holds its index), so the
+    ranks are a permutation and no two entries share a place."""
+    row = tl.program_id(0).to(tl.int64)
+    q = tl.program_id(1)
+    base = entries_ptr + row * entries_row_stride
+    o = tl.arange(0, KB_POW2)
+    in_kb = o < per_bucket_k
+    pad = _entry_pad(PACK32)
+    mine = tl.load(base + q * per_bucket_k + o, mask=in_kb, other=pad)
+    rank = tl.zeros([KB_POW2], dtype=tl.int32)
+    for b in range(NUM_BUCKETS):
+        # Binary lifting over the descending list: the longest prefix whose last entry is above.
+        above = tl.zeros([KB_POW2], dtype=tl.int32)
+        for step in tl.static_range(LOG_KB):
+            probe = above + (KB_POW2 >> (step + 1)) - 1
+            theirs = tl.load(base + b * per_bucket_k + probe, mask=probe < per_bucket_k, other=pad)
+            above = tl.where(theirs > mine, above + (KB_POW2 >> (step + 1)), above)
+        # The lifting steps cover KB_POW2 - 1 places; the last one is checked alone.
+        last = tl.load(base + b * per_bucket_k + above, mask=above < per_bucket_k, other=pad)
+        rank += above + (last > mine).to(tl.int32)
+    keep = in_kb & (rank < k)
+    keys, idx = unpack_index_entry(mine, PACK32)
+    out = row * out_row_stride + rank
+    tl.store(indices_ptr + out, idx, mask=keep)
+    tl.store(values_ptr + out, values_of(keys, idx, keep, x_ptr + row * x_row_stride, KEY_BITS, LARGEST), mask=keep)
+
+
+class WideBucketTopk:
+    """``wide_bucket_topk`` prepared for inputs of one shape, dtype and row stride: call it with
+    x2d for (values, indices); ``select`` and ``merge`` are its two launches (``launch.Launch``),
+    on (x2d, entries) and (entries, x2d, values, indices)."""
+
+    def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
+                 layout_id: int = 0, seed: int = 0, num_warps: int = 8):
+        assert x2d.dim() == 2 and x2d.stride(1) == 1, "wide_bucket_topk: x2d must be [rows, n], unit last stride"
+        assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {x2d.dtype}"
+        assert num_buckets & (num_buckets - 1) == 0, f"num_buckets must be a power of two, got {num_buckets}"
+        assert layout_id in (0, 1, 2), f"unknown layout id {layout_id}"
+        rows, n = x2d.shape
+        slots = cdiv(n, num_buckets)
+        assert slots <= MAX_SLOTS, f"wide_bucket_topk: buckets of {slots} slots exceed {MAX_SLOTS}"
+        assert 0 < per_bucket_k <= smallest_bucket(n, num_buckets, layout_id), (
+            f"wide_bucket_topk: per_bucket_k={per_bucket_k} above the smallest bucket of {n} elements in {num_buckets}")
+        survivors = num_buckets * per_bucket_k
+        assert 0 < k <= survivors, f"wide_bucket_topk: need 0 < k <= {survivors} survivors, got k={k}"
+        key_bits = 16 if x2d.element_size() == 2 else 32
+        pack32 = key_bits == 16 and n <= 2**16
+        kb_pow2 = next_pow2(per_bucket_k)
+        self.select = Launch(_bucket_top_kernel, (rows, num_buckets), n=n, per_bucket_k=per_bucket_k, slots=slots,
+                             seed=seed, x_row_stride=x2d.stride(0), entries_row_stride=survivors,
+                             NUM_BUCKETS=num_buckets, SLOTS_POW2=next_pow2(slots), KB_POW2=kb_pow2, LAYOUT=layout_id,
+                             LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, num_warps=num_warps)
+        self.merge = Launch(_merge_by_rank_kernel, (rows, num_buckets), per_bucket_k=per_bucket_k, k=k,
+                            entries_row_stride=survivors, x_row_stride=x2d.stride(0), out_row_stride=k,
+                            NUM_BUCKETS=num_buckets, KB_POW2=kb_pow2, LOG_KB=kb_pow2.bit_length() - 1,
+                            LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, num_warps=MERGE_WARPS)
+        self._rows, self._k, self._survivors = rows, k, survivors
+        self._dtype, self._device = x2d.dtype, x2d.device
+        self._entry_dtype = torch.int32 if pack32 else torch.int64
+
+    def new_entries(self) -> torch.Tensor:
+        return torch.empty((self._rows, self._survivors), dtype=self._entry_dtype, device=self._device)
+
+    def __call__(self, x2d: torch.Tensor):
+        values = torch.empty((self._rows, self._k), dtype=self._dtype, device=self._device)
+        indices = torch.empty((self._rows, self._k), dtype=torch.int64, device=self._device)
+        if self._rows:
+            entries = self.new_entries()
+            self.select(x2d, entries)
+            self.merge(entries, x2d, values, indices)
+        return values, indices
+
+
+def wide_bucket_topk(x2d: torch.Tensor, k: int, **options):
+    """Bucketed top-k of each row of ``x2d`` through few wide buckets (module docstring), sorted.
+    ``options``: those of ``WideBucketTopk``."""
+    return WideBucketTopk(x2d, k, **options)(x2d)
