@@ -155,9 +155,10 @@ def _chained(call):
     def run():
         from unittest import mock
 
-        from topk_compiler.kernels import sparse_ffn
+        from topk_compiler.kernels import sparse_ffn, wide_bucket_topk
 
-        with mock.patch.object(sparse_ffn, "chains_launches", lambda t: True):
+        with mock.patch.object(sparse_ffn, "chains_launches", lambda t: True), \
+                mock.patch.object(wide_bucket_topk, "chains_launches", lambda t: True):
             return call()
     return run
 
@@ -182,8 +183,8 @@ def families() -> dict:
         "fused fp32, k=1434 of 14336, rank sort": (lambda: fused_bucketed_topk(
             torch.empty(2, 14336), 1434, num_buckets=2048, per_bucket_k=2, largest=True, sorted=True,
             sort_with="rank", num_warps=8), True),
-        "wide buckets fp32, k=1434 of 14336, 8 buckets of 180": (lambda: wide_bucket_topk(
-            torch.empty(2, 14336), 1434, num_buckets=8, per_bucket_k=180, largest=True), True),
+        "wide buckets fp32, k=1434 of 14336, 8 buckets of 180, chained": (_chained(lambda: wide_bucket_topk(
+            torch.empty(2, 14336), 1434, num_buckets=8, per_bucket_k=180, largest=True)), True),
         "wide buckets bf16, k=2048 of 65536, 32 buckets of 68, shuffled": (lambda: wide_bucket_topk(
             _bf16(2, 65536), 2048, num_buckets=32, per_bucket_k=68, largest=False, layout_id=1, seed=3), True),
         "split, radix, sort launch": (lambda: split_bucketed_topk(

@@ -22,8 +22,9 @@ keys of rows up to 2**16).
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from topk_compiler.kernels import cdiv, next_pow2, smallest_bucket
+from topk_compiler.kernels import cdiv, chains_launches, next_pow2, smallest_bucket
 from topk_compiler.kernels.bucket_layout import element_index
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
@@ -51,10 +52,12 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
                        x_row_stride, entries_row_stride,          # strides
                        NUM_BUCKETS: tl.constexpr, SLOTS_POW2: tl.constexpr, KB_POW2: tl.constexpr,
                        LAYOUT: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr,
-                       PACK32: tl.constexpr):
+                       PACK32: tl.constexpr, CHAINED: tl.constexpr):
     """Program (row, q): bucket q's top ``per_bucket_k`` entries, sorted descending, at
     q * per_bucket_k ... of the row's entries (every bucket holds that many elements at least:
-    the launcher checks)."""
+    the launcher checks). CHAINED: the merge may launch at once (it waits for these writes)."""
+    if CHAINED:
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     q = tl.program_id(1)
     g = tl.arange(0, SLOTS_POW2)
@@ -85,11 +88,15 @@ def _merge_by_rank_kernel(entries_ptr, x_ptr, values_ptr, indices_ptr,      # po
                           per_bucket_k, k,                                   # sizes
                           entries_row_stride, x_row_stride, out_row_stride,  # strides
                           NUM_BUCKETS: tl.constexpr, KB_POW2: tl.constexpr, LOG_KB: tl.constexpr,
-                          LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, PACK32: tl.constexpr):
+                          LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, PACK32: tl.constexpr,
+                          CHAINED: tl.constexpr):
     """Program (row, q): each entry of bucket q's sorted list to output place = its rank among
     the row's entries, if below k. The rank is the count of entries above it in every list (its
     own included: there, its position). Entries are distinct (each holds its index), so the
-    ranks are a permutation and no two entries share a place."""
+    ranks are a permutation and no two entries share a place. CHAINED: launched as a
+    programmatic dependent of the selection, whose writes it waits for."""
+    if CHAINED:
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     q = tl.program_id(1)
     base = entries_ptr + row * entries_row_stride
@@ -136,14 +143,19 @@ class WideBucketTopk:
         key_bits = 16 if x2d.element_size() == 2 else 32
         pack32 = key_bits == 16 and n <= 2**16
         kb_pow2 = next_pow2(per_bucket_k)
+        # On Hopper the merge launches while the selection runs (``kernels.chains_launches``): a
+        # launch's gap is a tenth of a 10 us call.
+        chained = chains_launches(x2d)
         self.select = Launch(_bucket_top_kernel, (rows, num_buckets), n=n, per_bucket_k=per_bucket_k, slots=slots,
                              seed=seed, x_row_stride=x2d.stride(0), entries_row_stride=survivors,
                              NUM_BUCKETS=num_buckets, SLOTS_POW2=next_pow2(slots), KB_POW2=kb_pow2, LAYOUT=layout_id,
-                             LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, num_warps=num_warps)
+                             LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, CHAINED=chained,
+                             num_warps=num_warps)
         self.merge = Launch(_merge_by_rank_kernel, (rows, num_buckets), per_bucket_k=per_bucket_k, k=k,
                             entries_row_stride=survivors, x_row_stride=x2d.stride(0), out_row_stride=k,
                             NUM_BUCKETS=num_buckets, KB_POW2=kb_pow2, LOG_KB=kb_pow2.bit_length() - 1,
-                            LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, num_warps=MERGE_WARPS)
+                            LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, CHAINED=chained,
+                            num_warps=MERGE_WARPS, launch_pdl=chained)
         self._rows, self._k, self._survivors = rows, k, survivors
         self._dtype, self._device = x2d.dtype, x2d.device
         self._entry_dtype = torch.int32 if pack32 else torch.int64
