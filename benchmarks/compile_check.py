@@ -14,6 +14,7 @@ memory (``load_loops``, from the disassembly).
     PYTHONPATH=. python -m benchmarks.compile_check                 # every variant of the sweep
     PYTHONPATH=. python -m benchmarks.compile_check --shapes k=2048 --jobs 2
     PYTHONPATH=. python -m benchmarks.compile_check --families      # one call of each kernel family (CI)
+    PYTHONPATH=. python -m benchmarks.compile_check --headline      # stage 1's loop at each headline plan
 """
 
 from __future__ import annotations
@@ -228,6 +229,32 @@ def check_families() -> int:
     return failures
 
 
+# The fused plan each headline shape ran at recall 0.95 in benchmarks/results/bench_topk.json
+# (rows, n, k, dtype, num_buckets, per_bucket_k, num_warps, select).
+HEADLINE_PLANS = [(1024, 32768, 2048, torch.bfloat16, 1024, 4, 8, "bisect"),
+                  (64, 131072, 2048, torch.bfloat16, 4096, 2, 16, "bisect"),
+                  (4096, 4096, 512, torch.bfloat16, 256, 4, 2, "bisect"),
+                  (256, 128256, 50, torch.float32, 1024, 1, 8, "bisect"),
+                  (1024, 65536, 100, torch.float32, 1024, 1, 8, "bitonic"),
+                  (16384, 8192, 64, torch.float16, 128, 2, 1, "bitonic"),
+                  (16, 14336, 1434, torch.float32, 2048, 2, 8, "bisect")]
+
+
+def check_headline_plans() -> None:
+    """Stage 1's loops of each headline plan: instructions a step, and a step's elements a thread."""
+    from topk_compiler.kernels.bucketed_topk import fused_bucketed_topk
+
+    for rows, n, k, dtype, b, kb, warps, select in HEADLINE_PLANS:
+        x = torch.empty(2, n, dtype=dtype)
+        ((fn, args, kwargs),) = launches_of(lambda: fused_bucketed_topk(
+            x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=True, select=select, num_warps=warps))
+        loops = compile_launch(fn, args, kwargs)["load_loops"]
+        per_thread = b // (32 * warps) * kwargs["UNROLL"]
+        print(f"{rows}x{n} k={k} {str(dtype).split('.')[-1]:<8} b={b} kb={kb} w={warps}: stage-1 loops "
+              f"{loops} instructions a step of {per_thread} elements a thread "
+              f"({', '.join(f'{size / per_thread:.1f}' for size in loops)} an element)", flush=True)
+
+
 def main(argv=None) -> int:
     from benchmarks.calibrate_cost_model import DTYPES, HEADLINE, SPREAD, _describe, variants
 
@@ -235,9 +262,13 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", metavar="PATTERN")
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
     parser.add_argument("--families", action="store_true", help="one launcher call of each kernel family")
+    parser.add_argument("--headline", action="store_true", help="stage 1's loop length at each headline plan")
     args = parser.parse_args(argv)
     if args.families:
         return 1 if check_families() else 0
+    if args.headline:
+        check_headline_plans()
+        return 0
     items, seen = [], set()
     for shape in HEADLINE + SPREAD:
         name = f"{shape[0]}x{shape[1]} k={shape[2]} {shape[3]}"
