@@ -322,11 +322,10 @@ def _bucketed_topk(
 
 # The op is registered on the dispatcher directly rather than through torch.library.custom_op,
 # whose Python layers (an autograd wrapper that re-enters the dispatcher, output alias checks, a
-# Dynamo guard) cost more host time than many of the op's kernels. Over the op's body, a call of
-# 1 x 4096 fp32 k=16 on a 2-core CPU (torch 2.13, 20000 calls) cost 12.5-19 us through
-# custom_op and 3-8 us registered as here; the H200's host spent 26 us in custom_op's layers
-# (benchmarks/results/profile_stages_h200_host_direct.json). A call that needs no gradient runs
-# the body from the autograd kernel, a call that does goes through ``_SelectedValues``.
+# Dynamo guard) cost more host time than many of the op's kernels: 26 us a call on an H200's host
+# (benchmarks/results/profile_stages_h200_host_direct.json; this registration is not yet timed
+# there). A call that needs no gradient runs the body from the autograd kernel, a call that does
+# goes through ``_SelectedValues``.
 _LIBRARY = torch.library.Library("topk_compiler", "FRAGMENT")
 _LIBRARY.define(
     "bucketed_topk(Tensor x, SymInt k, SymInt dim, bool largest, bool sorted, float recall_target, "
@@ -409,11 +408,11 @@ def approx_topk(
 
 
 def _plain_eager_call(x: torch.Tensor) -> bool:
-    """Whether a call can skip the custom op's dispatch: it needs no gradient, nothing traces or
+    """Whether a call can skip the op's dispatch: it needs no gradient, nothing traces or
     intercepts it (no torch.compile, vmap, dispatch or function mode), and ``x`` is a plain tensor
-    on a real device. The dispatch (autograd wrapper, dispatcher round trip) took 26 of the 67.7 us
-    of host time per eager call on an H200's host (benchmarks/results/profile_stages_h200_host_direct.json),
-    longer than many calls' kernels."""
+    on a real device. ``approx_topk`` then calls the body itself, and the op's autograd kernel
+    runs it without dispatching further. (Through custom_op the dispatch took 26 of the 67.7 us
+    of host time per eager call on an H200's host, benchmarks/results/profile_stages_h200_host_direct.json.)"""
     if _is_wrapped is None or _function_mode_on is None:  # a torch without these internals: always dispatch
         return False
     return (type(x) is torch.Tensor and x.device.type in ("cpu", "cuda")

@@ -388,13 +388,13 @@ def shortlist(
     forced = (num_buckets, per_bucket_k) if num_buckets is not None else None
     approx, exact = _ranked(rows, n, k, dtype, device, recall_target, layout, sorted, forced)
     few_rows = 2 * rows <= cost_model.device_profile(device).processors
-    chosen_exact = _with_rank_sort(_distinct(exact), exact, few_rows)
+    chosen_exact = _with_borrowed_prices(_distinct(exact), exact, few_rows)
     if not any(p.kernel == "torch" for p in chosen_exact):
         chosen_exact.append(next(p for p in exact if p.kernel == "torch"))
-    return tuple(_with_rank_sort(_distinct(approx), approx, few_rows)), tuple(chosen_exact)
+    return tuple(_with_borrowed_prices(_distinct(approx), approx, few_rows)), tuple(chosen_exact)
 
 
-def _with_rank_sort(chosen: list[TopkPlan], plans: list[TopkPlan], few_rows: bool) -> list[TopkPlan]:
+def _with_borrowed_prices(chosen: list[TopkPlan], plans: list[TopkPlan], few_rows: bool) -> list[TopkPlan]:
     """``chosen`` and, if none of them sorts by rank, the cheapest of ``plans`` that does: its
     price is borrowed from another kernel's term, so the first call's timing, not the model,
     decides whether it wins. With ``few_rows`` (fewer than half the SMs), also the cheapest split
