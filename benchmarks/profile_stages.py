@@ -13,7 +13,8 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
 * ``sorted:<select>:<sort_with>``: the fused kernel as the op runs it (``rank``: then the rank
   sort launch); ``split:s<n>:...``: for fewer rows than SMs, stage 1 over n programs per row,
   then the selection and the rank sort; ``wide:...``: the wide-bucket kernel at the planner's
-  bucketings, whole and each of its two launches alone.
+  bucketings, whole and each of its two launches alone (the selection at 2, 4 and its default
+  warps, ``:d<bits>`` deciding its threshold 1, 2 (as it runs) or 4 bits per count).
 * ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
   stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
   ``rank_sort``: ``rank_sort`` of them (many programs per row); ``torch_sort``: ``torch.sort``.
@@ -35,6 +36,7 @@ cProfile of where its host time goes.
 
     PYTHONPATH=. python3 -m benchmarks.profile_stages --out $OUT    # a GPU, about 4 minutes
     PYTHONPATH=. python3 -m benchmarks.profile_stages --only hire host --out $OUT
+    PYTHONPATH=. python3 -m benchmarks.profile_stages --only topk --shapes 16x14336 --out $OUT
 
 benchmarks/results/profile_stages_h200.json was written by this script at commit e05b592, whose
 variants timed a ``radix4`` selection in place of ``radix`` (4-bit digits counted in packed
@@ -199,8 +201,9 @@ def topk_stages(rows, n, k, dtype, bucketings, focus) -> list[dict]:
                     continue
                 for unroll in (4, 8):
                     record(f"stream:w{warps}:u{unroll}", b, kb, probe(x, k, b, kb, "stream", 0, unroll, warps))
-                    record(f"sorted:bitonic:w{warps}:u{unroll}", b, kb, fused(b, kb, "bitonic", True,
-                                                                            unroll=unroll, warps=warps))
+                    for select in ("bitonic", "bisect"):
+                        record(f"sorted:{select}:w{warps}:u{unroll}", b, kb, fused(b, kb, select, True,
+                                                                                 unroll=unroll, warps=warps))
     if focus == "select":
         sorts(rows, n, k, dtype, record)
         if rows < 132:
@@ -224,8 +227,12 @@ def wide(x, k, record):
         record(f"wide:w{warps}:recall={recall:.3f}", b, kb, lambda r=run: r(x))
         entries = run.new_entries()
         values, indices = run(x)
-        record("wide:select", b, kb, lambda r=run, e=entries: r.select(x, e))
         record("wide:merge", b, kb, lambda r=run, e=entries, v=values, i=indices: r.merge(e, x, v, i))
+        for select_warps in sorted({warps, 4, 2}):
+            for digit_bits in (1, 2, 4):
+                other = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=select_warps,
+                                       digit_bits=digit_bits)
+                record(f"wide:select:w{select_warps}:d{digit_bits}", b, kb, lambda r=other, e=entries: r.select(x, e))
 
 
 def certified(x, k, record):
@@ -432,6 +439,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--shapes", nargs="+", metavar="ROWSxN", help="top-k shapes to profile (default: all)")
     args = parser.parse_args(argv)
     start = time.time()
     payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -439,6 +447,7 @@ def main(argv=None):
                    command="PYTHONPATH=. python3 -m benchmarks.profile_stages " + " ".join(argv or sys.argv[1:]))
     if "topk" in args.only:
         payload["topk"] = [row for rows, n, k, dtype, bucketings, focus in SHAPES
+                           if not args.shapes or f"{rows}x{n}" in args.shapes
                            for row in topk_stages(rows, n, k, dtype, bucketings, focus)]
     if "hire" in args.only:
         payload["hire_ffn"] = hire_ffn_kernels()

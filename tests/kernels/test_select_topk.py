@@ -3,10 +3,13 @@ against torch.topk. Without a GPU these run in the Triton interpreter on CPU ten
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from tests.conftest import KERNEL_DEVICE
 from tests.kernels.test_bucketed_topk import FINISHES
-from topk_compiler.kernels.select_topk import exact_topk, new_outputs, select_topk, sort_selected
+from topk_compiler.kernels.select_topk import (exact_topk, key_pad, kth_key_bisect, kth_key_by_digits, new_outputs,
+                                               select_topk, sort_selected)
 from topk_compiler.lowering.order_keys import order_keys
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -151,3 +154,31 @@ def test_exact_selection_sorting_in_its_program_with_entries_in_the_index_row(dt
     for k in (1, 333, 700):
         values, indices = exact_topk(x, k, largest=True, sorted=True, select="bisect", sort_with="program")
         assert_exact(values, indices, x, k, True, sorted_=True)
+
+
+@triton.jit
+def _kth_key_kernel(keys_ptr, out_ptr, k, m, NS: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    row = tl.program_id(0)
+    f = tl.arange(0, NS)
+    keys = tl.load(keys_ptr + row * m + f, mask=f < m, other=key_pad(KEY_BITS))
+    tl.store(out_ptr + 2 * row, kth_key_bisect(keys, k, KEY_BITS))
+    tl.store(out_ptr + 2 * row + 1, kth_key_by_digits(keys, k, KEY_BITS, DIGIT_BITS))
+
+
+@pytest.mark.parametrize("key_bits", [16, 32])
+@pytest.mark.parametrize("digit_bits", [2, 4])
+def test_threshold_by_digits_is_the_kth_largest_key(key_bits, digit_bits):
+    """Both threshold searches return the k-th largest key, on rows of ties, of the extreme
+    keys, and of fewer candidates than the block (padding below every key)."""
+    lo, hi = -(2 ** (key_bits - 1)) + 1, 2 ** (key_bits - 1) - 1
+    m = 100
+    keys = torch.randint(lo, hi, (5, m), dtype=torch.int64)
+    keys[1] = torch.randint(-3, 3, (m,))
+    keys[2, :50], keys[2, 50:] = lo, hi
+    keys[3] = 7
+    for k in (1, 37, m):
+        out = torch.empty(5, 2, dtype=torch.int32, device=KERNEL_DEVICE)
+        _kth_key_kernel[(5,)](keys.to(torch.int32).to(KERNEL_DEVICE), out, k, m, NS=128, KEY_BITS=key_bits,
+                              DIGIT_BITS=digit_bits)
+        expected = keys.sort(dim=1, descending=True).values[:, k - 1].to(torch.int32)
+        assert torch.equal(out.cpu()[:, 0], expected) and torch.equal(out.cpu()[:, 1], expected)

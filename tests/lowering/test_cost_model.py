@@ -48,9 +48,11 @@ def test_shortlist_always_offers_torch_topk_among_exact_plans(monkeypatch):
     plan.shortlist.cache_clear()
     approx, exact = plan.shortlist(16384, 8192, 64, torch.float16, "cuda", 0.95)
     plan.shortlist.cache_clear()
-    assert 1 <= len(approx) <= plan.SHORTLIST and any(p.kernel == "torch" for p in exact)
+    # The cheapest SHORTLIST plans by the model, then the other finish of the cheapest bucketing.
+    assert 1 <= len(approx) <= plan.SHORTLIST + 1 and any(p.kernel == "torch" for p in exact)
     assert all(p.expected_recall >= 0.95 for p in approx)
-    assert [p.predicted_us for p in approx] == sorted(p.predicted_us for p in approx)
+    cheapest = [p.predicted_us for p in approx[:plan.SHORTLIST]]
+    assert cheapest == sorted(cheapest)
 
 
 def test_cpu_profile_keeps_torch_topk():
@@ -121,9 +123,9 @@ def test_rank_sort_is_timed_for_few_rows_of_large_k_only(monkeypatch):
 def test_wide_buckets_race_for_few_rows_of_large_k_only(monkeypatch):
     """The wide-bucket plan, with the fewest slots per bucket meeting the target, is among the
     plans a first call times for few rows of large k; not for many rows or small k."""
-    from topk_compiler.kernels.wide_bucket_topk import MAX_SLOTS
+    from topk_compiler.kernels.wide_bucket_topk import DIGIT_BITS, MAX_SLOTS
 
-    assert plan.MAX_WIDE_SLOTS == MAX_SLOTS
+    assert plan.MAX_WIDE_SLOTS == MAX_SLOTS and cost_model.WIDE_DIGIT_BITS == DIGIT_BITS
     monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
     monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
     plan.shortlist.cache_clear()
@@ -161,3 +163,22 @@ def test_certified_exact_plans_for_long_rows_of_small_k(monkeypatch):
     assert certified and all(p.algorithm == "exact" and p.select != "bitonic" for p in certified)
     for b, kb, flagged in plan.certified_bucketings(256, 128256, 50, 4):
         assert kb >= 2 and b * next_pow2(kb) <= plan.MAX_REGISTER_SURVIVORS[4] and flagged <= 1 - plan.CERTIFIED_CALLS
+
+
+def test_shortlist_times_both_finishes_of_the_cheapest_fused_bucketing(monkeypatch):
+    """Small k: the bitonic network and the threshold-then-sort finish of the cheapest bucketing
+    are both timed at the first call; large k has no network (k > MAX_BITONIC_K) to add."""
+    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
+    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
+    plan.shortlist.cache_clear()
+    try:
+        small_k = plan.shortlist(16384, 8192, 64, torch.float16, "cuda", 0.95)[0]
+        large_k = plan.shortlist(1024, 32768, 2048, torch.bfloat16, "cuda", 0.95)[0]
+    finally:
+        plan.shortlist.cache_clear()
+    lead = small_k[0]
+    same = [p for p in small_k if (p.kernel, p.num_buckets, p.per_bucket_k, p.num_warps)
+            == (lead.kernel, lead.num_buckets, lead.per_bucket_k, lead.num_warps)]
+    assert {p.select == "bitonic" for p in same} == {True, False}
+    assert not any(p.select == "bitonic" for p in large_k)
+    assert len(large_k) == len(set(large_k))

@@ -63,6 +63,26 @@ def kth_key_bisect(keys, k, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
+def kth_key_by_digits(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    """``kth_key_bisect``'s threshold, DIGIT_BITS bits a round: each round counts the keys at or
+    above every value of the next digit at once (one reduction over [keys, 2**DIGIT_BITS]), so a
+    program waits on KEY_BITS / DIGIT_BITS block-wide counts instead of KEY_BITS. For a program
+    whose few candidates leave it latency-bound; it compares 2**DIGIT_BITS / DIGIT_BITS times
+    as often as bisection."""
+    half = tl.full([], 1, tl.int64) << (KEY_BITS - 1)
+    digits = tl.arange(0, 1 << DIGIT_BITS)
+    t_off = tl.zeros([], dtype=tl.int64)
+    for r in tl.static_range(KEY_BITS // DIGIT_BITS):
+        shift = KEY_BITS - DIGIT_BITS * (r + 1)
+        cand = (t_off + (digits.to(tl.int64) << shift) - half).to(tl.int32)
+        count = tl.sum((keys[:, None] >= cand[None, :]).to(tl.int32), axis=0)
+        # Digit 0 keeps the threshold so far, whose count is at least k: the max is defined.
+        digit = tl.max(tl.where(count >= k, digits, 0), axis=0)
+        t_off += digit.to(tl.int64) << shift
+    return (t_off - half).to(tl.int32)
+
+
+@triton.jit
 def radix_digit(keys, P: tl.constexpr, KEY_BITS: tl.constexpr):
     """Digit ``P`` (0 = most significant, 8 bits) of the offset-binary form of int32 ``keys``."""
     digit = (keys >> (KEY_BITS - 8 * (P + 1))) & 0xFF

@@ -4,18 +4,22 @@ The bucketed algorithm with ``num_buckets`` of 4-32 buckets and ``per_bucket_k``
 (the same buckets and the same recall model as the other kernels, ``lowering/layouts.py``):
 
 1. One program per (row, bucket) holds its bucket in registers, finds the bucket's
-   ``per_bucket_k``-th largest key by bisection, and writes its top ``per_bucket_k`` as (key,
-   inverted index) entries, sorted.
+   ``per_bucket_k``-th largest key two bits at a time (``kth_key_by_digits``: 16 block-wide
+   counts for 32-bit keys, where bisection waits on 32), and writes its top ``per_bucket_k`` as
+   (key, inverted index) entries, sorted.
 2. One program per (row, bucket) ranks its bucket's entries among the row's survivors: an
    entry's rank is the number of entries above it in every bucket's sorted list, each count a
-   binary search (``per_bucket_k`` entries: about 8 probes a list). Entries ranked below k are
-   the row's top-k of the survivors, written straight to their sorted place (ties go to the
-   smaller index, as in the other kernels).
+   binary search (``per_bucket_k`` entries: about 8 probes a list). The searches in all lists
+   advance together, one gather a probe, so a program waits on about 9 dependent loads, not 9
+   a list. Entries ranked below k are the row's top-k of the survivors, written straight to
+   their sorted place (ties go to the smaller index, as in the other kernels).
 
 The fused kernel selects and sorts a row in one program: 16 x 14336 fp32 k=1434 ran on 16 of 132
 SMs and sorted for 29 of its 45 us (benchmarks/results/profile_stages_h200.json). Here both
 launches spread each row over ``num_buckets`` programs, and no program sorts more than its own
-bucket's survivors. The entries take the survivors' room (one 8-byte entry each, 4 for 16-bit
+bucket's survivors. With bisection and one list searched after another, the two launches took
+14.6 and 14.5 us alone there (8 buckets of 180; profile_stages_h200_topk_98d5fb4.jsonl): both
+are chains of waits, on 32 block-wide counts and on 72 dependent loads. The entries take the survivors' room (one 8-byte entry each, 4 for 16-bit
 keys of rows up to 2**16).
 """
 
@@ -28,12 +32,15 @@ from topk_compiler.kernels import cdiv, chains_launches, next_pow2, smallest_buc
 from topk_compiler.kernels.bucket_layout import element_index
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
-from topk_compiler.kernels.select_topk import (compact_positions, index_entry, key_pad, kth_key_bisect,
+from topk_compiler.kernels.select_topk import (compact_positions, index_entry, key_pad, kth_key_by_digits,
                                                unpack_index_entry, values_of)
 
 # A bucket is held in registers: at most this many slots (16 keys a thread at 8 warps).
 MAX_SLOTS = 4096
-MERGE_WARPS = 4
+# Bits of the bucket's threshold decided per block-wide count (kth_key_by_digits). 4 bits held
+# [slots, 16] compares at once: 255 registers and spills for 2048 bf16 slots at 8 warps on
+# sm_90 (benchmarks/compile_check.py); 2 bits take 78-144.
+DIGIT_BITS = 2
 
 
 @triton.jit
@@ -52,7 +59,7 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
                        x_row_stride, entries_row_stride,          # strides
                        NUM_BUCKETS: tl.constexpr, SLOTS_POW2: tl.constexpr, KB_POW2: tl.constexpr,
                        LAYOUT: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr,
-                       PACK32: tl.constexpr, CHAINED: tl.constexpr):
+                       PACK32: tl.constexpr, DIGIT_BITS: tl.constexpr, CHAINED: tl.constexpr):
     """Program (row, q): bucket q's top ``per_bucket_k`` entries, sorted descending, at
     q * per_bucket_k ... of the row's entries (every bucket holds that many elements at least:
     the launcher checks). CHAINED: the merge may launch at once (it waits for these writes)."""
@@ -65,7 +72,7 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
     valid = (g < slots) & (idx < n)
     v = tl.load(x_ptr + row * x_row_stride + idx, mask=valid, other=0.0)
     keys = tl.where(valid, order_key(v, LARGEST), key_pad(KEY_BITS))
-    threshold = kth_key_bisect(keys, per_bucket_k, KEY_BITS)
+    threshold = kth_key_by_digits(keys, per_bucket_k, KEY_BITS, DIGIT_BITS)
     need = per_bucket_k - tl.sum((keys > threshold).to(tl.int32), axis=0)
     zero = tl.zeros([], dtype=tl.int32)
     chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
@@ -104,17 +111,17 @@ def _merge_by_rank_kernel(entries_ptr, x_ptr, values_ptr, indices_ptr,      # po
     in_kb = o < per_bucket_k
     pad = _entry_pad(PACK32)
     mine = tl.load(base + q * per_bucket_k + o, mask=in_kb, other=pad)
-    rank = tl.zeros([KB_POW2], dtype=tl.int32)
-    for b in range(NUM_BUCKETS):
-        # Binary lifting over the descending list: the longest prefix whose last entry is above.
-        above = tl.zeros([KB_POW2], dtype=tl.int32)
-        for step in tl.static_range(LOG_KB):
-            probe = above + (KB_POW2 >> (step + 1)) - 1
-            theirs = tl.load(base + b * per_bucket_k + probe, mask=probe < per_bucket_k, other=pad)
-            above = tl.where(theirs > mine, above + (KB_POW2 >> (step + 1)), above)
-        # The lifting steps cover KB_POW2 - 1 places; the last one is checked alone.
-        last = tl.load(base + b * per_bucket_k + above, mask=above < per_bucket_k, other=pad)
-        rank += above + (last > mine).to(tl.int32)
+    # Binary lifting over every bucket's descending list at once ([bucket, entry]): the longest
+    # prefix of each list whose last entry is above the entry.
+    lists = base + (tl.arange(0, NUM_BUCKETS) * per_bucket_k)[:, None]
+    above = tl.zeros([NUM_BUCKETS, KB_POW2], dtype=tl.int32)
+    for step in tl.static_range(LOG_KB):
+        probe = above + (KB_POW2 >> (step + 1)) - 1
+        theirs = tl.load(lists + probe, mask=probe < per_bucket_k, other=pad)
+        above = tl.where(theirs > mine[None, :], above + (KB_POW2 >> (step + 1)), above)
+    # The lifting steps cover KB_POW2 - 1 places; the last one is checked alone.
+    last = tl.load(lists + above, mask=above < per_bucket_k, other=pad)
+    rank = tl.sum(above + (last > mine[None, :]).to(tl.int32), axis=0)
     keep = in_kb & (rank < k)
     keys, idx = unpack_index_entry(mine, PACK32)
     out = row * out_row_stride + rank
@@ -122,13 +129,19 @@ def _merge_by_rank_kernel(entries_ptr, x_ptr, values_ptr, indices_ptr,      # po
     tl.store(values_ptr + out, values_of(keys, idx, keep, x_ptr + row * x_row_stride, KEY_BITS, LARGEST), mask=keep)
 
 
+def merge_warps(num_buckets: int, kb_pow2: int) -> int:
+    """Warps of the merge: 4, or 8 where its [bucket, entry] probes pass 16 a thread."""
+    return 8 if num_buckets * kb_pow2 > 2048 else 4
+
+
 class WideBucketTopk:
     """``wide_bucket_topk`` prepared for inputs of one shape, dtype and row stride: call it with
     x2d for (values, indices); ``select`` and ``merge`` are its two launches (``launch.Launch``),
-    on (x2d, entries) and (entries, x2d, values, indices)."""
+    on (x2d, entries) and (entries, x2d, values, indices). ``digit_bits``: of the threshold
+    decided per block-wide count (``kth_key_by_digits``; 1, 2 or 4, dividing the key's bits)."""
 
     def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
-                 layout_id: int = 0, seed: int = 0, num_warps: int = 8):
+                 layout_id: int = 0, seed: int = 0, num_warps: int = 8, digit_bits: int = DIGIT_BITS):
         assert x2d.dim() == 2 and x2d.stride(1) == 1, "wide_bucket_topk: x2d must be [rows, n], unit last stride"
         assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {x2d.dtype}"
         assert num_buckets & (num_buckets - 1) == 0, f"num_buckets must be a power of two, got {num_buckets}"
@@ -141,6 +154,7 @@ class WideBucketTopk:
         survivors = num_buckets * per_bucket_k
         assert 0 < k <= survivors, f"wide_bucket_topk: need 0 < k <= {survivors} survivors, got k={k}"
         key_bits = 16 if x2d.element_size() == 2 else 32
+        assert digit_bits in (1, 2, 4), f"digit_bits must be 1, 2 or 4, got {digit_bits}"
         pack32 = key_bits == 16 and n <= 2**16
         kb_pow2 = next_pow2(per_bucket_k)
         # On Hopper the merge launches while the selection runs (``kernels.chains_launches``): a
@@ -149,13 +163,13 @@ class WideBucketTopk:
         self.select = Launch(_bucket_top_kernel, (rows, num_buckets), n=n, per_bucket_k=per_bucket_k, slots=slots,
                              seed=seed, x_row_stride=x2d.stride(0), entries_row_stride=survivors,
                              NUM_BUCKETS=num_buckets, SLOTS_POW2=next_pow2(slots), KB_POW2=kb_pow2, LAYOUT=layout_id,
-                             LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, CHAINED=chained,
-                             num_warps=num_warps)
+                             LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, DIGIT_BITS=digit_bits,
+                             CHAINED=chained, num_warps=num_warps)
         self.merge = Launch(_merge_by_rank_kernel, (rows, num_buckets), per_bucket_k=per_bucket_k, k=k,
                             entries_row_stride=survivors, x_row_stride=x2d.stride(0), out_row_stride=k,
                             NUM_BUCKETS=num_buckets, KB_POW2=kb_pow2, LOG_KB=kb_pow2.bit_length() - 1,
                             LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, CHAINED=chained,
-                            num_warps=MERGE_WARPS, launch_pdl=chained)
+                            num_warps=merge_warps(num_buckets, kb_pow2), launch_pdl=chained)
         self._rows, self._k, self._survivors = rows, k, survivors
         self._dtype, self._device = x2d.dtype, x2d.device
         self._entry_dtype = torch.int32 if pack32 else torch.int64

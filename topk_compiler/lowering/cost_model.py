@@ -231,15 +231,20 @@ def rank_sort_time(rows, k, p: DeviceProfile):
     return p.weight("launch") + _waves(programs, p) * (RANK_BLOCK_I * k * p.weight("bisect") + 2 * p.weight("sync"))
 
 
+# kernels/wide_bucket_topk.DIGIT_BITS (tied by a test).
+WIDE_DIGIT_BITS = 2
+
+
 def wide_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, p: DeviceProfile):
-    """``wide_bucket_topk``: a program per (row, bucket) loading its bucket, bisecting for its
-    per_bucket_k-th key and sorting its top per_bucket_k; then a program per (row, bucket) ranking
-    its entries by a binary search in every bucket's list. Priced with the fused kernel's terms
+    """``wide_bucket_topk``: a program per (row, bucket) loading its bucket, finding its
+    per_bucket_k-th key WIDE_DIGIT_BITS bits per block-wide count (2**WIDE_DIGIT_BITS compares
+    per slot each) and sorting its top per_bucket_k; then a program per (row, bucket) ranking its
+    entries by a binary search in every bucket's list. Priced with the fused kernel's terms
     (streaming, bisection, sorting networks), not yet calibrated on this kernel."""
     slots = _next_pow2(_cdiv(n, num_buckets))
-    key_bits = _key_bits(elem_bytes)
-    select = (_stream(slots, elem_bytes, 0, p) + slots * key_bits * p.weight("bisect")
-              + key_bits * p.weight("sync") + _sort_here(per_bucket_k, p))
+    rounds = _key_bits(elem_bytes) // WIDE_DIGIT_BITS
+    select = (_stream(slots, elem_bytes, 0, p) + slots * rounds * 2**WIDE_DIGIT_BITS * p.weight("bisect")
+              + rounds * p.weight("sync") + _sort_here(per_bucket_k, p))
     merge = num_buckets * _next_pow2(per_bucket_k) * _log2(per_bucket_k + 1) * p.weight("bisect")
     programs = rows * num_buckets
     return 2 * p.weight("launch") + _waves(programs, p) * (select + merge)

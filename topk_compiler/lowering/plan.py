@@ -391,7 +391,27 @@ def shortlist(
     chosen_exact = _with_borrowed_prices(_distinct(exact), exact, few_rows)
     if not any(p.kernel == "torch" for p in chosen_exact):
         chosen_exact.append(next(p for p in exact if p.kernel == "torch"))
-    return tuple(_with_borrowed_prices(_distinct(approx), approx, few_rows)), tuple(chosen_exact)
+    chosen_approx = _with_other_finish(_with_borrowed_prices(_distinct(approx), approx, few_rows), approx)
+    return tuple(chosen_approx), tuple(chosen_exact)
+
+
+def _with_other_finish(chosen: list[TopkPlan], plans: list[TopkPlan]) -> list[TopkPlan]:
+    """``chosen`` and, where its cheapest plan is a fused one, the cheapest of ``plans`` of the
+    same bucketing and warps that finishes the other way (a bitonic network against a threshold
+    and a sort of the k selected). The model prices the two within 1% at 16384 x 8192 fp16 k=64
+    (b=128, kb=2, one warp); there the network measured 129 us, and 30 of them come after stage
+    1 (benchmarks/results/profile_stages_h200_topk_98d5fb4.jsonl), so the first call times both."""
+    if not chosen or chosen[0].kernel != "fused":
+        return chosen
+    lead = chosen[0]
+
+    def same_bucketing(p):
+        return (p.kernel, p.num_buckets, p.per_bucket_k, p.segments, p.num_warps) == \
+            (lead.kernel, lead.num_buckets, lead.per_bucket_k, lead.segments, lead.num_warps)
+
+    networks = {p.select == "bitonic" for p in chosen if same_bucketing(p)}
+    other = [p for p in plans if same_bucketing(p) and (p.select == "bitonic") not in networks]
+    return chosen + other[:1]
 
 
 def _with_borrowed_prices(chosen: list[TopkPlan], plans: list[TopkPlan], few_rows: bool) -> list[TopkPlan]:
