@@ -13,8 +13,8 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
 * ``sorted:<select>:<sort_with>``: the fused kernel as the op runs it (``rank``: then the rank
   sort launch); ``split:s<n>:...``: for fewer rows than SMs, stage 1 over n programs per row,
   then the selection and the rank sort; ``wide:...``: the wide-bucket kernel at the planner's
-  bucketings, whole and each of its two launches alone (the selection at 2, 4 and its default
-  warps, ``:d<bits>`` deciding its threshold 1, 2 (as it runs) or 4 bits per count).
+  bucketings, whole and each of its two launches alone (the selection ``:d<bits>`` deciding its
+  threshold 1, 2 (as it runs) or 4 bits per count). ``--only wide`` runs these alone.
 * ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
   stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
   ``rank_sort``: ``rank_sort`` of them (many programs per row); ``torch_sort``: ``torch.sort``.
@@ -152,7 +152,7 @@ def timed(fn) -> dict:
     return dict(us=1e3 * med, p20_us=1e3 * p20, p80_us=1e3 * p80)
 
 
-def topk_stages(rows, n, k, dtype, bucketings, focus) -> list[dict]:
+def topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=False) -> list[dict]:
     x = torch.randn(rows, n, device="cuda", dtype=dtype)
     nbytes = x.numel() * x.element_size()
     out = []
@@ -175,6 +175,10 @@ def topk_stages(rows, n, k, dtype, bucketings, focus) -> list[dict]:
                                            select=select, sort_with=sort_with, sort_warps=2, unroll=unroll,
                                            num_warps=warps)
 
+    if wide_only:
+        if focus == "select" and rows < 132:
+            wide(x, k, record)
+        return out
     for b, kb in bucketings:
         default_warps = warps_for(b, b * triton.next_power_of_2(kb))
         if focus == "select":
@@ -228,11 +232,10 @@ def wide(x, k, record):
         entries = run.new_entries()
         values, indices = run(x)
         record("wide:merge", b, kb, lambda r=run, e=entries, v=values, i=indices: r.merge(e, x, v, i))
-        for select_warps in sorted({warps, 4, 2}):
-            for digit_bits in (1, 2, 4):
-                other = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=select_warps,
-                                       digit_bits=digit_bits)
-                record(f"wide:select:w{select_warps}:d{digit_bits}", b, kb, lambda r=other, e=entries: r.select(x, e))
+        for digit_bits in (1, 2, 4):
+            other = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=warps,
+                                   digit_bits=digit_bits)
+            record(f"wide:select:w{warps}:d{digit_bits}", b, kb, lambda r=other, e=entries: r.select(x, e))
 
 
 def certified(x, k, record):
@@ -432,7 +435,7 @@ def large_eager_call(calls: int = 300, top: int = 25) -> dict:
     return result
 
 
-PARTS = ("topk", "hire", "host")
+PARTS = ("topk", "wide", "hire", "host")
 
 
 def main(argv=None):
@@ -449,6 +452,10 @@ def main(argv=None):
         payload["topk"] = [row for rows, n, k, dtype, bucketings, focus in SHAPES
                            if not args.shapes or f"{rows}x{n}" in args.shapes
                            for row in topk_stages(rows, n, k, dtype, bucketings, focus)]
+    if "wide" in args.only:
+        payload["wide"] = [row for rows, n, k, dtype, bucketings, focus in SHAPES
+                           if not args.shapes or f"{rows}x{n}" in args.shapes
+                           for row in topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=True)]
     if "hire" in args.only:
         payload["hire_ffn"] = hire_ffn_kernels()
     if "host" in args.only:
