@@ -1,6 +1,7 @@
 """Where the time goes, on one GPU, in one run: large-k bucketed top-k stage by stage, and the
 HiRE FFN kernel by kernel. No counters are needed: stages are timed as variants of the fused
-kernel that stop after them, and differences are read off.
+kernel that stop after them, and differences are read off. Top-k variants are timed as CUDA-graph
+replays (``timed``; each row's ``timing`` says how), the results files before 2026-12-02 eagerly.
 
 Top-k, per shape and bucketing (one program per row, as the fused kernel runs; ``:u8`` = 8
 loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
@@ -145,11 +146,26 @@ def probe(x, k, b, kb, select, stage, unroll=4, warps=None):
                                                 **meta, SELECT=SELECTS.get(select, 0), STAGE=stage, num_warps=warps)
 
 
-def timed(fn) -> dict:
+def timed(fn, replayed: bool = True) -> dict:
+    """do_bench's median (20th, 80th percentiles) of ``fn``; ``replayed``: of a CUDA graph of it,
+    so that the host's work per call cannot stretch a short kernel's time. Eagerly, a call
+    whose host part (arguments bound through the JIT, a launcher prepared anew: 30-100 us) outlasts
+    do_bench's L2 flush can be timed as the host's: at 16x14336 the same fused kernel measured 45
+    and 95 us eagerly in two runs (profile_stages_h200_topk_98d5fb4.jsonl, ..._cc735d4.jsonl). A call that
+    cannot be captured is timed eagerly, and its row says so."""
     fn()
     torch.cuda.synchronize()
+    how = "eager"
+    if replayed:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                fn()
+            fn, how = graph.replay, "replayed"
+        except RuntimeError:
+            torch.cuda.synchronize()
     med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=60)
-    return dict(us=1e3 * med, p20_us=1e3 * p20, p80_us=1e3 * p80)
+    return dict(us=1e3 * med, p20_us=1e3 * p20, p80_us=1e3 * p80, timing=how)
 
 
 def topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=False) -> list[dict]:
@@ -429,7 +445,8 @@ def large_eager_call(calls: int = 300, top: int = 25) -> dict:
     with torch.cuda.graph(graph):
         fn()
     result = dict(back_to_back_us=back_to_back, host_part_us=sorted(waited)[len(waited) // 2],
-                  do_bench_eager_us=timed(fn)["us"], graph_replay_us=timed(graph.replay)["us"],
+                  do_bench_eager_us=timed(fn, replayed=False)["us"],
+                  graph_replay_us=timed(graph.replay, replayed=False)["us"],
                   cprofile_by_tottime=text.getvalue().splitlines())
     print(json.dumps({k: v for k, v in result.items() if k != "cprofile_by_tottime"}), flush=True)
     return result
