@@ -206,3 +206,25 @@ def test_shapes_past_the_time_budget_are_recorded_as_skipped(tmp_path):
     report = bench_topk.main(["--smoke", "--budget-s", "0", "--out", str(tmp_path)])
     assert [r["skipped"] for r in report["shapes"]] == ["time budget"] * len(bench_topk.SMOKE_SHAPES)
     assert "- 2x1024 k=16 fp32: not measured (time budget)" in (tmp_path / "bench_topk.md").read_text()
+
+
+def test_precompile_deals_out_each_distinct_plan_of_every_shape(monkeypatch):
+    """Plans, not shapes, are the unit of the precompile's work: each (shape, plan) once, every
+    shortlisted plan of every provider there (a plan shared by two recall targets once)."""
+    from topk_compiler.lowering import cost_model, plan
+
+    h100 = cost_model.DeviceProfile("cuda", "NVIDIA H100", 132, 3.0e12, dict(cost_model._DEFAULT_CUDA_WEIGHTS))
+    monkeypatch.setattr(cost_model, "device_profile", lambda device: h100)
+    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
+    plan.shortlist.cache_clear()
+    shapes = [Shape(16, 14336, 1434, "fp32"), Shape(16384, 8192, 64, "fp16")]
+    try:
+        tasks = bench_topk.compile_tasks(shapes)
+        expected = {(s.name, repr(p)) for s in shapes for target in (0.9, 0.95, 0.99, 1.0)
+                    for plans in plan.shortlist(s.rows, s.n, s.k, bench_topk.DTYPES[s.dtype], "cuda", target)
+                    for p in plans}
+    finally:
+        plan.shortlist.cache_clear()
+    keys = [(s.name, repr(p)) for s, p in tasks]
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert {s.name for s, _ in tasks} == {s.name for s in shapes}
