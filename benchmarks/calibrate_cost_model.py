@@ -136,8 +136,9 @@ def variants(rows, n, k, dtype, quick=False):
     # Measured and predicted, not fitted: its price borrows other kernels' terms, which its timings
     # would pull towards a formula not yet checked against it.
     for b, kb, _ in list(plan.wide_bucketings(rows, n, k, TARGET, "interleaved", 132))[:2]:
-        out.append(_base("wide", num_buckets=b, per_bucket_k=kb, recall_target=TARGET, base=False,
-                         num_warps=plan.warps_for(next_pow2(-(-n // b)))))
+        for select in ("bisect", "bitonic") if next_pow2(kb) <= plan.MAX_BITONIC_K else ("bisect",):
+            out.append(_base("wide", num_buckets=b, per_bucket_k=kb, select=select, recall_target=TARGET,
+                             base=False, num_warps=plan.warps_for(next_pow2(-(-n // b)))))
     return out
 
 
@@ -163,7 +164,7 @@ def run_variant(x, k, v):
         from topk_compiler.kernels.wide_bucket_topk import wide_bucket_topk
 
         return wide_bucket_topk(x, k, num_buckets=v["num_buckets"], per_bucket_k=v["per_bucket_k"], largest=True,
-                                num_warps=v["num_warps"])
+                                num_warps=v["num_warps"], select=v["select"])
     if v["kernel"] == "fused":
         return bucketed_kernels.fused_bucketed_topk(x, k, num_warps=v["num_warps"], **bucketing, **finish)
     if v["kernel"] == "survivors":
@@ -191,7 +192,7 @@ def predicted_us(rows, n, k, elem, v, profile):
         t = cost_model.certified_time(rows, n, k, v["num_buckets"], v["per_bucket_k"], elem, v["sorted"],
                                       v["select"], v["sort_with"], 1.0 - (1.0 - row_fails) ** rows, profile)
     elif kernel == "wide":
-        t = cost_model.wide_time(rows, n, k, v["num_buckets"], v["per_bucket_k"], elem, profile)
+        t = cost_model.wide_time(rows, n, k, v["num_buckets"], v["per_bucket_k"], elem, v["select"], profile)
     else:
         t = None
     return None if t is None else float(t) * 1e6

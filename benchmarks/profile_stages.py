@@ -15,7 +15,8 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
   sort launch); ``split:s<n>:...``: for fewer rows than SMs, stage 1 over n programs per row,
   then the selection and the rank sort; ``wide:...``: the wide-bucket kernel at the planner's
   bucketings, whole and each of its two launches alone (the selection ``:d<bits>`` deciding its
-  threshold 1, 2 (as it runs) or 4 bits per count). ``--only wide`` runs these alone.
+  threshold 1, 2 (as it runs) or 4 bits per count; ``:bitonic``, and ``wide:bitonic`` whole, keeping
+  each bucket's top by a bitonic network). ``--only wide`` runs these alone.
 * ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
   stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
   ``rank_sort``: ``rank_sort`` of them (many programs per row); ``torch_sort``: ``torch.sort``.
@@ -236,7 +237,7 @@ def topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=False) -> list[d
 def wide(x, k, record):
     """The wide-bucket kernel at every bucketing the planner offers for recall 0.95: whole, and
     each of its two launches alone (each bucket's top; the merge by rank)."""
-    from topk_compiler.kernels.wide_bucket_topk import WideBucketTopk
+    from topk_compiler.kernels.wide_bucket_topk import MAX_NETWORK_KB, WideBucketTopk
     from topk_compiler.lowering.plan import warps_for, wide_bucketings
 
     rows, n = x.shape
@@ -252,6 +253,11 @@ def wide(x, k, record):
             other = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=warps,
                                    digit_bits=digit_bits)
             record(f"wide:select:w{warps}:d{digit_bits}", b, kb, lambda r=other, e=entries: r.select(x, e))
+        if triton.next_power_of_2(kb) <= MAX_NETWORK_KB:
+            network = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=warps,
+                                     select="bitonic")
+            record(f"wide:bitonic:w{warps}", b, kb, lambda r=network: r(x))
+            record(f"wide:select:w{warps}:bitonic", b, kb, lambda r=network, e=entries: r.select(x, e))
 
 
 def certified(x, k, record):

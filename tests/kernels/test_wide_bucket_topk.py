@@ -22,26 +22,29 @@ CASES = [(3, 1000, 100, 8, 30), (1, 1000, 240, 8, 30), (2, 513, 1, 4, 1), (2, 30
 
 
 @pytest.mark.parametrize("rows,n,k,b,kb", CASES)
-@pytest.mark.parametrize("layout,dtype,largest", [("interleaved", torch.float32, True), ("interleaved", torch.bfloat16, False),
-                                                  ("shuffled", torch.bfloat16, True), ("contiguous", torch.float32, False)])
-def test_equals_the_reference_with_the_same_buckets(rows, n, k, b, kb, layout, dtype, largest):
+@pytest.mark.parametrize("layout,dtype,largest,select", [
+    ("interleaved", torch.float32, True, "bisect"), ("interleaved", torch.bfloat16, False, "bitonic"),
+    ("shuffled", torch.bfloat16, True, "bisect"), ("contiguous", torch.float32, False, "bitonic"),
+    ("interleaved", torch.float16, True, "bitonic")])
+def test_equals_the_reference_with_the_same_buckets(rows, n, k, b, kb, layout, dtype, largest, select):
     x = torch.randn(rows, n).to(dtype).to(KERNEL_DEVICE)
     ref_values, _ = reference(x, k, b, kb, layout, largest)
     values, indices = wide_bucket_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=largest,
-                                       layout_id=LAYOUT_IDS[layout], seed=11)
+                                       layout_id=LAYOUT_IDS[layout], seed=11, select=select)
     assert_matches_reference(values, indices, ref_values, x, sorted_=True, largest=largest)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_nan_infinities_and_ties(dtype):
+@pytest.mark.parametrize("select", ["bisect", "bitonic"])
+def test_nan_infinities_and_ties(dtype, select):
     """NaN rows, infinities, rows of four values and an all-equal row: the output follows the
     reference, each index once, ties to the smaller index within the values' order."""
     x = special_rows(dtype, 600)
     for largest in (True, False):
         ref_values, _ = reference(x, 150, 8, 30, "interleaved", largest)
-        values, indices = wide_bucket_topk(x, 150, num_buckets=8, per_bucket_k=30, largest=largest)
+        values, indices = wide_bucket_topk(x, 150, num_buckets=8, per_bucket_k=30, largest=largest, select=select)
         assert_matches_reference(values, indices, ref_values, x, sorted_=True, largest=largest)
-    values, indices = wide_bucket_topk(x[3:4], 150, num_buckets=8, per_bucket_k=30, largest=True)
+    values, indices = wide_bucket_topk(x[3:4], 150, num_buckets=8, per_bucket_k=30, largest=True, select=select)
     assert torch.equal(indices.cpu(), indices.cpu().sort(1).values)  # all equal: by index
 
 
@@ -60,6 +63,9 @@ def test_bad_arguments_are_refused():
         wide_bucket_topk(x, 100, num_buckets=8, per_bucket_k=126, largest=True)  # buckets of 125
     with pytest.raises(AssertionError, match="survivors"):
         wide_bucket_topk(x, 100, num_buckets=8, per_bucket_k=12, largest=True)
+    with pytest.raises(AssertionError, match="bitonic network"):
+        wide_bucket_topk(torch.randn(1, 4000).to(KERNEL_DEVICE), 1000, num_buckets=4, per_bucket_k=300,
+                         largest=True, select="bitonic")
     with pytest.raises(AssertionError, match="exceed"):
         wide_bucket_topk(torch.empty(1, 4 * MAX_SLOTS + 4), 100, num_buckets=4, per_bucket_k=30, largest=True)
 

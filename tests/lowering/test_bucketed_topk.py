@@ -377,9 +377,9 @@ def test_a_wide_bucket_plan_runs_the_wide_kernel():
     from topk_compiler.lowering.bucketed_reference import bucketed_topk_torch
     from topk_compiler.lowering.plan import TopkPlan
 
-    wide = TopkPlan("bucketed", "wide", num_buckets=8, per_bucket_k=40, num_warps=4)
     x = torch.randn(2, 700).to(KERNEL_DEVICE)
-    for layout in ("interleaved", "shuffled"):
+    for layout, select in (("interleaved", "bisect"), ("shuffled", "bitonic")):
+        wide = TopkPlan("bucketed", "wide", num_buckets=8, per_bucket_k=40, select=select, num_warps=4)
         values, indices = op_module._run(x, 300, True, True, wide, layout, 5)
         expected = bucketed_topk_torch(x, 300, largest=True, sorted=True, num_buckets=8, per_bucket_k=40,
                                        layout=layout, seed=5)

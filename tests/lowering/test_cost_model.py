@@ -122,10 +122,12 @@ def test_rank_sort_is_timed_for_few_rows_of_large_k_only(monkeypatch):
 
 def test_wide_buckets_race_for_few_rows_of_large_k_only(monkeypatch):
     """The wide-bucket plan, with the fewest slots per bucket meeting the target, is among the
-    plans a first call times for few rows of large k; not for many rows or small k."""
-    from topk_compiler.kernels.wide_bucket_topk import DIGIT_BITS, MAX_SLOTS
+    plans a first call times for few rows of large k, with each of its finishes where a bitonic
+    network may keep the bucket's top; not for many rows or small k."""
+    from topk_compiler.kernels.wide_bucket_topk import DIGIT_BITS, MAX_NETWORK_KB, MAX_SLOTS
 
     assert plan.MAX_WIDE_SLOTS == MAX_SLOTS and cost_model.WIDE_DIGIT_BITS == DIGIT_BITS
+    assert plan.MAX_BITONIC_K == MAX_NETWORK_KB
     monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
     monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
     plan.shortlist.cache_clear()
@@ -135,12 +137,17 @@ def test_wide_buckets_race_for_few_rows_of_large_k_only(monkeypatch):
         small_k = plan.shortlist(16, 14336, 64, torch.float32, "cuda", 0.95)[0]
     finally:
         plan.shortlist.cache_clear()
-    (wide,) = [p for p in few_rows if p.kernel == "wide"]
+    wides = [p for p in few_rows if p.kernel == "wide"]
+    assert sorted(p.select for p in wides) == ["bisect", "bitonic"]
+    wide = wides[0]
     b, kb = wide.num_buckets, wide.per_bucket_k
+    assert next_pow2(kb) <= plan.MAX_BITONIC_K
     assert wide.expected_recall >= 0.95 and b * kb >= 1434 and 16 * b <= plan.WIDE_PROGRAMS_PER_SM * 132
     assert kb == -(-1434 // b) or plan.recall_of(14336, 1434, b, kb - 1, "interleaved") < 0.95
     assert not any(p.kernel == "wide" for p in many_rows + small_k)
-    assert cost_model.wide_time(64, 14336, 1434, b, kb, 4, H100) > cost_model.wide_time(16, 14336, 1434, b, kb, 4, H100)
+    for select in ("bisect", "bitonic"):
+        assert (cost_model.wide_time(64, 14336, 1434, b, kb, 4, select, H100)
+                > cost_model.wide_time(16, 14336, 1434, b, kb, 4, select, H100))
 
 
 def test_the_model_prices_the_candidate_slots_the_exact_kernels_allocate():

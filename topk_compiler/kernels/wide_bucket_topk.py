@@ -3,10 +3,13 @@
 The bucketed algorithm with ``num_buckets`` of 4-32 buckets and ``per_bucket_k`` in the hundreds
 (the same buckets and the same recall model as the other kernels, ``lowering/layouts.py``):
 
-1. One program per (row, bucket) holds its bucket in registers, finds the bucket's
-   ``per_bucket_k``-th largest key two bits at a time (``kth_key_by_digits``: 16 block-wide
-   counts for 32-bit keys, where bisection waits on 32), and writes its top ``per_bucket_k`` as
-   (key, inverted index) entries, sorted.
+1. One program per (row, bucket) holds its bucket in registers and writes its top
+   ``per_bucket_k`` as (key, inverted index) entries, sorted. ``select="bisect"``: it finds the
+   bucket's ``per_bucket_k``-th largest key two bits at a time (``kth_key_by_digits``: 16
+   block-wide counts for 32-bit keys, where bisection waits on 32), compacts the entries above it
+   to memory and sorts them there. ``select="bitonic"`` (``per_bucket_k`` up to 256): a bitonic
+   top-k network (``tl.topk``) over all of the bucket's entries, in registers, with no count and
+   no round trip through memory.
 2. One program per (row, bucket) ranks its bucket's entries among the row's survivors: an
    entry's rank is the number of entries above it in every bucket's sorted list, each count a
    binary search (``per_bucket_k`` entries: about 8 probes a list). The searches in all lists
@@ -41,6 +44,9 @@ MAX_SLOTS = 4096
 # [slots, 16] compares at once: 255 registers and spills for 2048 bf16 slots at 8 warps on
 # sm_90 (benchmarks/compile_check.py); 2 bits take 78-144.
 DIGIT_BITS = 2
+SELECTS = ("bisect", "bitonic")
+# Most entries a bucket's bitonic network keeps (the fused kernel's bound, plan.MAX_BITONIC_K).
+MAX_NETWORK_KB = 256
 
 
 @triton.jit
@@ -59,7 +65,8 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
                        x_row_stride, entries_row_stride,          # strides
                        NUM_BUCKETS: tl.constexpr, SLOTS_POW2: tl.constexpr, KB_POW2: tl.constexpr,
                        LAYOUT: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr,
-                       PACK32: tl.constexpr, DIGIT_BITS: tl.constexpr, CHAINED: tl.constexpr):
+                       PACK32: tl.constexpr, DIGIT_BITS: tl.constexpr, NETWORK: tl.constexpr,
+                       CHAINED: tl.constexpr):
     """Program (row, q): bucket q's top ``per_bucket_k`` entries, sorted descending, at
     q * per_bucket_k ... of the row's entries (every bucket holds that many elements at least:
     the launcher checks). CHAINED: the merge may launch at once (it waits for these writes)."""
@@ -72,21 +79,30 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
     valid = (g < slots) & (idx < n)
     v = tl.load(x_ptr + row * x_row_stride + idx, mask=valid, other=0.0)
     keys = tl.where(valid, order_key(v, LARGEST), key_pad(KEY_BITS))
-    threshold = kth_key_by_digits(keys, per_bucket_k, KEY_BITS, DIGIT_BITS)
-    need = per_bucket_k - tl.sum((keys > threshold).to(tl.int32), axis=0)
-    zero = tl.zeros([], dtype=tl.int32)
-    chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
-    entry = index_entry(keys, idx, PACK32)
     out = entries_ptr + row * entries_row_stride + q * per_bucket_k
-    # Compacted to the bucket's place, then sorted there (every load before any store).
-    tl.store(out + position, entry, mask=chosen)
-    tl.debug_barrier()
     o = tl.arange(0, KB_POW2)
     in_kb = o < per_bucket_k
-    top = tl.load(out + o, mask=in_kb, other=_entry_pad(PACK32))
-    if KB_POW2 > 1:
-        top = tl.sort(top, descending=True)
-    tl.debug_barrier()
+    if NETWORK:
+        # Padding slots rank last: the lowest key, and index 0 so that it stays out of the key's bits.
+        entry = index_entry(keys, tl.where(valid, idx, 0), PACK32)
+        if KB_POW2 == 1:
+            top = tl.max(entry, axis=0, keep_dims=True)
+        elif KB_POW2 < SLOTS_POW2:
+            top = tl.topk(entry, KB_POW2)
+        else:
+            top = tl.sort(entry, descending=True)
+    else:
+        threshold = kth_key_by_digits(keys, per_bucket_k, KEY_BITS, DIGIT_BITS)
+        need = per_bucket_k - tl.sum((keys > threshold).to(tl.int32), axis=0)
+        zero = tl.zeros([], dtype=tl.int32)
+        chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
+        # Compacted to the bucket's place, then sorted there (every load before any store).
+        tl.store(out + position, index_entry(keys, idx, PACK32), mask=chosen)
+        tl.debug_barrier()
+        top = tl.load(out + o, mask=in_kb, other=_entry_pad(PACK32))
+        if KB_POW2 > 1:
+            top = tl.sort(top, descending=True)
+        tl.debug_barrier()
     tl.store(out + o, top, mask=in_kb)
 
 
@@ -137,11 +153,13 @@ def merge_warps(num_buckets: int, kb_pow2: int) -> int:
 class WideBucketTopk:
     """``wide_bucket_topk`` prepared for inputs of one shape, dtype and row stride: call it with
     x2d for (values, indices); ``select`` and ``merge`` are its two launches (``launch.Launch``),
-    on (x2d, entries) and (entries, x2d, values, indices). ``digit_bits``: of the threshold
-    decided per block-wide count (``kth_key_by_digits``; 1, 2 or 4, dividing the key's bits)."""
+    on (x2d, entries) and (entries, x2d, values, indices). ``select``: how each bucket's top is
+    found (module docstring); ``digit_bits``: with "bisect", the threshold's bits decided per
+    block-wide count (``kth_key_by_digits``; 1, 2 or 4)."""
 
     def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
-                 layout_id: int = 0, seed: int = 0, num_warps: int = 8, digit_bits: int = DIGIT_BITS):
+                 layout_id: int = 0, seed: int = 0, num_warps: int = 8, select: str = "bisect",
+                 digit_bits: int = DIGIT_BITS):
         assert x2d.dim() == 2 and x2d.stride(1) == 1, "wide_bucket_topk: x2d must be [rows, n], unit last stride"
         assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {x2d.dtype}"
         assert num_buckets & (num_buckets - 1) == 0, f"num_buckets must be a power of two, got {num_buckets}"
@@ -155,6 +173,9 @@ class WideBucketTopk:
         assert 0 < k <= survivors, f"wide_bucket_topk: need 0 < k <= {survivors} survivors, got k={k}"
         key_bits = 16 if x2d.element_size() == 2 else 32
         assert digit_bits in (1, 2, 4), f"digit_bits must be 1, 2 or 4, got {digit_bits}"
+        assert select in SELECTS, f"select must be one of {SELECTS}, got {select!r}"
+        assert select != "bitonic" or per_bucket_k <= MAX_NETWORK_KB, (
+            f"wide_bucket_topk: a bitonic network keeps at most {MAX_NETWORK_KB} a bucket, got {per_bucket_k}")
         pack32 = key_bits == 16 and n <= 2**16
         kb_pow2 = next_pow2(per_bucket_k)
         # On Hopper the merge launches while the selection runs (``kernels.chains_launches``): a
@@ -164,7 +185,7 @@ class WideBucketTopk:
                              seed=seed, x_row_stride=x2d.stride(0), entries_row_stride=survivors,
                              NUM_BUCKETS=num_buckets, SLOTS_POW2=next_pow2(slots), KB_POW2=kb_pow2, LAYOUT=layout_id,
                              LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, DIGIT_BITS=digit_bits,
-                             CHAINED=chained, num_warps=num_warps)
+                             NETWORK=select == "bitonic", CHAINED=chained, num_warps=num_warps)
         self.merge = Launch(_merge_by_rank_kernel, (rows, num_buckets), per_bucket_k=per_bucket_k, k=k,
                             entries_row_stride=survivors, x_row_stride=x2d.stride(0), out_row_stride=k,
                             NUM_BUCKETS=num_buckets, KB_POW2=kb_pow2, LOG_KB=kb_pow2.bit_length() - 1,

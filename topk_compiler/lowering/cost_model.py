@@ -235,19 +235,23 @@ def rank_sort_time(rows, k, p: DeviceProfile):
 WIDE_DIGIT_BITS = 2
 
 
-def wide_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, p: DeviceProfile):
-    """``wide_bucket_topk``: a program per (row, bucket) loading its bucket, finding its
-    per_bucket_k-th key WIDE_DIGIT_BITS bits per block-wide count (2**WIDE_DIGIT_BITS compares
-    per slot each) and sorting its top per_bucket_k; then a program per (row, bucket) ranking its
-    entries by a binary search in every bucket's list. Priced with the fused kernel's terms
-    (streaming, bisection, sorting networks), not yet calibrated on this kernel."""
+def wide_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, select, p: DeviceProfile):
+    """``wide_bucket_topk``: a program per (row, bucket) loading its bucket and keeping its top
+    per_bucket_k sorted (``select="bisect"``: the threshold WIDE_DIGIT_BITS bits per block-wide
+    count, 2**WIDE_DIGIT_BITS compares per slot each, then a sort of those kept; "bitonic": a
+    top-k network over the bucket); then a program per (row, bucket) ranking its entries by a
+    binary search in every bucket's list. Priced with the fused kernel's terms (streaming,
+    bisection, sorting networks), not yet calibrated on this kernel."""
     slots = _next_pow2(_cdiv(n, num_buckets))
-    rounds = _key_bits(elem_bytes) // WIDE_DIGIT_BITS
-    select = (_stream(slots, elem_bytes, 0, p) + slots * rounds * 2**WIDE_DIGIT_BITS * p.weight("bisect")
-              + rounds * p.weight("sync") + _sort_here(per_bucket_k, p))
+    if select == "bitonic":
+        top = _select(slots, per_bucket_k, _key_bits(elem_bytes), "bitonic", p)
+    else:
+        rounds = _key_bits(elem_bytes) // WIDE_DIGIT_BITS
+        top = (slots * rounds * 2**WIDE_DIGIT_BITS * p.weight("bisect") + rounds * p.weight("sync")
+               + _sort_here(per_bucket_k, p))
     merge = num_buckets * _next_pow2(per_bucket_k) * _log2(per_bucket_k + 1) * p.weight("bisect")
     programs = rows * num_buckets
-    return 2 * p.weight("launch") + _waves(programs, p) * (select + merge)
+    return 2 * p.weight("launch") + _waves(programs, p) * (_stream(slots, elem_bytes, 0, p) + top + merge)
 
 
 def _finish(rows, k, sorted_, select, sort_with, p: DeviceProfile):

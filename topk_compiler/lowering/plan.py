@@ -316,9 +316,10 @@ def _ranked(rows, n, k, dtype, device, recall_target, layout, sorted_, forced):
                                        sort_warps_for(k, elem), recall, _us(t), torch_us))
         if triton_ok and forced is None:
             for b, kb, recall in wide_bucketings(rows, n, k, recall_target, layout, profile.processors):
-                t = cost_model.wide_time(rows, n, k, b, kb, elem, profile)
-                approx.append(TopkPlan("bucketed", "wide", b, kb, 1, "bisect", "program",
-                                       warps_for(next_pow2(cdiv(n, b))), 1, recall, _us(t), torch_us))
+                for select in ("bisect", "bitonic") if next_pow2(kb) <= MAX_BITONIC_K else ("bisect",):
+                    t = cost_model.wide_time(rows, n, k, b, kb, elem, select, profile)
+                    approx.append(TopkPlan("bucketed", "wide", b, kb, 1, select, "program",
+                                           warps_for(next_pow2(cdiv(n, b))), 1, recall, _us(t), torch_us))
     return sorted(approx, key=lambda p: p.predicted_us), exact
 
 
@@ -418,13 +419,15 @@ def _with_borrowed_prices(chosen: list[TopkPlan], plans: list[TopkPlan], few_row
     """``chosen`` and, if none of them sorts by rank, the cheapest of ``plans`` that does: its
     price is borrowed from another kernel's term, so the first call's timing, not the model,
     decides whether it wins. With ``few_rows`` (fewer than half the SMs), also the cheapest split
-    kernel sorting by rank: both of its launches spread a row over many programs, where the
+    kernel sorting by rank and the cheapest wide-bucket plan of each finish: all spread a row over many programs, where the
     fused kernel streams and sorts each row in one (16 x 14336 fp32 k=1434 sorted 2048 entries
     a row in one program for 29 of its 45 us, benchmarks/results/profile_stages_h200.json)."""
     extra = []
     kinds = [lambda p: p.sort_with == "rank"]
     if few_rows:
-        kinds += [lambda p: p.sort_with == "rank" and p.kernel == "split", lambda p: p.kernel == "wide"]
+        kinds += [lambda p: p.sort_with == "rank" and p.kernel == "split",
+                  lambda p: p.kernel == "wide" and p.select == "bisect",
+                  lambda p: p.kernel == "wide" and p.select == "bitonic"]
     for kind in kinds:
         if not any(kind(p) for p in chosen + extra):
             extra += [p for p in plans if kind(p)][:1]
