@@ -53,9 +53,13 @@ QUANTILES = [0.5, 0.2, 0.8]
 RECALL_TARGETS = (0.9, 0.95, 0.99)
 OURS = (*(f"approx@{t}" for t in RECALL_TARGETS), "exact")
 PROVIDERS = ("torch", "compiled", *OURS)
+# Headline shapes also with sorted=False (a sparse-attention indexer needs the k, not their
+# order; the peer's output is unsorted too): torch.topk's and ours at 0.95, each speed-up
+# against torch.topk's unsorted call.
+UNSORTED = ("torch:unsorted", "approx@0.95:unsorted")
 # Timed again as a replayed CUDA graph on latency-bound shapes (torch.topk too, so the speed-up
 # under graphs compares like with like; a compiled graph is torch.compile's "reduce-overhead").
-GRAPH_PROVIDERS = ("torch", *OURS)
+GRAPH_PROVIDERS = ("torch", *OURS, *UNSORTED)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # The floor's bandwidth, unless --bandwidth gives one: the run's own device-to-device copy
@@ -173,6 +177,11 @@ def make_input(shape: Shape, device: torch.device) -> torch.Tensor:
 
 def setup_topk(provider: str, x: torch.Tensor, k: int, peer=None):
     """A zero-argument call of ``provider`` on ``x``; ``peer`` is (peer's topk op, PeerSetting)."""
+    if provider.endswith(":unsorted"):
+        if provider == "torch:unsorted":
+            return lambda: torch.topk(x, k, dim=-1, sorted=False)
+        target = float(provider.removeprefix("approx@").removesuffix(":unsorted"))
+        return lambda: approx_topk(x, k, recall_target=target, sorted=False)
     if provider == "torch":
         return lambda: torch.topk(x, k, dim=-1)
     if provider == "compiled":
@@ -189,6 +198,17 @@ def setup_topk(provider: str, x: torch.Tensor, k: int, peer=None):
         peer_topk, setting = peer
         return lambda: peer_topk(x, k, -1, setting.j, setting.k_mult, True, setting.multithread_buckets)
     raise ValueError(f"unknown provider {provider!r}")
+
+
+def target_of(provider: str) -> tuple[float, bool]:
+    """(recall target, sorted) of one of our providers."""
+    sorted_ = not provider.endswith(":unsorted")
+    name = provider.removesuffix(":unsorted")
+    return (1.0 if name == "exact" else float(name.removeprefix("approx@"))), sorted_
+
+
+def providers_of(shape: Shape) -> tuple[str, ...]:
+    return PROVIDERS + UNSORTED if shape.group == "headline" else PROVIDERS
 
 
 def time_us(fn, device: torch.device, warmup_ms: int = 25, rep_ms: int = 100) -> dict:
@@ -248,10 +268,11 @@ def plan_record(shape: Shape, provider: str, x: torch.Tensor) -> dict:
     """The plan approx_topk ran for this call: the one measured fastest at its first call on the
     GPU (the cost model's own choice under "model"), or the cost model's where nothing is timed;
     under "graph", the one its CUDA-graph replays ran where that differs."""
-    target = 1.0 if provider == "exact" else float(provider.removeprefix("approx@"))
-    model = _plan(shape, target, str(x.device))
-    ran = lookup_tuned(shape.rows, shape.n, shape.k, x.dtype, str(x.device), True, True, target)
-    replayed = lookup_tuned(shape.rows, shape.n, shape.k, x.dtype, str(x.device), True, True, target, captured=True)
+    target, sorted_ = target_of(provider)
+    model = _plan(shape, target, str(x.device), sorted_)
+    ran = lookup_tuned(shape.rows, shape.n, shape.k, x.dtype, str(x.device), True, sorted_, target)
+    replayed = lookup_tuned(shape.rows, shape.n, shape.k, x.dtype, str(x.device), True, sorted_, target,
+                            captured=True)
     record = {**dataclasses.asdict(ran or model), "model": dataclasses.asdict(model)}
     if replayed is not None and replayed != ran:
         record["graph"] = dataclasses.asdict(replayed)
@@ -269,7 +290,7 @@ def bench_provider(provider: str, x: torch.Tensor, shape: Shape, graphs: bool) -
         result["first_call_s"] = time.perf_counter() - start  # compiles included
         result["recall"] = measured_recall(x, indices, shape.k)
         result.update(time_us(fn, x.device))
-        if provider in OURS:
+        if provider in OURS or provider in UNSORTED[1:]:
             result["plan"] = plan_record(shape, provider, x)
             if x.is_cuda:
                 result["memory"] = memory_of(fn, x.device)
@@ -292,7 +313,7 @@ def bench_shape(shape: Shape, device: torch.device, bandwidth: float) -> dict:
         "input_bytes": shape.input_bytes,
         "floor_us": hbm_floor_us(shape, bandwidth),
         "cuda_graphs": graphs,
-        "results": {p: bench_provider(p, x, shape, graphs) for p in PROVIDERS},
+        "results": {p: bench_provider(p, x, shape, graphs) for p in providers_of(shape)},
     }
 
 
@@ -379,11 +400,13 @@ def measure_copy(device: torch.device, nbytes: int) -> dict:
 
 
 def add_ratios(record: dict) -> None:
-    """×floor and speed-up over torch.topk (eager; graph replay against torch.topk's replay)."""
+    """×floor and speed-up over torch.topk (eager; graph replay against torch.topk's replay), the
+    unsorted calls' over torch.topk's unsorted one."""
     results = record["results"]
-    torch_us = results["torch"].get("median_us")
-    torch_graph_us = results["torch"].get("graph", {}).get("median_us")
-    for result in results.values():
+    for provider, result in results.items():
+        baseline = results.get("torch:unsorted" if provider.endswith(":unsorted") else "torch", {})
+        torch_us = baseline.get("median_us")
+        torch_graph_us = baseline.get("graph", {}).get("median_us")
         if "median_us" not in result:
             continue
         result["x_floor"] = result["median_us"] / record["floor_us"]
@@ -415,24 +438,24 @@ def environment(device: torch.device, bandwidth: float) -> dict:
     }
 
 
-def _plan(shape: Shape, target: float, device: str):
-    return plan_topk(shape.rows, shape.n, shape.k, DTYPES[shape.dtype], device, target, "interleaved", True,
+def _plan(shape: Shape, target: float, device: str, sorted_: bool = True):
+    return plan_topk(shape.rows, shape.n, shape.k, DTYPES[shape.dtype], device, target, "interleaved", sorted_,
                      None, None, "auto")
 
 
-def _compile_worker(tasks: list[tuple[Shape, object]]) -> int:
+def _compile_worker(tasks: list[tuple[Shape, bool, object]]) -> int:
     """Runs each (shape, plan) on two rows of the shape's length: Triton specialises on the same
     argument properties, so this fills its on-disk kernel cache and the first calls of the
     timing pass only time."""
     from topk_compiler.lowering.bucketed_topk import _run
 
     compiled, inputs = 0, {}
-    for shape, plan in tasks:
+    for shape, sorted_, plan in tasks:
         key = (shape.n, shape.dtype)
         if key not in inputs:
             inputs[key] = torch.randn(2, shape.n, device="cuda").to(DTYPES[shape.dtype])
         try:
-            _run(inputs[key], shape.k, True, True, plan, "interleaved", 0)
+            _run(inputs[key], shape.k, True, sorted_, plan, "interleaved", 0)
             compiled += 1
         except Exception:  # the timing pass reports it, with context
             pass
@@ -440,18 +463,21 @@ def _compile_worker(tasks: list[tuple[Shape, object]]) -> int:
     return compiled
 
 
-def compile_tasks(shapes: list[Shape]) -> list[tuple[Shape, object]]:
-    """Every distinct plan our providers may time for each shape (``plan.shortlist``)."""
+def compile_tasks(shapes: list[Shape]) -> list[tuple[Shape, bool, object]]:
+    """(shape, sorted, plan) for every distinct plan our providers may time (``plan.shortlist``)."""
     tasks, seen = [], set()
     for shape in shapes:
-        for provider in OURS:
-            target = 1.0 if provider == "exact" else float(provider.removeprefix("approx@"))
-            approx, exact = shortlist(shape.rows, shape.n, shape.k, DTYPES[shape.dtype], "cuda", target)
+        for provider in providers_of(shape):
+            if provider not in OURS and provider not in UNSORTED[1:]:
+                continue
+            target, sorted_ = target_of(provider)
+            approx, exact = shortlist(shape.rows, shape.n, shape.k, DTYPES[shape.dtype], "cuda", target,
+                                      sorted=sorted_)
             for plan in (*approx, *exact):
-                key = (shape.name, repr(plan))
+                key = (shape.name, sorted_, repr(plan))
                 if key not in seen:
                     seen.add(key)
-                    tasks.append((shape, plan))
+                    tasks.append((shape, sorted_, plan))
     return tasks
 
 

@@ -192,6 +192,38 @@ def _graph_table(records: list[dict]) -> list[str]:
     return _table(header, rows)
 
 
+def _eager_and_replayed(result: dict) -> str:
+    graph = result.get("graph", {})
+    return f"{us(result['median_us'])} / {us(graph['median_us'])} µs" if "median_us" in graph \
+        else f"{us(result['median_us'])} µs"
+
+
+def _unsorted_table(records: list[dict]) -> list[str]:
+    """Headline shapes with sorted=False: torch.topk's, the peer's (unsorted too) and ours at 0.95."""
+    header = ["shape", "floor", "torch.topk eager / graph", "peer (eager)", "ours@0.95 eager / graph",
+              "× floor (graph)", "speed-up eager / graph", "recall", "plan"]
+    rows = []
+    for r in records:
+        results = r["results"]
+        base, ours = results.get("torch:unsorted"), results.get("approx@0.95:unsorted")
+        if not base or not ours:
+            continue
+        if "median_us" not in base or "median_us" not in ours:
+            rows.append([r["shape"]["name"], f"{us(r['floor_us'])} µs", "failed" if "median_us" not in base else
+                         _eager_and_replayed(base), "—", "failed" if "median_us" not in ours else
+                         _eager_and_replayed(ours), "—", "—", "—", "—"])
+            continue
+        peer = results.get("peer", {})
+        graph = ours.get("graph", {})
+        device_us = graph.get("median_us", ours["median_us"])
+        speedups = f"**{ours['speedup']:.2f}×**" + (f" / **{graph['speedup']:.2f}×**" if "speedup" in graph else "")
+        rows.append([r["shape"]["name"], f"{us(r['floor_us'])} µs", _eager_and_replayed(base),
+                     f"{us(peer['median_us'])} µs" if "median_us" in peer else "—", _eager_and_replayed(ours),
+                     f"{device_us / r['floor_us']:.2f}×", speedups, f"{ours['recall']:.3f}",
+                     plan_text(ours["plan"]) if "plan" in ours else "—"])
+    return _table(header, rows) if rows else []
+
+
 def _failures(report: dict) -> list[str]:
     lines = []
     for r in report["shapes"]:
@@ -215,6 +247,11 @@ def markdown(report: dict) -> str:
                   "Allocated beyond the input: the outputs, and intermediates against the survivors of the "
                   "plan's bucketing (rows x num_buckets x per_bucket_k values + int32 indices).", ""]
         lines += _memory_table(records) + [""]
+    unsorted = _unsorted_table(records)
+    if unsorted:
+        lines += ["## Unsorted output (headline shapes)", "",
+                  "The same inputs with `sorted=False`: torch.topk's unsorted call, ours at recall 0.95 (speed-up "
+                  "over torch.topk's unsorted call), and the peer, whose output is unsorted too.", ""] + unsorted + [""]
     if "peer" in report:
         lines += _peer_section(report, records)
     if any(r["cuda_graphs"] for r in records):

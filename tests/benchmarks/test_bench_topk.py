@@ -209,8 +209,9 @@ def test_shapes_past_the_time_budget_are_recorded_as_skipped(tmp_path):
 
 
 def test_precompile_deals_out_each_distinct_plan_of_every_shape(monkeypatch):
-    """Plans, not shapes, are the unit of the precompile's work: each (shape, plan) once, every
-    shortlisted plan of every provider there (a plan shared by two recall targets once)."""
+    """Plans, not shapes, are the unit of the precompile's work: each (shape, sorted, plan) once,
+    every shortlisted plan of every provider there (a plan shared by two recall targets once),
+    headline shapes also unsorted at 0.95."""
     from topk_compiler.lowering import cost_model, plan
 
     h100 = cost_model.DeviceProfile("cuda", "NVIDIA H100", 132, 3.0e12, dict(cost_model._DEFAULT_CUDA_WEIGHTS))
@@ -220,11 +221,34 @@ def test_precompile_deals_out_each_distinct_plan_of_every_shape(monkeypatch):
     shapes = [Shape(16, 14336, 1434, "fp32"), Shape(16384, 8192, 64, "fp16")]
     try:
         tasks = bench_topk.compile_tasks(shapes)
-        expected = {(s.name, repr(p)) for s in shapes for target in (0.9, 0.95, 0.99, 1.0)
-                    for plans in plan.shortlist(s.rows, s.n, s.k, bench_topk.DTYPES[s.dtype], "cuda", target)
+        calls = [(target, True) for target in (0.9, 0.95, 0.99, 1.0)] + [(0.95, False)]
+        expected = {(s.name, sorted_, repr(p)) for s in shapes for target, sorted_ in calls
+                    for plans in plan.shortlist(s.rows, s.n, s.k, bench_topk.DTYPES[s.dtype], "cuda", target,
+                                                sorted=sorted_)
                     for p in plans}
     finally:
         plan.shortlist.cache_clear()
-    keys = [(s.name, repr(p)) for s, p in tasks]
+    keys = [(s.name, sorted_, repr(p)) for s, sorted_, p in tasks]
     assert len(keys) == len(set(keys)) and set(keys) == expected
-    assert {s.name for s, _ in tasks} == {s.name for s in shapes}
+    assert {s.name for s, _, _ in tasks} == {s.name for s in shapes}
+    assert any(not sorted_ for _, sorted_, _ in tasks)
+
+
+def test_unsorted_calls_compare_with_torch_topks_unsorted_call():
+    report = _report()
+    record = report["shapes"][0]
+    record["results"]["torch:unsorted"] = _result(300.0, graph=_result(290.0))
+    record["results"]["approx@0.95:unsorted"] = _result(60.0, 0.952, plan=_plan("fused", 55.0, 2048, 2),
+                                                        graph=_result(58.0))
+    bench_topk.add_ratios(record)
+    ours = record["results"]["approx@0.95:unsorted"]
+    assert ours["speedup"] == pytest.approx(5.0) and ours["graph"]["speedup"] == pytest.approx(290.0 / 58.0)
+    assert record["results"]["approx@0.95"]["speedup"] == pytest.approx(4.0)  # sorted: against torch.topk's sorted call
+    md = report_topk.markdown(report)
+    assert ("| 1024x32768 k=2048 bf16 | 22.4 µs | 300 / 290 µs | — | 60.0 / 58.0 µs | 2.59× | **5.00×** / **5.00×** "
+            "| 0.952 | fused b=2048 kb=2 seg=1 |") in md
+    assert bench_topk.target_of("approx@0.95:unsorted") == (0.95, False)
+    assert bench_topk.target_of("exact") == (1.0, True)
+    headline = Shape(1024, 32768, 2048, "bf16", "headline")
+    assert bench_topk.providers_of(headline) == PROVIDERS + bench_topk.UNSORTED
+    assert bench_topk.providers_of(Shape(2, 1024, 16, "fp32", "smoke")) == PROVIDERS
