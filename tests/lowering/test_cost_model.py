@@ -14,6 +14,17 @@ H100 = cost_model.DeviceProfile("cuda", "NVIDIA H100 80GB HBM3", 132, 3.0e12,
                                 {**cost_model._DEFAULT_CUDA_WEIGHTS, **CUDA_WEIGHTS["H100"]})
 
 
+def h100_shortlists(monkeypatch, *calls, recall_target=0.95):
+    """``plan.shortlist`` of each (rows, n, k, dtype) on the H100 profile, Triton available."""
+    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
+    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
+    plan.shortlist.cache_clear()
+    try:
+        return [plan.shortlist(*call, "cuda", recall_target) for call in calls]
+    finally:
+        plan.shortlist.cache_clear()
+
+
 def test_fitted_weights_cover_every_term():
     assert set(CUDA_WEIGHTS["H100"]) == set(cost_model.WORK_TERMS)
     assert all(w >= 0 for w in CUDA_WEIGHTS["H100"].values())
@@ -43,11 +54,7 @@ def test_longer_rows_cost_more():
 
 
 def test_shortlist_always_offers_torch_topk_among_exact_plans(monkeypatch):
-    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
-    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
-    plan.shortlist.cache_clear()
-    approx, exact = plan.shortlist(16384, 8192, 64, torch.float16, "cuda", 0.95)
-    plan.shortlist.cache_clear()
+    ((approx, exact),) = h100_shortlists(monkeypatch, (16384, 8192, 64, torch.float16))
     # The cheapest SHORTLIST plans by the model, then the other finish of the cheapest bucketing.
     assert 1 <= len(approx) <= plan.SHORTLIST + 1 and any(p.kernel == "torch" for p in exact)
     assert all(p.expected_recall >= 0.95 for p in approx)
@@ -78,11 +85,7 @@ def test_fused_warps_keep_the_grid_resident_without_spilling():
 def test_shortlist_times_both_warp_counts_of_a_fused_bucketing(monkeypatch):
     """The cost model does not see warps: where the grid-filling count differs from the default,
     the first call times both."""
-    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
-    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
-    plan.shortlist.cache_clear()
-    approx, _ = plan.shortlist(16384, 8192, 64, torch.float16, "cuda", 0.95)
-    plan.shortlist.cache_clear()
+    ((approx, _),) = h100_shortlists(monkeypatch, (16384, 8192, 64, torch.float16))
     fused = {}
     for p in approx:
         if p.kernel == "fused":
@@ -98,15 +101,8 @@ def test_rank_sort_is_timed_for_few_rows_of_large_k_only(monkeypatch):
     from topk_compiler.kernels import select_topk
 
     assert cost_model.RANK_BLOCK_I == select_topk.RANK_BLOCK_I
-    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
-    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
-    plan.shortlist.cache_clear()
-    try:
-        few_rows = plan.shortlist(16, 14336, 1434, torch.float32, "cuda", 0.95)
-        many_rows = plan.shortlist(1024, 32768, 2048, torch.bfloat16, "cuda", 0.95)
-        small_k = plan.shortlist(16, 14336, 64, torch.float32, "cuda", 0.95)
-    finally:
-        plan.shortlist.cache_clear()
+    few_rows, many_rows, small_k = h100_shortlists(monkeypatch, (16, 14336, 1434, torch.float32),
+                                                   (1024, 32768, 2048, torch.bfloat16), (16, 14336, 64, torch.float32))
     for plans in few_rows:
         assert sum(p.sort_with == "rank" for p in plans) >= 1
         assert len([p for p in plans if p.sort_with != "rank" and p.kernel not in ("torch", "wide")]) <= plan.SHORTLIST
@@ -128,15 +124,9 @@ def test_wide_buckets_race_for_few_rows_of_large_k_only(monkeypatch):
 
     assert plan.MAX_WIDE_SLOTS == MAX_SLOTS and cost_model.WIDE_DIGIT_BITS == DIGIT_BITS
     assert plan.MAX_BITONIC_K == MAX_NETWORK_KB
-    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
-    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
-    plan.shortlist.cache_clear()
-    try:
-        few_rows = plan.shortlist(16, 14336, 1434, torch.float32, "cuda", 0.95)[0]
-        many_rows = plan.shortlist(1024, 32768, 2048, torch.bfloat16, "cuda", 0.95)[0]
-        small_k = plan.shortlist(16, 14336, 64, torch.float32, "cuda", 0.95)[0]
-    finally:
-        plan.shortlist.cache_clear()
+    few_rows, many_rows, small_k = (approx for approx, _ in h100_shortlists(
+        monkeypatch, (16, 14336, 1434, torch.float32), (1024, 32768, 2048, torch.bfloat16),
+        (16, 14336, 64, torch.float32)))
     wides = [p for p in few_rows if p.kernel == "wide"]
     assert sorted(p.select for p in wides) == ["bisect", "bitonic"]
     wide = wides[0]
@@ -161,11 +151,7 @@ def test_the_model_prices_the_candidate_slots_the_exact_kernels_allocate():
 def test_certified_exact_plans_for_long_rows_of_small_k(monkeypatch):
     """256 x 128256 fp32 k=50: the certified kernel is among the exact plans, with two or more
     slots a bucket, survivors in registers, and most calls certified."""
-    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
-    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
-    plan.shortlist.cache_clear()
-    _, exact = plan.shortlist(256, 128256, 50, torch.float32, "cuda", 1.0)
-    plan.shortlist.cache_clear()
+    ((_, exact),) = h100_shortlists(monkeypatch, (256, 128256, 50, torch.float32), recall_target=1.0)
     certified = [p for p in exact if p.kernel == "certified"]
     assert certified and all(p.algorithm == "exact" and p.select != "bitonic" for p in certified)
     for b, kb, flagged in plan.certified_bucketings(256, 128256, 50, 4):
@@ -175,14 +161,8 @@ def test_certified_exact_plans_for_long_rows_of_small_k(monkeypatch):
 def test_shortlist_times_both_finishes_of_the_cheapest_fused_bucketing(monkeypatch):
     """Small k: the bitonic network and the threshold-then-sort finish of the cheapest bucketing
     are both timed at the first call; large k has no network (k > MAX_BITONIC_K) to add."""
-    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
-    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
-    plan.shortlist.cache_clear()
-    try:
-        small_k = plan.shortlist(16384, 8192, 64, torch.float16, "cuda", 0.95)[0]
-        large_k = plan.shortlist(1024, 32768, 2048, torch.bfloat16, "cuda", 0.95)[0]
-    finally:
-        plan.shortlist.cache_clear()
+    small_k, large_k = (approx for approx, _ in h100_shortlists(
+        monkeypatch, (16384, 8192, 64, torch.float16), (1024, 32768, 2048, torch.bfloat16)))
     lead = small_k[0]
     same = [p for p in small_k if (p.kernel, p.num_buckets, p.per_bucket_k, p.num_warps)
             == (lead.kernel, lead.num_buckets, lead.per_bucket_k, lead.num_warps)]
