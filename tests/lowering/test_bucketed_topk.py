@@ -332,6 +332,7 @@ def test_a_latency_bound_shape_keeps_a_plan_for_eager_calls_and_one_for_graphs(m
     monkeypatch.setattr(op_module.device_timing, "gpu_time_us", lambda fn, cold: times["graph"][fn().kernel])
     monkeypatch.setattr(op_module.device_timing, "eager_time_us", lambda fn: times["eager"][fn().kernel])
     monkeypatch.setattr(op_module, "_TUNED", {})
+    monkeypatch.setattr(op_module, "_PLAN_TIMES", {})
     x = torch.randn(1, 1024)
     args = (x, 16, True, True, fused, 0.95, 0, 0, "interleaved", 0, "auto")
     monkeypatch.setattr(op_module.device_timing, "can_time", lambda: True)
@@ -345,6 +346,30 @@ def test_a_latency_bound_shape_keeps_a_plan_for_eager_calls_and_one_for_graphs(m
     monkeypatch.setattr(op_module.device_timing, "can_time", lambda: True)
     big = torch.empty(1024, 1024)
     assert op_module.tuned_plan(big, *args[1:]).kernel == "fused"
+
+
+def test_a_plan_is_timed_once_per_shape_whatever_the_recall_target(monkeypatch):
+    """Shortlists for two recall targets share torch.topk and a bucketing: each plan is timed
+    once, so noise cannot choose differently for them, and a new shape times its own."""
+    from topk_compiler.lowering import bucketed_topk as op_module
+    from topk_compiler.lowering.plan import TopkPlan
+
+    shared = TopkPlan("bucketed", "fused", 256, 2, predicted_us=10.0)
+    tighter = TopkPlan("bucketed", "fused", 256, 1, predicted_us=9.0)
+    torch_topk = TopkPlan("exact", "torch", predicted_us=20.0)
+    shortlists = {0.9: ((tighter, shared), (torch_topk,)), 0.95: ((shared,), (torch_topk,))}
+    timed = []
+    monkeypatch.setattr(op_module, "shortlist", lambda rows, n, k, dtype, device, target, *rest: shortlists[target])
+    monkeypatch.setattr(op_module, "_run", lambda x2d, k, largest, sorted, plan, layout, seed: plan)
+    monkeypatch.setattr(op_module.device_timing, "gpu_time_us",
+                        lambda fn, cold: timed.append(fn()) or {"torch": 30.0}.get(fn().kernel, fn().predicted_us))
+    monkeypatch.setattr(op_module.device_timing, "can_time", lambda: True)
+    monkeypatch.setattr(op_module, "_TUNED", {})
+    monkeypatch.setattr(op_module, "_PLAN_TIMES", {})
+    for target in (0.9, 0.95):
+        for x in (torch.empty(1024, 1024), torch.empty(1024, 2048)):
+            op_module.tuned_plan(x, 16, True, True, shared, target, 0, 0, "interleaved", 0, "auto")
+    assert sorted(timed, key=repr) == sorted([tighter, shared, torch_topk] * 2, key=repr)
 
 
 def test_a_shape_prepares_its_kernels_once_and_every_call_computes_its_own_input(monkeypatch):
