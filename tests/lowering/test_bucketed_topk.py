@@ -447,3 +447,20 @@ def test_every_plan_a_first_call_may_pick_keeps_the_invariants(inputs, recall_ta
         if p.algorithm == "exact":
             got = values if sorted_ else values.gather(1, order_keys(values, largest).argsort(1, descending=True))
             assert_equal(got, expected)
+
+
+def test_a_torch_topk_plan_that_races_our_kernels_still_returns_torch_topk(monkeypatch):
+    """A call planned as torch.topk that times our kernels first (``plan.races_torch``) goes the
+    [rows, n] way, and whichever plan wins returns torch.topk's answer in the input's shape."""
+    from topk_compiler.lowering import bucketed_topk as op_module
+
+    raced = []
+    monkeypatch.setattr(op_module, "_races_torch", lambda x, *args: raced.append(x.shape) or True)
+    x = torch.randn(3, 5, 700)
+    values, indices = approx_topk(x, 40, recall_target=1.0)
+    expected = torch.topk(x, 40)
+    assert raced == [x.shape]
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    # Along another dim the plan is torch.topk's without a race: its [rows, n] would be a copy.
+    values, _ = approx_topk(x, 2, dim=1, recall_target=1.0)
+    assert raced == [x.shape] and torch.equal(values, torch.topk(x, 2, dim=1).values)

@@ -169,3 +169,24 @@ def test_shortlist_times_both_finishes_of_the_cheapest_fused_bucketing(monkeypat
     assert {p.select == "bitonic" for p in same} == {True, False}
     assert not any(p.select == "bitonic" for p in large_k)
     assert len(large_k) == len(set(large_k))
+
+
+def test_torch_topk_plans_race_our_kernels_predicted_close_to_it(monkeypatch):
+    """Where the model picks torch.topk but prices a Triton plan within TIME_WITHIN of it, the
+    first call on a GPU times both; where every Triton plan is far off, or on a CPU, it does not."""
+    monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
+    monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
+    plan.shortlist.cache_clear()
+    plan.races_torch.cache_clear()
+    try:
+        close = (1024, 32768, 2048, torch.bfloat16)
+        far = (4, 2**20, 2**19, torch.float32)
+        assert plan.plan_topk(*close, "cuda", 1.0).kernel == "torch" and plan.races_torch(*close, "cuda", 1.0)
+        assert plan.plan_topk(*far, "cuda", 1.0).kernel == "torch" and not plan.races_torch(*far, "cuda", 1.0)
+        assert not plan.races_torch(*close, "cpu", 1.0)
+        _, exact = plan.shortlist(*close, "cuda", 1.0)
+        torch_us = next(p.predicted_us for p in exact if p.kernel == "torch")
+        assert any(p.kernel != "torch" and p.predicted_us <= plan.TIME_WITHIN * torch_us for p in exact)
+    finally:
+        plan.shortlist.cache_clear()
+        plan.races_torch.cache_clear()

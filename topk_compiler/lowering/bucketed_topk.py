@@ -26,7 +26,7 @@ from topk_compiler.config import check_layout, check_recall_target
 from topk_compiler.lowering import device_timing
 from topk_compiler.lowering.bucketed_reference import bucketed_topk_torch
 from topk_compiler.lowering.layouts import LAYOUT_IDS, MAX_SEED
-from topk_compiler.lowering.plan import MIN_SPEEDUP, TopkPlan, plan_topk, shortlist
+from topk_compiler.lowering.plan import MIN_SPEEDUP, TopkPlan, plan_topk, races_torch, shortlist
 from topk_compiler.lowering.recall_model import survivors
 
 # Loads in flight per lane in stage 1, chosen by the sweep of benchmarks/calibrate_cost_model.py
@@ -56,6 +56,17 @@ def plan_for(x: torch.Tensor, k: int, dim: int, sorted: bool, recall_target: flo
     rows = math.prod(x.shape) // n if n else 0
     return plan_topk(rows, n, k, x.dtype, str(x.device), recall_target, layout, sorted,
                      num_buckets or None, per_bucket_k or None, rewrite)
+
+
+def _races_torch(x: torch.Tensor, k: int, sorted: bool, recall_target: float, num_buckets: int, per_bucket_k: int,
+                 layout: str, min_elements: int) -> bool:
+    """Whether a call planned as torch.topk along its contiguous last dim on a GPU times our
+    kernels against it first (``plan.races_torch``); its [rows, n] view costs no copy."""
+    n = x.shape[-1]
+    if not x.is_cuda or n < min_elements or not x.is_contiguous():
+        return False
+    return races_torch(x.numel() // n if n else 0, n, k, x.dtype, str(x.device), recall_target, layout, sorted,
+                       num_buckets or None, per_bucket_k or None)
 
 
 def _run(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkPlan, layout: str, seed: int):
@@ -311,11 +322,12 @@ def _bucketed_topk(
             f"{survivors(n, num_buckets, per_bucket_k, layout)} elements of {n}, fewer than k={k}"
         )
     plan = plan_for(x, k, dim, sorted, recall_target, num_buckets, per_bucket_k, layout, rewrite, min_elements)
-    if plan.kernel == "torch":
+    last = dim == x.dim() - 1
+    if plan.kernel == "torch" and not (last and _races_torch(x, k, sorted, recall_target, num_buckets, per_bucket_k,
+                                                             layout, min_elements)):
         values, indices = torch.topk(x, k, dim, largest, sorted)
         return values.contiguous(), indices.contiguous()
     # Every tensor call costs a dispatch: the usual [rows, n] along its last dim takes none here.
-    last = dim == x.dim() - 1
     moved = x if last else x.movedim(dim, -1)
     x2d = moved if moved.dim() == 2 else moved.reshape(-1, n)
     if x2d.is_cuda:
