@@ -207,3 +207,24 @@ def test_small_gpu_site_is_timed_at_compile_time():
     assert "measured at compile time" in decision.reason
     (times,) = [t for key, t in bucketed_topk._EAGER_SITES.items() if key[:4] == ((1, 16384), torch.float32, "cuda:0", 16)]
     assert min(times) > 0 and decision.rewritten == (times[0] * MIN_SPEEDUP <= times[1])
+
+
+def test_a_site_planned_as_torch_topk_is_rewritten_where_our_kernels_race_it(monkeypatch):
+    """Where the shortlist prices one of our kernels close to torch.topk (``plan.races_torch``,
+    on a GPU; here simulated), the site is rewritten and says so: the op times both at its first
+    call. Elsewhere, and along a dim other than the last, it stays torch.topk."""
+    from topk_compiler.passes import topk_rewrite
+
+    asked = []
+    monkeypatch.setattr(topk_rewrite, "races_torch", lambda *args: asked.append(args[:5]) or True)
+    x = torch.randn(*BIG)
+    _, after, report, out = snapshot(lambda x: torch.topk(x, 64), x, recall_target=1.0)
+    assert after == {"topk": 0, "bucketed_topk": 1}
+    assert report[0].rewritten and "timed against it at the first call" in report[0].reason
+    assert asked == [(64, 8192, 64, torch.float32, "cpu")]
+    assert torch.equal(out.values, torch.topk(x, 64).values) and torch.equal(out.indices, torch.topk(x, 64).indices)
+    _, after, report, _ = snapshot(lambda x: torch.topk(x, 8, dim=0), x, recall_target=1.0)
+    assert after == {"topk": 1, "bucketed_topk": 0} and not report[0].rewritten
+    monkeypatch.setattr(topk_rewrite, "races_torch", lambda *args: False)
+    _, after, _, _ = snapshot(lambda x: torch.topk(x, 64), x, recall_target=1.0)
+    assert after == {"topk": 1, "bucketed_topk": 0}

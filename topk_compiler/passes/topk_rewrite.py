@@ -21,7 +21,7 @@ import torch.fx
 from topk_compiler.config import ApproxTopkConfig
 from topk_compiler.lowering import device_timing
 from topk_compiler.lowering.bucketed_topk import LATENCY_BOUND_ELEMENTS, eager_site_times_us
-from topk_compiler.lowering.plan import MIN_SPEEDUP, plan_topk
+from topk_compiler.lowering.plan import MIN_SPEEDUP, TIME_WITHIN, plan_topk, races_torch
 from topk_compiler.passes.base import (
     ApproxTopkPass,
     RewriteDecision,
@@ -127,7 +127,12 @@ class TopkRewritePass(ApproxTopkPass):
                          num_buckets, per_bucket_k, self.config.rewrite)
         estimates = dict(expected_recall=plan.expected_recall, predicted_us=plan.predicted_us,
                          exact_us=plan.torch_topk_us)
-        if plan.kernel == "torch" and not (dynamic_length and recall_target < 1.0):
+        # A site planned as torch.topk whose shortlist prices one of our kernels close to it is
+        # rewritten all the same: the op times both at its first call and may run torch.topk.
+        races = (plan.kernel == "torch" and not dynamic_length and dim % x.dim() == x.dim() - 1
+                 and x.is_contiguous() and races_torch(rows_hint, n_hint, k_hint, x.dtype, str(x.device),
+                                                       recall_target, layout, sorted_, num_buckets, per_bucket_k))
+        if plan.kernel == "torch" and not (dynamic_length and recall_target < 1.0) and not races:
             return keep(plan.reason, **estimates)
         measured = ""
         if (not (dynamic_length or self.replays_cuda_graphs or num_buckets) and self.config.rewrite == "auto"
@@ -153,7 +158,12 @@ class TopkRewritePass(ApproxTopkPass):
         node.replace_all_uses_with(new)
         graph.erase_node(node)
 
-        reason = f"{plan.reason}; {measured}" if measured else plan.reason
+        reason = plan.reason
+        if races:
+            reason = (f"{reason}, but our kernels priced within {TIME_WITHIN}x of torch.topk are timed against it at "
+                      f"the first call on the device")
+        if measured:
+            reason = f"{reason}; {measured}"
         if dynamic_length:
             reason = f"dynamic length: planned per call (at the example size: {plan.kernel}, {plan.reason})"
         self.record(RewriteDecision(
