@@ -217,7 +217,7 @@ def topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=False) -> list[d
                         x, k, num_buckets=b, per_bucket_k=kb, segments=s, largest=True, sorted=True,
                         select="bisect", sort_with="rank"))
         else:
-            for warps in (default_warps, 4, 2, 1):
+            for warps in dict.fromkeys((default_warps, 4, 2, 1)):  # each count once
                 if warps > default_warps or (warps < default_warps and warps == 1 and b > 256):
                     continue
                 for unroll in (4, 8):
