@@ -252,3 +252,12 @@ def test_unsorted_calls_compare_with_torch_topks_unsorted_call():
     headline = Shape(1024, 32768, 2048, "bf16", "headline")
     assert bench_topk.providers_of(headline) == PROVIDERS + bench_topk.UNSORTED
     assert bench_topk.providers_of(Shape(2, 1024, 16, "fp32", "smoke")) == PROVIDERS
+
+
+def test_outputs_are_counted_as_the_allocator_counts_them():
+    """Outputs in whole 512-byte blocks, as max_memory_allocated counts them: the 640 bytes the
+    wide kernel's 16 x 1434 outputs round up by are not intermediates."""
+    values, indices = torch.empty(16, 1434), torch.empty(16, 1434, dtype=torch.int64)
+    assert bench_topk.allocated_bytes(values) == 92160 and bench_topk.allocated_bytes(indices) == 183808
+    assert bench_topk.allocated_bytes(values) + bench_topk.allocated_bytes(indices) - 16 * 1434 * 12 == 640
+    assert bench_topk.allocated_bytes(torch.empty(128)) == 512
