@@ -22,8 +22,10 @@ SMs and sorted for 29 of its 45 us (benchmarks/results/profile_stages_h200.json)
 launches spread each row over ``num_buckets`` programs, and no program sorts more than its own
 bucket's survivors. With bisection and one list searched after another, the two launches took
 14.6 and 14.5 us alone there (8 buckets of 180; profile_stages_h200_topk_98d5fb4.jsonl): both
-are chains of waits, on 32 block-wide counts and on 72 dependent loads. The entries take the survivors' room (one 8-byte entry each, 4 for 16-bit
-keys of rows up to 2**16).
+are chains of waits, on 32 block-wide counts and on 72 dependent loads. Searching the lists
+together took the merge to 7.6 us, two bits a count the selection to 13.9
+(profile_stages_h200_wide_fcbc8ba.jsonl). The entries take the survivors' room (one 8-byte
+entry each, 4 for 16-bit keys of rows up to 2**16).
 """
 
 import torch

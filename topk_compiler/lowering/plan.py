@@ -411,8 +411,10 @@ def races_torch(rows: int, n: int, k: int, dtype: torch.dtype, device: str, reca
         return False
     approx, exact = shortlist(rows, n, k, dtype, device, recall_target, layout, sorted, num_buckets, per_bucket_k)
     torch_us = next((p.predicted_us for p in exact if p.kernel == "torch"), None)
-    return torch_us is not None and any(p.kernel not in ("torch", "reference") and p.predicted_us <= TIME_WITHIN * torch_us
-                                        for p in (*approx, *exact))
+    if torch_us is None:
+        return False
+    return any(p.kernel not in ("torch", "reference") and p.predicted_us <= TIME_WITHIN * torch_us
+               for p in (*approx, *exact))
 
 
 def _with_other_finish(chosen: list[TopkPlan], plans: list[TopkPlan]) -> list[TopkPlan]:
@@ -438,9 +440,10 @@ def _with_borrowed_prices(chosen: list[TopkPlan], plans: list[TopkPlan], few_row
     """``chosen`` and, if none of them sorts by rank, the cheapest of ``plans`` that does: its
     price is borrowed from another kernel's term, so the first call's timing, not the model,
     decides whether it wins. With ``few_rows`` (fewer than half the SMs), also the cheapest split
-    kernel sorting by rank and the cheapest wide-bucket plan of each finish: all spread a row over many programs, where the
-    fused kernel streams and sorts each row in one (16 x 14336 fp32 k=1434 sorted 2048 entries
-    a row in one program for 29 of its 45 us, benchmarks/results/profile_stages_h200.json)."""
+    kernel sorting by rank and the cheapest wide-bucket plan of each finish: they spread a row
+    over many programs, where the fused kernel streams and sorts each row in one (16 x 14336
+    fp32 k=1434 sorted 2048 entries a row in one program for 29 of its 45 us,
+    benchmarks/results/profile_stages_h200.json)."""
     extra = []
     kinds = [lambda p: p.sort_with == "rank"]
     if few_rows:
