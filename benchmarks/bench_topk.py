@@ -57,6 +57,8 @@ PROVIDERS = ("torch", "compiled", *OURS)
 # order; the peer's output is unsorted too): torch.topk's and ours at 0.95, each speed-up
 # against torch.topk's unsorted call.
 UNSORTED = ("torch:unsorted", "approx@0.95:unsorted")
+# Every provider that runs our op (it records a plan and compiles its shortlist).
+OUR_PROVIDERS = (*OURS, *UNSORTED[1:])
 # Timed again as a replayed CUDA graph on latency-bound shapes (torch.topk too, so the speed-up
 # under graphs compares like with like; a compiled graph is torch.compile's "reduce-overhead").
 GRAPH_PROVIDERS = ("torch", *OURS, *UNSORTED)
@@ -300,7 +302,7 @@ def bench_provider(provider: str, x: torch.Tensor, shape: Shape, graphs: bool) -
         result["first_call_s"] = time.perf_counter() - start  # compiles included
         result["recall"] = measured_recall(x, indices, shape.k)
         result.update(time_us(fn, x.device))
-        if provider in OURS or provider in UNSORTED[1:]:
+        if provider in OUR_PROVIDERS:
             result["plan"] = plan_record(shape, provider, x)
             if x.is_cuda:
                 result["memory"] = memory_of(fn, x.device)
@@ -478,7 +480,7 @@ def compile_tasks(shapes: list[Shape]) -> list[tuple[Shape, bool, object]]:
     tasks, seen = [], set()
     for shape in shapes:
         for provider in providers_of(shape):
-            if provider not in OURS and provider not in UNSORTED[1:]:
+            if provider not in OUR_PROVIDERS:
                 continue
             target, sorted_ = target_of(provider)
             approx, exact = shortlist(shape.rows, shape.n, shape.k, DTYPES[shape.dtype], "cuda", target,

@@ -201,6 +201,28 @@ def unpack_index_entry(entry, PACK32: tl.constexpr):
 
 
 @triton.jit
+def entry_pad(PACK32: tl.constexpr):
+    """Below every packed entry (``index_entry``, ``order_entry``): the int32 or int64 minimum."""
+    if PACK32:
+        pad = -2147483648
+    else:
+        pad = -9223372036854775808
+    return pad
+
+
+@triton.jit
+def top_entries(entry, K_POW2: tl.constexpr):
+    """The K_POW2 largest of the packed ``entry`` values, sorted descending, by a bitonic network."""
+    if K_POW2 == 1:
+        top = tl.max(entry, axis=0, keep_dims=True)
+    elif K_POW2 < entry.numel:
+        top = tl.topk(entry, K_POW2)
+    else:
+        top = tl.sort(entry, descending=True)
+    return top
+
+
+@triton.jit
 def sort_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
                           K_POW2: tl.constexpr, KEY_BITS: tl.constexpr, PACK32: tl.constexpr,
                           LARGEST: tl.constexpr):
@@ -217,10 +239,7 @@ def sort_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_
     tl.debug_barrier()
     o = tl.arange(0, K_POW2)
     in_k = o < k
-    if PACK32:
-        entry = tl.load(order_row_ptr + o, mask=in_k, other=-2147483648)
-    else:
-        entry = tl.load(order_row_ptr + o, mask=in_k, other=-9223372036854775808)
+    entry = tl.load(order_row_ptr + o, mask=in_k, other=entry_pad(PACK32))
     if K_POW2 > 1:
         entry = tl.sort(entry, descending=True)
     tl.debug_barrier()
@@ -271,21 +290,7 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
             # A padding candidate's index may pass 2**16 (stage 1 numbers its empty slots past the
             # row): zeroed, so that it cannot spill into the key bits and outrank real ones.
             idx = tl.where(keys == key_pad(KEY_BITS), 0, idx)
-            packed = (keys << 16) | (0xFFFF - idx.to(tl.int32))
-        else:
-            packed = (keys.to(tl.int64) << 32) | (0xFFFFFFFF - idx.to(tl.int64))
-        if K_POW2 == 1:
-            top = tl.max(packed, axis=0, keep_dims=True)
-        elif K_POW2 < packed.numel:
-            top = tl.topk(packed, K_POW2)
-        else:
-            top = tl.sort(packed, descending=True)
-        if PACK32:
-            top_idx = (0xFFFF - (top & 0xFFFF)).to(tl.int64)
-            top_keys = top >> 16
-        else:
-            top_idx = 0xFFFFFFFF - (top & 0xFFFFFFFF)
-            top_keys = (top >> 32).to(tl.int32)
+        top_keys, top_idx = unpack_index_entry(top_entries(index_entry(keys, idx, PACK32), K_POW2), PACK32)
         o = tl.arange(0, K_POW2)
         in_k = o < k
         tl.store(indices_row_ptr + o, top_idx, mask=in_k)

@@ -37,8 +37,8 @@ from topk_compiler.kernels import cdiv, chains_launches, next_pow2, smallest_buc
 from topk_compiler.kernels.bucket_layout import element_index
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
-from topk_compiler.kernels.select_topk import (compact_positions, index_entry, key_pad, kth_key_by_digits,
-                                               unpack_index_entry, values_of)
+from topk_compiler.kernels.select_topk import (compact_positions, entry_pad, index_entry, key_pad, kth_key_by_digits,
+                                               top_entries, unpack_index_entry, values_of)
 
 # A bucket is held in registers: at most this many slots (16 keys a thread at 8 warps).
 MAX_SLOTS = 4096
@@ -49,16 +49,6 @@ DIGIT_BITS = 2
 SELECTS = ("bisect", "bitonic")
 # Most entries a bucket's bitonic network keeps (the fused kernel's bound, plan.MAX_BITONIC_K).
 MAX_NETWORK_KB = 256
-
-
-@triton.jit
-def _entry_pad(PACK32: tl.constexpr):
-    """Below every entry (its key is below every real key)."""
-    if PACK32:
-        pad = -2147483648
-    else:
-        pad = -9223372036854775808
-    return pad
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -86,13 +76,7 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
     in_kb = o < per_bucket_k
     if NETWORK:
         # Padding slots rank last: the lowest key, and index 0 so that it stays out of the key's bits.
-        entry = index_entry(keys, tl.where(valid, idx, 0), PACK32)
-        if KB_POW2 == 1:
-            top = tl.max(entry, axis=0, keep_dims=True)
-        elif KB_POW2 < SLOTS_POW2:
-            top = tl.topk(entry, KB_POW2)
-        else:
-            top = tl.sort(entry, descending=True)
+        top = top_entries(index_entry(keys, tl.where(valid, idx, 0), PACK32), KB_POW2)
     else:
         threshold = kth_key_by_digits(keys, per_bucket_k, KEY_BITS, DIGIT_BITS)
         need = per_bucket_k - tl.sum((keys > threshold).to(tl.int32), axis=0)
@@ -101,7 +85,7 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
         # Compacted to the bucket's place, then sorted there (every load before any store).
         tl.store(out + position, index_entry(keys, idx, PACK32), mask=chosen)
         tl.debug_barrier()
-        top = tl.load(out + o, mask=in_kb, other=_entry_pad(PACK32))
+        top = tl.load(out + o, mask=in_kb, other=entry_pad(PACK32))
         if KB_POW2 > 1:
             top = tl.sort(top, descending=True)
         tl.debug_barrier()
@@ -127,7 +111,7 @@ def _merge_by_rank_kernel(entries_ptr, x_ptr, values_ptr, indices_ptr,      # po
     base = entries_ptr + row * entries_row_stride
     o = tl.arange(0, KB_POW2)
     in_kb = o < per_bucket_k
-    pad = _entry_pad(PACK32)
+    pad = entry_pad(PACK32)
     mine = tl.load(base + q * per_bucket_k + o, mask=in_kb, other=pad)
     # Binary lifting over every bucket's descending list at once ([bucket, entry]): the longest
     # prefix of each list whose last entry is above the entry.
