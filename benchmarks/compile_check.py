@@ -8,8 +8,9 @@ kernels' launches intercepted: a launch's arguments become the kernel's signatur
 dtypes, 32-bit ints marked divisible by 16 where they are, as Triton specialises them), its
 keyword constexprs and ``num_warps`` the compile options. ``triton.compile`` then runs down to a
 cubin with the ptxas that ships with Triton; nothing is launched. Each launch reports its
-registers, spills, shared memory and the instruction count of each loop that loads from global
-memory (``load_loops``, from the disassembly).
+registers, spills, shared memory, the instruction count of each loop that loads from global
+memory (``load_loops``, from the disassembly), and its instructions, block-wide barriers and warp
+shuffles (``waits``: what a latency-bound program waits on).
 
     PYTHONPATH=. python -m benchmarks.compile_check                 # every variant of the sweep
     PYTHONPATH=. python -m benchmarks.compile_check --shapes k=2048 --jobs 2
@@ -82,28 +83,30 @@ def intercepted_launches(records: list):
         triton.JITFunction.__getitem__ = original
 
 
-def _resource_usage(cubin: bytes) -> dict:
-    """Registers and local memory (spills) of a cubin, as cuobjdump (shipped with Triton) reads them."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """cuobjdump's (shipped with Triton) output for a cubin."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+        return subprocess.run([cuobjdump, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers and local memory (spills) of a cubin."""
+    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", _cuobjdump(cubin, "-res-usage")))
     return {"registers": int(usage["REG"]), "spills": int(usage["LOCAL"]) + int(usage["STACK"])}
 
 
-def load_loops(cubin: bytes) -> list[int]:
-    """Instructions in each loop of a cubin that loads from global memory (a backward branch and
-    the code back to its target, as cuobjdump disassembles it): the per-step cost of a streaming
-    loop, readable without a GPU."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    code = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)
-    address = [int(a, 16) for a, _ in code]
+def _instructions(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, instruction) of each instruction of a cubin's SASS."""
+    return [(int(a, 16), ins) for a, ins in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", _cuobjdump(cubin, "-sass"))]
+
+
+def load_loops(code: list[tuple[int, str]]) -> list[int]:
+    """Instructions in each loop that loads from global memory (a backward branch and the code back
+    to its target): the per-step cost of a streaming loop, readable without a GPU."""
+    address = [a for a, _ in code]
     loops = []
     for i, (_, instruction) in enumerate(code):
         target = re.search(r"\bBRA\s+(?:`?\(?[^)]*\)?\s*)?0x([0-9a-f]+)", instruction)
@@ -114,11 +117,24 @@ def load_loops(cubin: bytes) -> list[int]:
     return loops
 
 
+def _opcode(instruction: str) -> str:
+    return instruction.split()[1] if instruction.startswith("@") else instruction.split()[0]
+
+
+def waits(code: list[tuple[int, str]]) -> dict:
+    """Instructions, block-wide barriers (BAR) and warp shuffles (SHFL) in the code: the chain a
+    latency-bound program waits on, counted statically (loops counted once)."""
+    opcodes = [_opcode(ins) for _, ins in code]
+    return {"instructions": len(opcodes), "barriers": sum(op.startswith("BAR") for op in opcodes),
+            "shuffles": sum(op.startswith("SHFL") for op in opcodes)}
+
+
 def compile_launch(fn, args, kwargs) -> dict:
     signature, constexprs, attrs, options = _signature(fn, args, kwargs)
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=HOPPER, options=options)
+    code = _instructions(kernel.asm["cubin"])
     return {"kernel": fn.__name__, **_resource_usage(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
-            "num_warps": options.get("num_warps", 4), "load_loops": load_loops(kernel.asm["cubin"])}
+            "num_warps": options.get("num_warps", 4), "load_loops": load_loops(code), **waits(code)}
 
 
 def launches_of(call) -> list:
