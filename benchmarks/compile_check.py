@@ -43,7 +43,7 @@ def _signature(fn: triton.JITFunction, args, kwargs):
     """(signature, constexprs, attrs, options) of one launch of ``fn``."""
     bound = dict(zip(fn.arg_names, args))
     bound.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
-    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "launch_pdl")}
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "launch_pdl", "maxnreg")}
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         value = bound[name]
@@ -194,6 +194,11 @@ def families() -> dict:
     return {
         "fused, k=2048 of 32768, sorted in the program": (lambda: fused_bucketed_topk(
             _bf16(2, 32768), 2048, num_buckets=1024, per_bucket_k=4, largest=True, sorted=True, num_warps=8), True),
+        "fused, k=2048 of 32768, unsorted": (lambda: fused_bucketed_topk(
+            _bf16(2, 32768), 2048, num_buckets=1024, per_bucket_k=4, largest=True, sorted=False, num_warps=8), True),
+        "fused, k=2048 of 32768, sorted, registers capped": (lambda: fused_bucketed_topk(
+            _bf16(2, 32768), 2048, num_buckets=1024, per_bucket_k=4, largest=True, sorted=True, num_warps=8,
+            max_registers=64), False),
         "fused, k=64, bitonic, one warp": (lambda: fused_bucketed_topk(
             torch.empty(2, 8192, dtype=torch.float16), 64, num_buckets=256, per_bucket_k=1, largest=True,
             sorted=True, select="bitonic", num_warps=1), True),

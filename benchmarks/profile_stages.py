@@ -25,6 +25,10 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
   same bucketing, and its recompute launch with no row flagged and with every row flagged and
   bisecting (the worst case).
 
+Registers (``--only registers``): the fused kernel of each large-k headline plan, sorted and
+unsorted, with a cap on each thread's registers (``max_registers``; ``:r0`` the compiler's
+choice): stage 2's registers set how many programs share an SM while stage 1 streams.
+
 HiRE FFN (bf16, d=4096, d_ff=16384, 10% active, batch 1, calibrated as in bench_hire.py): device
 time of each kernel the op launches (torch.profiler), the op's CUDA-graph replay, and dense; then
 the sparse FFN alone (selection, FFN, reduction) with 132, 264 and 528 programs; the one-row
@@ -458,7 +462,36 @@ def large_eager_call(calls: int = 300, top: int = 25) -> dict:
     return result
 
 
-PARTS = ("topk", "wide", "hire", "host")
+# (rows, n, k, dtype, num_buckets, per_bucket_k, num_warps): the fused plans of the large-k
+# headline shapes (bench_topk.json of 2026-12-02), whose stage 2 holds 96-102 registers a thread
+# where stage 1 alone needs 40 (benchmarks/compile_check.py; ``maxnreg`` below that spills).
+REGISTER_PLANS = [(1024, 32768, 2048, torch.bfloat16, 1024, 4, 8), (4096, 4096, 512, torch.bfloat16, 256, 4, 2),
+                  (4096, 4096, 512, torch.bfloat16, 128, 6, 4)]
+REGISTER_CAPS = (0, 80, 64, 48)
+
+
+def register_caps() -> list[dict]:
+    """The fused kernel at each plan of REGISTER_PLANS, sorted and unsorted, with each cap of
+    REGISTER_CAPS on a thread's registers (0: the compiler's choice): ``sorted:r80`` etc."""
+    out = []
+    for rows, n, k, dtype, b, kb, warps in REGISTER_PLANS:
+        x = torch.randn(rows, n, device="cuda", dtype=dtype)
+        for sorted_ in (True, False):
+            for cap in REGISTER_CAPS:
+                fn = lambda: fused_bucketed_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=sorted_,
+                                                 num_warps=warps, max_registers=cap)
+                try:
+                    t = timed(fn)
+                except Exception as e:  # a variant that fails to compile must not lose the others
+                    t = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+                row = dict(rows=rows, n=n, k=k, dtype=str(dtype).split(".")[-1], num_buckets=b, per_bucket_k=kb,
+                           variant=f"{'sorted' if sorted_ else 'unsorted'}:w{warps}:r{cap}", **t)
+                print(json.dumps(row), flush=True)
+                out.append(row)
+    return out
+
+
+PARTS = ("topk", "wide", "registers", "hire", "host")
 
 
 def main(argv=None):
@@ -479,6 +512,8 @@ def main(argv=None):
         payload["wide"] = [row for rows, n, k, dtype, bucketings, focus in SHAPES
                            if not args.shapes or f"{rows}x{n}" in args.shapes
                            for row in topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=True)]
+    if "registers" in args.only:
+        payload["registers"] = register_caps()
     if "hire" in args.only:
         payload["hire_ffn"] = hire_ffn_kernels()
     if "host" in args.only:

@@ -93,6 +93,17 @@ def test_every_finish_and_unroll_equals_reference(rows, n, k, b, kb, dtype, sele
     assert_matches_reference(values, indices, ref_values, x, sorted_=True)
 
 
+@pytest.mark.parametrize("sorted_", [True, False])
+def test_capped_registers_equal_reference(sorted_):
+    """A cap on the registers (which the interpreter ignores) spills on a GPU; the results must
+    not change."""
+    x = torch.randn(3, 4096).to(torch.bfloat16).to(KERNEL_DEVICE)
+    ref_values, _ = reference(x, 512, 256, 4, "interleaved", largest=True)
+    values, indices = fused_bucketed_topk(x, 512, num_buckets=256, per_bucket_k=4, largest=True, sorted=sorted_,
+                                          num_warps=2, max_registers=48)
+    assert_matches_reference(values, indices, ref_values, x, sorted_=sorted_)
+
+
 @pytest.mark.parametrize("rows,n,k,b,kb", CASES[:3])
 @pytest.mark.parametrize("layout", ["interleaved", "shuffled"])
 def test_split_equals_reference(rows, n, k, b, kb, layout):

@@ -43,3 +43,19 @@ def test_stage_one_streams_whole_steps_without_masks(families_output):
     (fused,) = ast.literal_eval(line.split(": ", 1)[1])
     unmasked, masked = fused["load_loops"]
     assert unmasked < masked
+
+
+def _launches(families_output: str, name: str) -> list[dict]:
+    line = next(l for l in families_output.splitlines() if l.startswith(f"ok  {name}: "))
+    return ast.literal_eval(line.split(": ", 1)[1])
+
+
+def test_stage_two_keeps_stage_one_resident(families_output):
+    """The fused kernel's registers are set by stage 2, and they decide how many programs stream
+    at once. Unsorted output goes through packed entries: scattering indices and values from
+    the candidates kept 182 registers a thread at 4096 survivors, one program an SM. A cap
+    (``max_registers``) holds."""
+    (unsorted,) = _launches(families_output, "fused, k=2048 of 32768, unsorted")
+    assert unsorted["registers"] <= 104
+    (capped,) = _launches(families_output, "fused, k=2048 of 32768, sorted, registers capped")
+    assert capped["registers"] <= 64

@@ -260,9 +260,12 @@ def stage1_meta(x2d: torch.Tensor, num_buckets: int, per_bucket_k: int, blanes: 
 def prepare_fused_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
                                 sorted: bool, layout_id: int = 0, seed: int = 0, select: str = "bisect",
                                 sort_with: str = "program", sort_warps: int = 1, unroll: int = 4,
-                                num_warps: int = 8):
+                                num_warps: int = 8, max_registers: int = 0):
     """The function of x2d (this one's shape, dtype and row stride) running ``fused_bucketed_topk``
-    with these arguments, its launches fixed (``launch.Launch``)."""
+    with these arguments, its launches fixed (``launch.Launch``). ``max_registers`` (0: the
+    compiler's choice) caps the registers a thread: the kernel's most register-hungry part, stage
+    2, then sets how many programs share an SM while stage 1 streams, so a cap can trade a few
+    spills in stage 2 for more bytes in flight in stage 1."""
     check_stage1(x2d, k, num_buckets, per_bucket_k, layout_id, unroll)
     rows, n = x2d.shape
     slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets, layout_id, unroll, largest)
@@ -271,7 +274,7 @@ def prepare_fused_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, 
     launch = Launch(_fused_bucketed_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots, seed=seed,
                     x_row_stride=x2d.stride(0), out_row_stride=k, **meta,
                     **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
-                    CERTIFY=False, num_warps=num_warps)
+                    CERTIFY=False, num_warps=num_warps, **({"maxnreg": max_registers} if max_registers else {}))
     finish = finisher_for(rows, k, order32_entries=order32(meta["KEY_BITS"], k), sorted=sorted, select=select,
                           sort_with=sort_with, sort_warps=sort_warps)
 

@@ -18,7 +18,7 @@ launch goes through the JIT.
 from __future__ import annotations
 
 # Keyword arguments of a launch that are compile options, not kernel parameters.
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "launch_pdl")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "launch_pdl", "maxnreg")
 
 
 class Launch:

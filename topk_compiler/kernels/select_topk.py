@@ -11,7 +11,10 @@ ways to select, picked by the cost model (``SELECT``):
 
 After ``bisect``/``radix`` the keys above the threshold, and as many ties as needed, are
 compacted in candidate order with a single prefix sum (above and tied counts packed in one
-int32) and written unsorted. With sorted output, a packed (key, output position) per selected
+int32). Unsorted, each selected candidate's packed (key, index) entry is scattered to its place
+in the output's index row and the row is reloaded in order to write values and indices: one
+scatter of one integer per candidate keeps far fewer registers live than scattering an index
+and a value. With sorted output, a packed (key, output position) per selected
 element is written beside them and sorted, and the values and indices are permuted by it:
 in the same program (``sort_with="program"``), by ``sort_selected``, a separate launch of few
 warps per row (``"launch"``), or by ``rank_sort`` (``"rank"``): each entry's place is the number
@@ -223,15 +226,15 @@ def top_entries(entry, K_POW2: tl.constexpr):
 
 
 @triton.jit
-def sort_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
-                          K_POW2: tl.constexpr, KEY_BITS: tl.constexpr, PACK32: tl.constexpr,
-                          LARGEST: tl.constexpr):
-    """Stores the chosen candidates' (key, inverted index) entries at their positions, then sorts
-    the k entries and writes the values (rebuilt from the keys) and indices in torch.topk's
-    order; ties go to the smaller index. PACK32: 16-bit keys and indices below 2**16 share an
-    int32, else (32-bit keys) an int64. ``order_row_ptr`` may be the index row itself (the
-    launcher then allocates no entries): int32 entries fill the first half of its bytes, and
-    every entry is loaded before any index is stored."""
+def store_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_ptr, indices_row_ptr,
+                           order_row_ptr, K_POW2: tl.constexpr, KEY_BITS: tl.constexpr, PACK32: tl.constexpr,
+                           LARGEST: tl.constexpr, SORT: tl.constexpr):
+    """Stores the chosen candidates' (key, inverted index) entries at their positions, reloads
+    the k entries in order (with SORT, sorted into torch.topk's order; ties go to the smaller
+    index), and writes the values (rebuilt from the keys) and indices from them. PACK32: 16-bit
+    keys and indices below 2**16 share an int32, else an int64. ``order_row_ptr`` may be the
+    index row itself (the launcher then allocates no entries): int32 entries fill the first half
+    of its bytes, and every entry is loaded before any index is stored."""
     entry = index_entry(keys, idx, PACK32)
     if PACK32:
         order_row_ptr = order_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
@@ -240,7 +243,7 @@ def sort_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_
     o = tl.arange(0, K_POW2)
     in_k = o < k
     entry = tl.load(order_row_ptr + o, mask=in_k, other=entry_pad(PACK32))
-    if K_POW2 > 1:
+    if SORT and K_POW2 > 1:
         entry = tl.sort(entry, descending=True)
     tl.debug_barrier()
     sorted_keys, sorted_idx = unpack_index_entry(entry, PACK32)
@@ -304,9 +307,15 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
         need = k - tl.sum((keys > threshold).to(tl.int32), axis=0)
         zero = tl.zeros([], dtype=tl.int32)
         chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
-        if SORTED and SORT_HERE and (PACK32 or KEY_BITS == 32):
-            sort_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_ptr, indices_row_ptr,
-                                  order_row_ptr, K_POW2, KEY_BITS, PACK32, LARGEST)
+        if not SORTED:
+            # Through entries rather than store_selected's scatter of indices and values: that
+            # keeps a 64-bit address per candidate live for each output, 168-184 registers a
+            # thread at 4096 candidates (one program an SM while stage 1 streams), against ~100.
+            store_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_ptr, indices_row_ptr,
+                                   indices_row_ptr, K_POW2, KEY_BITS, PACK32, LARGEST, False)
+        elif SORT_HERE and (PACK32 or KEY_BITS == 32):
+            store_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_ptr, indices_row_ptr,
+                                   order_row_ptr, K_POW2, KEY_BITS, PACK32, LARGEST, True)
         else:
             store_selected(keys, idx, chosen, position, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
                            SORTED, ORDER32, KEY_BITS, LARGEST)
@@ -390,7 +399,7 @@ def order32(key_bits: int, k: int) -> bool:
 
 def sorts_entries_in_index_row(key_bits: int, n: int, *, sorted: bool, select: str, sort_with: str) -> bool:
     """Whether ``select_and_store`` sorts (key, index) entries in its program
-    (``sort_by_index_entries``), which can use the output's index row for them."""
+    (``store_by_index_entries``), which can use the output's index row for them."""
     meta = select_meta(1, key_bits, n, sorted=sorted, select=select, sort_with=sort_with)
     return sorted and select != "bitonic" and meta["SORT_HERE"] and (meta["PACK32"] or key_bits == 32)
 
