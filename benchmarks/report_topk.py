@@ -64,7 +64,8 @@ def plan_text(plan: dict) -> str:
     if plan["algorithm"] == "exact":
         return f"exact ({plan['kernel']})"
     warps = f" w={plan['num_warps']}" if "num_warps" in plan else ""
-    return f"{plan['kernel']} b={plan['num_buckets']} kb={plan['per_bucket_k']} seg={plan['segments']}{warps}"
+    cap = f" r={plan['max_registers']}" if plan.get("max_registers") else ""
+    return f"{plan['kernel']} b={plan['num_buckets']} kb={plan['per_bucket_k']} seg={plan['segments']}{warps}{cap}"
 
 
 def _one_line(text: str) -> str:

@@ -51,6 +51,15 @@ def test_exact_topk_equals_torch(n, k, select, sort_with, dtype):
         assert_exact(values, indices, x, k, largest, sorted_=True)
 
 
+@pytest.mark.parametrize("sorted_", [True, False])
+def test_exact_topk_with_capped_registers_equals_torch(sorted_):
+    """A register cap (ignored by the interpreter) spills on a GPU; the results must not change."""
+    x = torch.randn(3, 4096).to(torch.bfloat16).to(KERNEL_DEVICE)
+    values, indices = exact_topk(x, 512, largest=True, sorted=sorted_, select="bisect", sort_with="program",
+                                 max_registers=48)
+    assert_exact(values, indices, x, 512, True, sorted_=sorted_)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("select", ["bisect", "radix"])
 def test_exact_topk_special_values_and_ties(dtype, select):

@@ -490,9 +490,11 @@ def finisher_for(rows: int, k: int, *, order32_entries: bool, sorted: bool, sele
 
 
 def prepare_select(x2d: torch.Tensor, k: int, m: int, cand_row_stride: int, *, key_bits: int, sorted: bool,
-                   select: str, sort_with: str, sort_warps: int, raw: bool, largest: bool, num_warps: int):
+                   select: str, sort_with: str, sort_warps: int, raw: bool, largest: bool, num_warps: int,
+                   max_registers: int = 0):
     """The function of (keys, idx, x2d) that selects the top k of m candidates per row of
-    ``x2d``-shaped inputs (with ``raw``, of x2d's own rows)."""
+    ``x2d``-shaped inputs (with ``raw``, of x2d's own rows); ``max_registers`` (0: the
+    compiler's choice) caps a thread's registers."""
     rows = x2d.shape[0]
     in_index_row = sorts_entries_in_index_row(key_bits, x2d.shape[1], sorted=sorted, select=select,
                                               sort_with=sort_with)
@@ -500,7 +502,8 @@ def prepare_select(x2d: torch.Tensor, k: int, m: int, cand_row_stride: int, *, k
     launch = Launch(_select_topk_kernel, (rows,), k=k, m=m, cand_row_stride=cand_row_stride,
                     x_row_stride=x2d.stride(0), out_row_stride=k, NS=next_pow2(m), KEY_BITS=key_bits,
                     **select_meta(k, key_bits, x2d.shape[1], sorted=sorted, select=select, sort_with=sort_with),
-                    RAW=raw, LARGEST=largest, num_warps=num_warps)
+                    RAW=raw, LARGEST=largest, num_warps=num_warps,
+                    **({"maxnreg": max_registers} if max_registers else {}))
     finish = finisher_for(rows, k, order32_entries=order32(key_bits, k), sorted=sorted, select=select,
                           sort_with=sort_with, sort_warps=sort_warps)
 
@@ -529,20 +532,22 @@ def select_topk(keys: torch.Tensor, idx: torch.Tensor, x2d: torch.Tensor, k: int
 
 
 def prepare_exact_topk(x2d: torch.Tensor, k: int, *, largest: bool, sorted: bool, select: str = "radix",
-                       sort_with: str = "launch", sort_warps: int = 1, num_warps: int = 8):
+                       sort_with: str = "launch", sort_warps: int = 1, num_warps: int = 8, max_registers: int = 0):
     """The function of x2d ([rows, n], unit last stride, this one's shape, dtype and row stride)
-    giving the exact top-k of each row, the row held in registers."""
+    giving the exact top-k of each row, the row held in registers (``max_registers``: as
+    ``prepare_select``)."""
     assert x2d.dim() == 2 and x2d.stride(1) == 1, "exact_topk: x2d must be [rows, n], unit last stride"
     assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"exact_topk: unsupported dtype {x2d.dtype}"
     assert 0 < k <= x2d.shape[1], f"exact_topk: need 0 < k <= n, got k={k}, n={x2d.shape[1]}"
     key_bits = 16 if x2d.element_size() == 2 else 32
     run = prepare_select(x2d, k, x2d.shape[1], 0, key_bits=key_bits, sorted=sorted, select=select,
-                         sort_with=sort_with, sort_warps=sort_warps, raw=True, largest=largest, num_warps=num_warps)
+                         sort_with=sort_with, sort_warps=sort_warps, raw=True, largest=largest, num_warps=num_warps,
+                         max_registers=max_registers)
     return lambda x2d: run(x2d, x2d, x2d)
 
 
 def exact_topk(x2d: torch.Tensor, k: int, *, largest: bool, sorted: bool, select: str = "radix",
-               sort_with: str = "launch", sort_warps: int = 1, num_warps: int = 8):
+               sort_with: str = "launch", sort_warps: int = 1, num_warps: int = 8, max_registers: int = 0):
     """Exact top-k of each row of ``x2d`` ([rows, n], unit last stride), the row held in registers."""
     return prepare_exact_topk(x2d, k, largest=largest, sorted=sorted, select=select, sort_with=sort_with,
-                              sort_warps=sort_warps, num_warps=num_warps)(x2d)
+                              sort_warps=sort_warps, num_warps=num_warps, max_registers=max_registers)(x2d)

@@ -106,7 +106,8 @@ def _prepare(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkP
 
     finish = dict(sorted=sorted, select=plan.select, sort_with=plan.sort_with, sort_warps=plan.sort_warps)
     if plan.kernel == "select":
-        return select_kernels.prepare_exact_topk(x2d, k, largest=largest, num_warps=plan.num_warps, **finish)
+        return select_kernels.prepare_exact_topk(x2d, k, largest=largest, num_warps=plan.num_warps,
+                                                 max_registers=plan.max_registers, **finish)
     bucketing = dict(num_buckets=plan.num_buckets, per_bucket_k=plan.per_bucket_k, largest=largest, unroll=UNROLL)
     if plan.kernel == "filtered":
         return filtered_kernels.prepare_filtered_topk(x2d, k, num_warps=plan.num_warps, **bucketing, **finish)
@@ -122,7 +123,8 @@ def _prepare(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkP
                                            largest=largest, num_warps=plan.num_warps, select=plan.select,
                                            **layout_args)
     if plan.kernel == "fused":
-        return bucketed_kernels.prepare_fused_bucketed_topk(x2d, k, num_warps=plan.num_warps, **bucketing,
+        return bucketed_kernels.prepare_fused_bucketed_topk(x2d, k, num_warps=plan.num_warps,
+                                                            max_registers=plan.max_registers, **bucketing,
                                                             **layout_args, **finish)
     assert plan.kernel == "split", f"unknown kernel {plan.kernel!r}"
     return bucketed_kernels.prepare_split_bucketed_topk(x2d, k, segments=plan.segments, **bucketing, **layout_args,

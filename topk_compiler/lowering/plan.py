@@ -47,6 +47,19 @@ MIN_SEGMENT_LANES = 32
 # 115 us with 1 warp a program and 222 us with 8; 256 x 128256 fp32 k=50 with 1024 buckets in
 # 54 us with 8 and 85 us with 4; 1024 x 65536 fp32 k=100 in 103 us with 4 and 108 us with 8.
 RESIDENT_WARPS_PER_SM = 16
+# The fused kernel's threshold, compaction and stores hold 96-102 registers a thread where its
+# stage 1 needs about 40 (sm_90, benchmarks/compile_check.py), and the most any part needs sets
+# how many programs share an SM while stage 1 streams. For 16-bit keys and at least this many
+# survivors a thread, over at least a program per SM, the kernel caps a thread at
+# REGISTER_CAP registers: stage 2 spills a little and stage 1 has twice the programs. On an H200
+# (benchmarks/results/profile_stages_h200_registers_1587b6a.json) 1024 x 32768 bf16 k=2048
+# (b=1024, kb=4, 8 warps) took 127 us sorted and 67 us unsorted against 141 and 76 uncapped;
+# 4096 x 4096 k=512 (b=256, kb=4, 2 warps) 69.3 and 48.3 against 70.9 and 49.0. With 8 a thread
+# (b=128, kb=6, 4 warps) the caps measured 1-2% slower. fp32 keys spill 250-370 bytes a thread
+# at that cap, programs of 16 warps (over 4096 survivors) about 850 (both unmeasured): they keep
+# the compiler's choice.
+CAPPED_SURVIVORS_PER_THREAD = 16
+REGISTER_CAP = 64
 # A bitonic selection network only pays for small k (its cost grows with log(k)**2 per survivor).
 MAX_BITONIC_K = 256
 # The exact filtered kernel's stage 1 keeps this expected recall, so that about k / recall
@@ -116,6 +129,15 @@ class TopkPlan:
     predicted_us: float = float("nan")
     torch_topk_us: float = float("nan")
     reason: str = field(default="", compare=False)
+    max_registers: int = 0
+
+
+def register_cap(rows: int, survivors: int, num_warps: int, elem: int, processors: int) -> int:
+    """Registers a thread of the fused kernel is capped at (0: the compiler's choice) for
+    ``survivors`` per row over ``num_warps`` warps (``REGISTER_CAP``)."""
+    many = (elem == 2 and num_warps <= 8 and rows >= processors
+            and survivors >= CAPPED_SURVIVORS_PER_THREAD * 32 * num_warps)
+    return REGISTER_CAP if many else 0
 
 
 def recall_of(n: int, k: int, num_buckets: int, per_bucket_k: int, layout: str) -> float:
@@ -278,8 +300,16 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
     for select, sort_with in _finishes(rows, k, sorted_):
         if n_pow2 <= MAX_REGISTER_SURVIVORS[elem] and (select != "bitonic" or n <= 2**16):
             t = _us(cost_model.select_time(rows, n, k, elem, sorted_, select, sort_with, profile))
-            plans.append(TopkPlan("exact", "select", select=select, sort_with=sort_with, num_warps=warps_for(n_pow2 // 8, n_pow2),
-                                  sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us, reason="exact Triton selection"))
+            warps = warps_for(n_pow2 // 8, n_pow2)
+            # The selection holds the row where the fused kernel holds survivors: where the fused
+            # kernel would be capped the first call also times a capped selection (84-90
+            # registers a thread uncapped at 4096 x 4096 bf16 k=512, sorted in the program or
+            # unsorted: two programs an SM; 24-48 bytes spilt at 64). Not yet measured.
+            caps = dict.fromkeys((0, register_cap(rows, n_pow2, warps, elem, profile.processors)))
+            for cap in caps if select != "bitonic" and sort_with == "program" else (0,):
+                plans.append(TopkPlan("exact", "select", select=select, sort_with=sort_with, num_warps=warps,
+                                      sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us,
+                                      reason="exact Triton selection", max_registers=cap))
     for b, kb in filtered_bucketings(n, k, elem):
         for select, sort_with in _finishes(rows, k, sorted_):
             if select == "bitonic":
@@ -315,8 +345,9 @@ def _ranked(rows, n, k, dtype, device, recall_target, layout, sorted_, forced):
                 t = cost_model.reference_time(rows, n, k, b, kb, elem, profile)
                 options = [(t, "reference", 1, "bisect", "program", 0)]
             for t, kernel, segments, select, sort_with, warps in options:
+                cap = register_cap(rows, b * next_pow2(kb), warps, elem, profile.processors) if kernel == "fused" else 0
                 approx.append(TopkPlan("bucketed", kernel, b, kb, segments, select, sort_with, warps,
-                                       sort_warps_for(k, elem), recall, _us(t), torch_us))
+                                       sort_warps_for(k, elem), recall, _us(t), torch_us, max_registers=cap))
         if triton_ok and forced is None:
             for b, kb, recall in wide_bucketings(rows, n, k, recall_target, layout, profile.processors):
                 for select in ("bisect", "bitonic") if next_pow2(kb) <= MAX_BITONIC_K else ("bisect",):
@@ -457,12 +488,12 @@ def _with_borrowed_prices(chosen: list[TopkPlan], plans: list[TopkPlan], few_row
 
 
 def _distinct(plans: list[TopkPlan]) -> list[TopkPlan]:
-    """The cheapest SHORTLIST plans of different (kernel, bucketing, split, warps): the model ranks
-    the ways to finish one bucketing reliably; it is the bucketings, kernels and warps (which it
-    does not see) it may misjudge."""
+    """The cheapest SHORTLIST plans of different (kernel, bucketing, split, warps, register cap):
+    the model ranks the ways to finish one bucketing reliably; it is the bucketings, kernels,
+    warps and registers (which it does not see) it may misjudge."""
     chosen, seen = [], set()
     for p in plans:
-        key = (p.kernel, p.num_buckets, p.per_bucket_k, p.segments, p.num_warps)
+        key = (p.kernel, p.num_buckets, p.per_bucket_k, p.segments, p.num_warps, p.max_registers)
         if key not in seen:
             seen.add(key)
             chosen.append(p)
