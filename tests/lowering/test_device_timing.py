@@ -99,3 +99,21 @@ def test_replays_exclude_and_eager_calls_include_the_host_dispatch():
 
     assert device_timing.gpu_time_us(slow_host, cold=True) < 500
     assert device_timing.eager_time_us(slow_host) > 1000
+
+
+def test_eager_time_is_the_shortest_batch(monkeypatch):
+    """A stall of the host in one batch of calls (another process, an interrupt) must not pass
+    for the call's own cost: the shortest batch counts."""
+    import time
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+
+    def call():
+        calls.append(None)
+        if len(calls) == 1 + device_timing.REPLAYS + 3:  # within the second batch
+            time.sleep(0.05)
+
+    us = device_timing.eager_time_us(call)
+    assert len(calls) == 1 + device_timing.REPLAYS * device_timing.EAGER_BATCHES
+    assert us < 0.05e6 / device_timing.REPLAYS / 10  # far below the stall's share of its batch

@@ -31,6 +31,13 @@ import torch
 
 # Replays timed per plan, after one call that compiles and one that is captured.
 REPLAYS = 10
+# Batches of REPLAYS back-to-back eager calls; the shortest batch counts. The host can stall a
+# batch (another process, an interrupt) but never hurry one: on an H200 machine's host a run of
+# benchmarks/bench_topk.py timed one plan at 64x131072 eagerly at 56-75 us (20th-80th
+# percentile) where its replays took 42.7 us and a run before timed it at 41.9 us eagerly, and
+# a first call timed in such a stretch chose the slower of two plans at 16x14336
+# (benchmarks/results/bench_topk.md of 2026-12-02).
+EAGER_BATCHES = 5
 
 
 # Bytes written before each replay of a cold timing, per L2 byte (do_bench writes 256 MB). The
@@ -69,11 +76,11 @@ def _replayed_us(fn: Callable[[], object], replays: int, cold: bool) -> float:
     return times[len(times) // 2]
 
 
-def eager_time_us(fn: Callable[[], object], replays: int = REPLAYS) -> float:
+def eager_time_us(fn: Callable[[], object], replays: int = REPLAYS, batches: int = EAGER_BATCHES) -> float:
     """Microseconds per call of ``fn`` made from Python outside a CUDA graph (its first call,
     which compiles, untimed): calls back to back, timed on the host's clock up to the end of the
     last one's device work, so a call pays whichever of its dispatch and its device work is
-    longer, as in a model that runs eagerly.
+    longer, as in a model that runs eagerly; the shortest of ``batches`` batches of ``replays``.
 
     Not CUDA events: the driver may hold an event's record back until the next launch, so events
     around a call on an idle device leave its host code out (an H200 timed 2 ms of Python before a
@@ -81,7 +88,7 @@ def eager_time_us(fn: Callable[[], object], replays: int = REPLAYS) -> float:
     """
     fn()
     torch.cuda.synchronize()
-    return _eager_us(fn, replays)
+    return min(_eager_us(fn, replays) for _ in range(batches))
 
 
 def _eager_us(fn: Callable[[], object], replays: int) -> float:
