@@ -55,7 +55,7 @@ RESIDENT_WARPS_PER_SM = 16
 # (benchmarks/results/profile_stages_h200_registers_1587b6a.json) 1024 x 32768 bf16 k=2048
 # (b=1024, kb=4, 8 warps) took 127 us sorted and 67 us unsorted against 141 and 76 uncapped;
 # 4096 x 4096 k=512 (b=256, kb=4, 2 warps) 69.3 and 48.3 against 70.9 and 49.0. With 8 a thread
-# (b=128, kb=6, 4 warps) the caps measured 1-2% slower. fp32 keys spill 250-370 bytes a thread
+# (b=128, kb=6, 4 warps) caps measured within 2% either way. fp32 keys spill 250-370 bytes a thread
 # at that cap, programs of 16 warps (over 4096 survivors) about 850 (both unmeasured): they keep
 # the compiler's choice.
 CAPPED_SURVIVORS_PER_THREAD = 16
@@ -304,7 +304,9 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
             # The selection holds the row where the fused kernel holds survivors: where the fused
             # kernel would be capped the first call also times a capped selection (84-90
             # registers a thread uncapped at 4096 x 4096 bf16 k=512, sorted in the program or
-            # unsorted: two programs an SM; 24-48 bytes spilt at 64). Not yet measured.
+            # unsorted: two programs an SM; 24-48 bytes spilt at 64). There the capped one won
+            # the race: 148 us, against 182 uncapped in the run before (bench_topk.md of
+            # 2026-12-02, bench_topk_h200_10137ab.md).
             caps = dict.fromkeys((0, register_cap(rows, n_pow2, warps, elem, profile.processors)))
             for cap in caps if select != "bitonic" and sort_with == "program" else (0,):
                 plans.append(TopkPlan("exact", "select", select=select, sort_with=sort_with, num_warps=warps,
