@@ -55,11 +55,14 @@ RESIDENT_WARPS_PER_SM = 16
 # (benchmarks/results/profile_stages_h200_registers_1587b6a.json) 1024 x 32768 bf16 k=2048
 # (b=1024, kb=4, 8 warps) took 127 us sorted and 67 us unsorted against 141 and 76 uncapped;
 # 4096 x 4096 k=512 (b=256, kb=4, 2 warps) 69.3 and 48.3 against 70.9 and 49.0. With 8 a thread
-# (b=128, kb=6, 4 warps) caps measured within 2% either way. fp32 keys spill 250-370 bytes a thread
-# at that cap, programs of 16 warps (over 4096 survivors) about 850 (both unmeasured): they keep
-# the compiler's choice.
+# (b=128, kb=6, 4 warps) caps measured within 2% either way. Programs of 16 warps (over 4096
+# survivors) would spill about 850 bytes a thread at that cap: they keep the compiler's choice.
+# fp32 keys hold 114-128 registers there (two programs an SM) and spill 64-160 bytes at
+# WIDE_KEY_REGISTER_CAP (three), 250-370 at REGISTER_CAP: unmeasured, so their first call
+# races the capped plan beside the uncapped one.
 CAPPED_SURVIVORS_PER_THREAD = 16
 REGISTER_CAP = 64
+WIDE_KEY_REGISTER_CAP = 80
 # A bitonic selection network only pays for small k (its cost grows with log(k)**2 per survivor).
 MAX_BITONIC_K = 256
 # The exact filtered kernel's stage 1 keeps this expected recall, so that about k / recall
@@ -132,12 +135,12 @@ class TopkPlan:
     max_registers: int = 0
 
 
-def register_cap(rows: int, survivors: int, num_warps: int, elem: int, processors: int) -> int:
-    """Registers a thread of the fused kernel is capped at (0: the compiler's choice) for
-    ``survivors`` per row over ``num_warps`` warps (``REGISTER_CAP``)."""
-    many = (elem == 2 and num_warps <= 8 and rows >= processors
-            and survivors >= CAPPED_SURVIVORS_PER_THREAD * 32 * num_warps)
-    return REGISTER_CAP if many else 0
+def register_caps(rows: int, survivors: int, num_warps: int, elem: int, processors: int) -> tuple[int, ...]:
+    """Register caps a thread (0: the compiler's choice) to shortlist a fused kernel's plan with,
+    for ``survivors`` per row over ``num_warps`` warps of ``elem``-byte keys (``REGISTER_CAP``)."""
+    if num_warps > 8 or rows < processors or survivors < CAPPED_SURVIVORS_PER_THREAD * 32 * num_warps:
+        return (0,)
+    return (REGISTER_CAP,) if elem == 2 else (0, WIDE_KEY_REGISTER_CAP)
 
 
 def recall_of(n: int, k: int, num_buckets: int, per_bucket_k: int, layout: str) -> float:
@@ -307,7 +310,7 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
             # unsorted: two programs an SM; 24-48 bytes spilt at 64). There the capped one won
             # the race: 148 us, against 182 uncapped in the run before (bench_topk.md of
             # 2026-12-02, bench_topk_h200_10137ab.md).
-            caps = dict.fromkeys((0, register_cap(rows, n_pow2, warps, elem, profile.processors)))
+            caps = dict.fromkeys((0, *register_caps(rows, n_pow2, warps, elem, profile.processors)))
             for cap in caps if select != "bitonic" and sort_with == "program" else (0,):
                 plans.append(TopkPlan("exact", "select", select=select, sort_with=sort_with, num_warps=warps,
                                       sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us,
@@ -347,9 +350,11 @@ def _ranked(rows, n, k, dtype, device, recall_target, layout, sorted_, forced):
                 t = cost_model.reference_time(rows, n, k, b, kb, elem, profile)
                 options = [(t, "reference", 1, "bisect", "program", 0)]
             for t, kernel, segments, select, sort_with, warps in options:
-                cap = register_cap(rows, b * next_pow2(kb), warps, elem, profile.processors) if kernel == "fused" else 0
-                approx.append(TopkPlan("bucketed", kernel, b, kb, segments, select, sort_with, warps,
-                                       sort_warps_for(k, elem), recall, _us(t), torch_us, max_registers=cap))
+                caps = register_caps(rows, b * next_pow2(kb), warps, elem, profile.processors) \
+                    if kernel == "fused" else (0,)
+                approx.extend(TopkPlan("bucketed", kernel, b, kb, segments, select, sort_with, warps,
+                                       sort_warps_for(k, elem), recall, _us(t), torch_us, max_registers=cap)
+                              for cap in caps)
         if triton_ok and forced is None:
             for b, kb, recall in wide_bucketings(rows, n, k, recall_target, layout, profile.processors):
                 for select in ("bisect", "bitonic") if next_pow2(kb) <= MAX_BITONIC_K else ("bisect",):
