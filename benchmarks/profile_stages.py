@@ -27,7 +27,8 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
 
 Registers (``--only registers``): the fused kernel of each large-k headline plan, sorted and
 unsorted, with a cap on each thread's registers (``max_registers``; ``:r0`` the compiler's
-choice): stage 2's registers set how many programs share an SM while stage 1 streams.
+choice): stage 2's registers set how many programs share an SM while stage 1 streams; the
+exact filtered kernel at large k with 1024-4096 elements a step of its filtering pass.
 
 HiRE FFN (bf16, d=4096, d_ff=16384, 10% active, batch 1, calibrated as in bench_hire.py): device
 time of each kernel the op launches (torch.profiler), the op's CUDA-graph replay, and dense; then
@@ -81,6 +82,7 @@ from triton.testing import do_bench
 
 from topk_compiler.kernels.bucketed_topk import (bucket_survivors_of, fused_bucketed_topk, split_bucketed_topk,
                                                  stage1_meta)
+from topk_compiler.kernels.filtered_topk import filtered_topk
 from topk_compiler.kernels.select_topk import (compact_positions, kth_key_bisect, kth_key_radix, rank_sort,
                                                 select_meta, sort_selected)
 from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, sparse_ffn
@@ -468,11 +470,17 @@ def large_eager_call(calls: int = 300, top: int = 25) -> dict:
 REGISTER_PLANS = [(1024, 32768, 2048, torch.bfloat16, 1024, 4, 8), (4096, 4096, 512, torch.bfloat16, 256, 4, 2),
                   (4096, 4096, 512, torch.bfloat16, 128, 6, 4)]
 REGISTER_CAPS = (0, 80, 64, 48)
+# (rows, n, k, dtype, num_buckets, per_bucket_k): exact filtered plans the first call raced (and
+# lost) at large k. Their filtering pass holds FILTER_BLOCK elements a step: 207-234 registers a
+# thread at 4096 (one program an SM), 109-128 at 1024 (compile_check).
+FILTERED_PLANS = [(1024, 32768, 2048, torch.bfloat16, 4096, 1), (4096, 4096, 512, torch.bfloat16, 1024, 1)]
+FILTER_BLOCKS = (1024, 2048, 4096)
 
 
 def register_caps() -> list[dict]:
     """The fused kernel at each plan of REGISTER_PLANS, sorted and unsorted, with each cap of
-    REGISTER_CAPS on a thread's registers (0: the compiler's choice): ``sorted:r80`` etc."""
+    REGISTER_CAPS on a thread's registers (0: the compiler's choice): ``sorted:r80`` etc.; the
+    exact filtered kernel at each plan of FILTERED_PLANS with each of FILTER_BLOCKS."""
     out = []
     for rows, n, k, dtype, b, kb, warps in REGISTER_PLANS:
         x = torch.randn(rows, n, device="cuda", dtype=dtype)
@@ -488,6 +496,18 @@ def register_caps() -> list[dict]:
                            variant=f"{'sorted' if sorted_ else 'unsorted'}:w{warps}:r{cap}", **t)
                 print(json.dumps(row), flush=True)
                 out.append(row)
+    for rows, n, k, dtype, b, kb in FILTERED_PLANS:
+        x = torch.randn(rows, n, device="cuda", dtype=dtype)
+        for block in FILTER_BLOCKS:
+            fn = lambda: filtered_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=True, block=block)
+            try:
+                t = timed(fn)
+            except Exception as e:  # a variant that fails to compile must not lose the others
+                t = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+            row = dict(rows=rows, n=n, k=k, dtype=str(dtype).split(".")[-1], num_buckets=b, per_bucket_k=kb,
+                       variant=f"filtered:sorted:block{block}", **t)
+            print(json.dumps(row), flush=True)
+            out.append(row)
     return out
 
 
