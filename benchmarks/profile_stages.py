@@ -466,9 +466,10 @@ def large_eager_call(calls: int = 300, top: int = 25) -> dict:
 
 # (rows, n, k, dtype, num_buckets, per_bucket_k, num_warps): the fused plans of the large-k
 # headline shapes (bench_topk.json of 2026-12-02), whose stage 2 holds 96-102 registers a thread
-# where stage 1 alone needs 40 (benchmarks/compile_check.py; ``maxnreg`` below that spills).
+# where stage 1 alone needs 40 (benchmarks/compile_check.py; ``maxnreg`` below that spills), and
+# one of fp32 keys (114-128 registers).
 REGISTER_PLANS = [(1024, 32768, 2048, torch.bfloat16, 1024, 4, 8), (4096, 4096, 512, torch.bfloat16, 256, 4, 2),
-                  (4096, 4096, 512, torch.bfloat16, 128, 6, 4)]
+                  (4096, 4096, 512, torch.bfloat16, 128, 6, 4), (1024, 16384, 2048, torch.float32, 1024, 4, 8)]
 REGISTER_CAPS = (0, 80, 64, 48)
 # (rows, n, k, dtype, num_buckets, per_bucket_k): exact filtered plans the first call raced (and
 # lost) at large k. Their filtering pass holds FILTER_BLOCK elements a step: 207-234 registers a
@@ -477,12 +478,15 @@ FILTERED_PLANS = [(1024, 32768, 2048, torch.bfloat16, 4096, 1), (4096, 4096, 512
 FILTER_BLOCKS = (1024, 2048, 4096)
 
 
-def register_caps() -> list[dict]:
+def register_caps(shapes=None) -> list[dict]:
     """The fused kernel at each plan of REGISTER_PLANS, sorted and unsorted, with each cap of
     REGISTER_CAPS on a thread's registers (0: the compiler's choice): ``sorted:r80`` etc.; the
-    exact filtered kernel at each plan of FILTERED_PLANS with each of FILTER_BLOCKS."""
+    exact filtered kernel at each plan of FILTERED_PLANS with each of FILTER_BLOCKS; ``shapes``:
+    only those ("ROWSxN")."""
     out = []
     for rows, n, k, dtype, b, kb, warps in REGISTER_PLANS:
+        if shapes and f"{rows}x{n}" not in shapes:
+            continue
         x = torch.randn(rows, n, device="cuda", dtype=dtype)
         for sorted_ in (True, False):
             for cap in REGISTER_CAPS:
@@ -497,6 +501,8 @@ def register_caps() -> list[dict]:
                 print(json.dumps(row), flush=True)
                 out.append(row)
     for rows, n, k, dtype, b, kb in FILTERED_PLANS:
+        if shapes and f"{rows}x{n}" not in shapes:
+            continue
         x = torch.randn(rows, n, device="cuda", dtype=dtype)
         for block in FILTER_BLOCKS:
             fn = lambda: filtered_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=True, block=block)
@@ -533,7 +539,7 @@ def main(argv=None):
                            if not args.shapes or f"{rows}x{n}" in args.shapes
                            for row in topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=True)]
     if "registers" in args.only:
-        payload["registers"] = register_caps()
+        payload["registers"] = register_caps(args.shapes)
     if "hire" in args.only:
         payload["hire_ffn"] = hire_ffn_kernels()
     if "host" in args.only:
