@@ -193,20 +193,26 @@ def test_torch_topk_plans_race_our_kernels_predicted_close_to_it(monkeypatch):
 
 
 def test_fused_plans_cap_registers_where_many_programs_share_an_sm(monkeypatch):
-    """16 survivors a thread of 16-bit keys over many rows: capped (stage 1 then streams with
-    twice the programs an SM); fp32 keys there: raced capped and not; few rows, fewer
-    survivors a thread or 16 warps: not capped."""
-    (large_k, _), (few_rows, _), (fp32, _) = h100_shortlists(
+    """16 survivors a thread over many rows: capped (stage 1 then streams with more programs an
+    SM), fp32 keys less tightly; few rows, fewer survivors a thread or 16 warps: not capped. The
+    exact selection is raced capped and not."""
+    (large_k, _), (few_rows, _), (fp32, _), (_, exact) = h100_shortlists(
         monkeypatch, (1024, 32768, 2048, torch.bfloat16), (64, 131072, 2048, torch.bfloat16),
-        (1024, 16384, 2048, torch.float32))
+        (1024, 16384, 2048, torch.float32), (4096, 4096, 512, torch.bfloat16), recall_target=0.95)
     lead = large_k[0]
     assert (lead.kernel, lead.num_buckets * next_pow2(lead.per_bucket_k), lead.num_warps) == ("fused", 4096, 8)
     assert lead.max_registers == plan.REGISTER_CAP
     assert all(p.max_registers == 0 for p in few_rows)
-    fp32_lead = fp32[0]
-    twins = {p.max_registers for p in fp32 if (p.kernel, p.num_buckets, p.per_bucket_k, p.num_warps)
-             == (fp32_lead.kernel, fp32_lead.num_buckets, fp32_lead.per_bucket_k, fp32_lead.num_warps)}
-    assert twins == {0, plan.WIDE_KEY_REGISTER_CAP}
-    assert plan.register_caps(1024, 2048, 8, 2, 132) == (0,)  # 8 a thread: caps measured no faster
-    assert plan.register_caps(1024, 8192, 16, 2, 132) == (0,)
-    assert plan.register_caps(4096, 1024, 2, 2, 132) == (plan.REGISTER_CAP,)
+    assert fp32[0].kernel == "fused" and fp32[0].max_registers == plan.WIDE_KEY_REGISTER_CAP
+    assert {p.max_registers for p in exact if p.kernel == "select"} == {0, plan.REGISTER_CAP}
+    assert plan.register_cap(1024, 2048, 8, 2, 132) == 0  # 8 a thread: caps measured no faster
+    assert plan.register_cap(1024, 8192, 16, 2, 132) == 0
+    assert plan.register_cap(4096, 1024, 2, 2, 132) == plan.REGISTER_CAP
+
+
+def test_filtered_kernel_steps_shorter_where_its_rows_fill_the_gpu():
+    """Measured at 1024 x 32768 k=2048: 2048 elements a step against the kernel's 4096 (one
+    program an SM); few rows or few candidates keep the default."""
+    assert plan.filter_step(1024, 2048, 132) == plan.FILTER_STEP
+    assert plan.filter_step(16, 2048, 132) is None
+    assert plan.filter_step(1024, 256, 132) is None

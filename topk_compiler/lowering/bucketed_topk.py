@@ -23,10 +23,10 @@ import torch
 from torch.utils import _python_dispatch
 
 from topk_compiler.config import check_layout, check_recall_target
-from topk_compiler.lowering import device_timing
+from topk_compiler.lowering import cost_model, device_timing
 from topk_compiler.lowering.bucketed_reference import bucketed_topk_torch
 from topk_compiler.lowering.layouts import LAYOUT_IDS, MAX_SEED
-from topk_compiler.lowering.plan import MIN_SPEEDUP, TopkPlan, plan_topk, races_torch, shortlist
+from topk_compiler.lowering.plan import MIN_SPEEDUP, TopkPlan, filter_step, plan_topk, races_torch, shortlist
 from topk_compiler.lowering.recall_model import survivors
 
 # Loads in flight per lane in stage 1, chosen by the sweep of benchmarks/calibrate_cost_model.py
@@ -110,7 +110,9 @@ def _prepare(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkP
                                                  max_registers=plan.max_registers, **finish)
     bucketing = dict(num_buckets=plan.num_buckets, per_bucket_k=plan.per_bucket_k, largest=largest, unroll=UNROLL)
     if plan.kernel == "filtered":
-        return filtered_kernels.prepare_filtered_topk(x2d, k, num_warps=plan.num_warps, **bucketing, **finish)
+        step = filter_step(x2d.shape[0], k, cost_model.device_profile(str(x2d.device)).processors)
+        return filtered_kernels.prepare_filtered_topk(x2d, k, num_warps=plan.num_warps, **bucketing, **finish,
+                                                      **({"block": step} if step else {}))
     layout_args = dict(layout_id=LAYOUT_IDS[layout], seed=seed)
     if plan.kernel == "certified":
         certified = certified_kernels.prepare_certified_topk(x2d, k, num_warps=plan.num_warps, **bucketing,

@@ -47,22 +47,28 @@ MIN_SEGMENT_LANES = 32
 # 115 us with 1 warp a program and 222 us with 8; 256 x 128256 fp32 k=50 with 1024 buckets in
 # 54 us with 8 and 85 us with 4; 1024 x 65536 fp32 k=100 in 103 us with 4 and 108 us with 8.
 RESIDENT_WARPS_PER_SM = 16
-# The fused kernel's threshold, compaction and stores hold 96-102 registers a thread where its
+# The fused kernel's threshold, compaction and stores hold 96-128 registers a thread where its
 # stage 1 needs about 40 (sm_90, benchmarks/compile_check.py), and the most any part needs sets
-# how many programs share an SM while stage 1 streams. For 16-bit keys and at least this many
-# survivors a thread, over at least a program per SM, the kernel caps a thread at
-# REGISTER_CAP registers: stage 2 spills a little and stage 1 has twice the programs. On an H200
-# (benchmarks/results/profile_stages_h200_registers_1587b6a.json) 1024 x 32768 bf16 k=2048
-# (b=1024, kb=4, 8 warps) took 127 us sorted and 67 us unsorted against 141 and 76 uncapped;
-# 4096 x 4096 k=512 (b=256, kb=4, 2 warps) 69.3 and 48.3 against 70.9 and 49.0. With 8 a thread
-# (b=128, kb=6, 4 warps) caps measured within 2% either way. Programs of 16 warps (over 4096
-# survivors) would spill about 850 bytes a thread at that cap: they keep the compiler's choice.
-# fp32 keys hold 114-128 registers there (two programs an SM) and spill 64-160 bytes at
-# WIDE_KEY_REGISTER_CAP (three), 250-370 at REGISTER_CAP: unmeasured, so their first call
-# races the capped plan beside the uncapped one.
+# how many programs share an SM while stage 1 streams. With at least this many survivors a
+# thread, over at least a program per SM, the kernel caps a thread's registers (16-bit keys at
+# REGISTER_CAP, fp32 keys at WIDE_KEY_REGISTER_CAP): stage 2 spills a little and stage 1 has
+# more programs. On an H200 (benchmarks/results/profile_stages_h200_registers_1587b6a.json and
+# ..._6df8453.json) 1024 x 32768 bf16 k=2048 (b=1024, kb=4, 8 warps) took 127 us sorted and 67
+# unsorted against 141 and 76 uncapped; 4096 x 4096 k=512 (b=256, kb=4, 2 warps) 69.3 and 48.3
+# against 70.9 and 49.0; 1024 x 16384 fp32 k=2048 263 and 90.8 against 279 and 96.5 (at 64: 257
+# and 93.5, at 48: 276 and 104). With 8 a thread (b=128, kb=6, 4 warps) caps measured
+# within 2% either way. Programs of 16 warps (over 4096 survivors) would spill about 850 bytes a
+# thread at 64: they keep the compiler's choice.
 CAPPED_SURVIVORS_PER_THREAD = 16
 REGISTER_CAP = 64
 WIDE_KEY_REGISTER_CAP = 80
+# Elements a step of the exact filtered kernel's filtering pass where its rows fill the GPU and
+# its candidates (``filtered_topk.candidate_slots``) number at least FILTER_STEP_MIN_SLOTS:
+# the kernel's default step (4096) holds 207-234 registers a thread, one program an SM. At
+# 1024 x 32768 bf16 k=2048 (b=4096, kb=1) the kernel took 336 us with 2048 a step, 374 with
+# 1024 and 418 with 4096 (benchmarks/results/profile_stages_h200_registers_6df8453.json).
+FILTER_STEP = 2048
+FILTER_STEP_MIN_SLOTS = 4096
 # A bitonic selection network only pays for small k (its cost grows with log(k)**2 per survivor).
 MAX_BITONIC_K = 256
 # The exact filtered kernel's stage 1 keeps this expected recall, so that about k / recall
@@ -135,12 +141,17 @@ class TopkPlan:
     max_registers: int = 0
 
 
-def register_caps(rows: int, survivors: int, num_warps: int, elem: int, processors: int) -> tuple[int, ...]:
-    """Register caps a thread (0: the compiler's choice) to shortlist a fused kernel's plan with,
-    for ``survivors`` per row over ``num_warps`` warps of ``elem``-byte keys (``REGISTER_CAP``)."""
+def register_cap(rows: int, survivors: int, num_warps: int, elem: int, processors: int) -> int:
+    """Registers a thread of the fused kernel is capped at (0: the compiler's choice) for
+    ``survivors`` per row over ``num_warps`` warps of ``elem``-byte keys (``REGISTER_CAP``)."""
     if num_warps > 8 or rows < processors or survivors < CAPPED_SURVIVORS_PER_THREAD * 32 * num_warps:
-        return (0,)
-    return (REGISTER_CAP,) if elem == 2 else (0, WIDE_KEY_REGISTER_CAP)
+        return 0
+    return REGISTER_CAP if elem == 2 else WIDE_KEY_REGISTER_CAP
+
+
+def filter_step(rows: int, k: int, processors: int) -> int | None:
+    """Elements a step of the filtered kernel's filtering pass (None: the kernel's default)."""
+    return FILTER_STEP if rows >= processors and 2 * next_pow2(k) >= FILTER_STEP_MIN_SLOTS else None
 
 
 def recall_of(n: int, k: int, num_buckets: int, per_bucket_k: int, layout: str) -> float:
@@ -309,8 +320,8 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
             # registers a thread uncapped at 4096 x 4096 bf16 k=512, sorted in the program or
             # unsorted: two programs an SM; 24-48 bytes spilt at 64). There the capped one won
             # the race: 148 us, against 182 uncapped in the run before (bench_topk.md of
-            # 2026-12-02, bench_topk_h200_10137ab.md).
-            caps = dict.fromkeys((0, *register_caps(rows, n_pow2, warps, elem, profile.processors)))
+            # 2026-12-02, bench_topk_h200_10137ab.md). fp32 rows are unmeasured.
+            caps = dict.fromkeys((0, register_cap(rows, n_pow2, warps, elem, profile.processors)))
             for cap in caps if select != "bitonic" and sort_with == "program" else (0,):
                 plans.append(TopkPlan("exact", "select", select=select, sort_with=sort_with, num_warps=warps,
                                       sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us,
@@ -350,11 +361,9 @@ def _ranked(rows, n, k, dtype, device, recall_target, layout, sorted_, forced):
                 t = cost_model.reference_time(rows, n, k, b, kb, elem, profile)
                 options = [(t, "reference", 1, "bisect", "program", 0)]
             for t, kernel, segments, select, sort_with, warps in options:
-                caps = register_caps(rows, b * next_pow2(kb), warps, elem, profile.processors) \
-                    if kernel == "fused" else (0,)
-                approx.extend(TopkPlan("bucketed", kernel, b, kb, segments, select, sort_with, warps,
-                                       sort_warps_for(k, elem), recall, _us(t), torch_us, max_registers=cap)
-                              for cap in caps)
+                cap = register_cap(rows, b * next_pow2(kb), warps, elem, profile.processors) if kernel == "fused" else 0
+                approx.append(TopkPlan("bucketed", kernel, b, kb, segments, select, sort_with, warps,
+                                       sort_warps_for(k, elem), recall, _us(t), torch_us, max_registers=cap))
         if triton_ok and forced is None:
             for b, kb, recall in wide_bucketings(rows, n, k, recall_target, layout, profile.processors):
                 for select in ("bisect", "bitonic") if next_pow2(kb) <= MAX_BITONIC_K else ("bisect",):
