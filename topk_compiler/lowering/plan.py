@@ -123,6 +123,8 @@ class TopkPlan:
         expected_recall: the recall model's value for this plan (1.0 for exact).
         predicted_us: the cost model's time for this plan; torch_topk_us: for torch.topk.
         reason: why this plan (for the rewrite report).
+        max_registers: registers a thread of the main kernel is capped at (0: the compiler's
+            choice; ``register_cap``).
     """
 
     algorithm: str
