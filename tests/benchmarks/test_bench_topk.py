@@ -261,3 +261,22 @@ def test_outputs_are_counted_as_the_allocator_counts_them():
     assert bench_topk.allocated_bytes(values) == 92160 and bench_topk.allocated_bytes(indices) == 183808
     assert bench_topk.allocated_bytes(values) + bench_topk.allocated_bytes(indices) - 16 * 1434 * 12 == 640
     assert bench_topk.allocated_bytes(torch.empty(128)) == 512
+
+
+def test_replay_table_shows_back_to_back_calls_and_register_caps():
+    """Where calls were also timed back to back on the host's clock, the replay table shows it
+    beside do_bench's eager time; a plan's register cap shows in its text."""
+    report = _report()
+    record = report["shapes"][0]
+    record["cuda_graphs"] = True
+    for provider in bench_topk.GRAPH_PROVIDERS:
+        if "median_us" in record["results"].get(provider, {}):
+            record["results"][provider]["graph"] = _result(50.0)
+    record["results"]["approx@0.95"]["back_to_back_us"] = 130.0
+    bench_topk.add_ratios(record)
+    md = report_topk.markdown(report)
+    section = md.split("## Eager launch / CUDA-graph replay")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| 1024x32768 k=2048 bf16 |"))
+    assert "100 (130) / 50.0 µs" in row
+    assert report_topk.plan_text({**_plan("fused", 95.0, 1024, 4), "num_warps": 8, "max_registers": 64}) \
+        == "fused b=1024 kb=4 seg=1 w=8 r=64"
