@@ -175,22 +175,28 @@ def timed(fn, replayed: bool = True) -> dict:
     return dict(us=1e3 * med, p20_us=1e3 * p20, p80_us=1e3 * p80, timing=how)
 
 
+def timed_row(x: torch.Tensor, k: int, b: int, kb: int, variant: str, fn) -> dict:
+    """One printed result row: ``fn`` on ``x`` ``timed``, with its read bandwidth; a variant that
+    fails to compile is recorded with its error rather than losing the others."""
+    try:
+        t = timed(fn)
+    except Exception as e:
+        t = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+    rows, n = x.shape
+    row = dict(rows=rows, n=n, k=k, dtype=str(x.dtype).split(".")[-1], num_buckets=b, per_bucket_k=kb,
+               variant=variant, **t)
+    if "us" in t:
+        row["read_tb_s"] = x.numel() * x.element_size() / t["us"] / 1e6
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=False) -> list[dict]:
     x = torch.randn(rows, n, device="cuda", dtype=dtype)
-    nbytes = x.numel() * x.element_size()
     out = []
 
     def record(variant, b, kb, fn):
-        try:
-            t = timed(fn)
-        except Exception as e:  # a variant that fails to compile must not lose the others
-            t = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
-        row = dict(rows=rows, n=n, k=k, dtype=str(dtype).split(".")[-1], num_buckets=b, per_bucket_k=kb,
-                   variant=variant, **t)
-        if "us" in t:
-            row["read_tb_s"] = nbytes / t["us"] / 1e6
-        print(json.dumps(row), flush=True)
-        out.append(row)
+        out.append(timed_row(x, k, b, kb, variant, fn))
 
     def fused(b, kb, select, sorted_, sort_with="program", unroll=4, warps=None):
         warps = warps or warps_for(b, b * triton.next_power_of_2(kb))
@@ -490,30 +496,18 @@ def register_caps(shapes=None) -> list[dict]:
         x = torch.randn(rows, n, device="cuda", dtype=dtype)
         for sorted_ in (True, False):
             for cap in REGISTER_CAPS:
-                fn = lambda: fused_bucketed_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=sorted_,
-                                                 num_warps=warps, max_registers=cap)
-                try:
-                    t = timed(fn)
-                except Exception as e:  # a variant that fails to compile must not lose the others
-                    t = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
-                row = dict(rows=rows, n=n, k=k, dtype=str(dtype).split(".")[-1], num_buckets=b, per_bucket_k=kb,
-                           variant=f"{'sorted' if sorted_ else 'unsorted'}:w{warps}:r{cap}", **t)
-                print(json.dumps(row), flush=True)
-                out.append(row)
+                out.append(timed_row(x, k, b, kb, f"{'sorted' if sorted_ else 'unsorted'}:w{warps}:r{cap}",
+                                     lambda: fused_bucketed_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True,
+                                                                 sorted=sorted_, num_warps=warps,
+                                                                 max_registers=cap)))
     for rows, n, k, dtype, b, kb in FILTERED_PLANS:
         if shapes and f"{rows}x{n}" not in shapes:
             continue
         x = torch.randn(rows, n, device="cuda", dtype=dtype)
         for block in FILTER_BLOCKS:
-            fn = lambda: filtered_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=True, block=block)
-            try:
-                t = timed(fn)
-            except Exception as e:  # a variant that fails to compile must not lose the others
-                t = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
-            row = dict(rows=rows, n=n, k=k, dtype=str(dtype).split(".")[-1], num_buckets=b, per_bucket_k=kb,
-                       variant=f"filtered:sorted:block{block}", **t)
-            print(json.dumps(row), flush=True)
-            out.append(row)
+            out.append(timed_row(x, k, b, kb, f"filtered:sorted:block{block}",
+                                 lambda: filtered_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True,
+                                                       sorted=True, block=block)))
     return out
 
 
