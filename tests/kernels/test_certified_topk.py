@@ -50,6 +50,19 @@ def test_crowded_rows_are_flagged_recomputed_and_exact(select, sort_with, sorted
     assert_exact(values, indices, x, 20, largest, sorted_)
 
 
+@pytest.mark.parametrize("sorted_", [True, False])
+def test_capped_registers_stay_exact(sorted_):
+    """A register cap on the certifying launch (ignored by the interpreter) spills on a GPU; the
+    rows must stay exact, certified or recomputed."""
+    x = torch.randn(4, 8192, generator=torch.Generator().manual_seed(2))
+    x[0, ::128][:64] += 50  # crowds bucket 0: that row is recomputed
+    x = x.to(torch.float16).to(KERNEL_DEVICE)
+    values, indices, flags = certified_topk(x, 64, num_buckets=128, per_bucket_k=8, largest=True, sorted=sorted_,
+                                            num_warps=2, max_registers=64)
+    assert flags[0].item() != 0
+    assert_exact(values, indices, x, 64, True, sorted_)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_special_values_and_ties_stay_exact(dtype):
     """NaN, infinities, many ties and an all-equal row: certified or recomputed, every row equals

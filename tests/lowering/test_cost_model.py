@@ -205,6 +205,11 @@ def test_fused_plans_cap_registers_where_many_programs_share_an_sm(monkeypatch):
     assert all(p.max_registers == 0 for p in few_rows)
     assert fp32[0].kernel == "fused" and fp32[0].max_registers == plan.WIDE_KEY_REGISTER_CAP
     assert {p.max_registers for p in exact if p.kernel == "select"} == {0, plan.REGISTER_CAP}
+    ((_, certified),) = h100_shortlists(monkeypatch, (256, 128256, 50, torch.float32), recall_target=1.0)
+    lead = certified[0]
+    assert lead.kernel == "certified" and lead.num_buckets * next_pow2(lead.per_bucket_k) == 4096
+    assert {p.max_registers for p in certified if (p.kernel, p.num_buckets, p.per_bucket_k)
+            == (lead.kernel, lead.num_buckets, lead.per_bucket_k)} == {0, plan.WIDE_KEY_REGISTER_CAP}
     assert plan.register_cap(1024, 2048, 8, 2, 132) == 0  # 8 a thread: caps measured no faster
     assert plan.register_cap(1024, 8192, 16, 2, 132) == 0
     assert plan.register_cap(4096, 1024, 2, 2, 132) == plan.REGISTER_CAP

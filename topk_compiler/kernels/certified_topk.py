@@ -48,9 +48,10 @@ def _recompute_flagged_kernel(x_ptr, certificate_ptr, values_ptr, indices_ptr, o
 def prepare_certified_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
                            sorted: bool, layout_id: int = 0, seed: int = 0, select: str = "bisect",
                            sort_with: str = "program", sort_warps: int = 1, unroll: int = 4, num_warps: int = 8,
-                           recompute_warps: int = 8, block: int = FILTER_BLOCK):
+                           recompute_warps: int = 8, block: int = FILTER_BLOCK, max_registers: int = 0):
     """The function of x2d (this one's shape, dtype and row stride) running ``certified_topk``
-    with these arguments, its launches fixed (``launch.Launch``)."""
+    with these arguments, its launches fixed (``launch.Launch``); ``max_registers`` caps a thread
+    of the certifying launch (as ``prepare_fused_bucketed_topk``'s)."""
     check_stage1(x2d, k, num_buckets, per_bucket_k, layout_id, unroll)
     assert select != "bitonic", "certified_topk: the survivors are selected by bisect or radix"
     rows, n = x2d.shape
@@ -62,7 +63,7 @@ def prepare_certified_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_b
     finish = select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with)
     certify = Launch(_fused_bucketed_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots, seed=seed,
                      x_row_stride=x2d.stride(0), out_row_stride=k, **meta, **finish, CERTIFY=True,
-                     num_warps=num_warps)
+                     num_warps=num_warps, **({"maxnreg": max_registers} if max_registers else {}))
     recompute = Launch(_recompute_flagged_kernel, (rows,), n=n, k=k, x_row_stride=x2d.stride(0), out_row_stride=k,
                        scratch_row_stride=2 * cap, LARGEST=largest, KEY_BITS=meta["KEY_BITS"], CAP=cap, BLOCK=block,
                        **finish, num_warps=recompute_warps)

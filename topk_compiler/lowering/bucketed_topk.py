@@ -115,7 +115,8 @@ def _prepare(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkP
                                                       **({"block": step} if step else {}))
     layout_args = dict(layout_id=LAYOUT_IDS[layout], seed=seed)
     if plan.kernel == "certified":
-        certified = certified_kernels.prepare_certified_topk(x2d, k, num_warps=plan.num_warps, **bucketing,
+        certified = certified_kernels.prepare_certified_topk(x2d, k, num_warps=plan.num_warps,
+                                                             max_registers=plan.max_registers, **bucketing,
                                                              **layout_args, **finish)
         return lambda x2d: certified(x2d)[:2]
     if plan.kernel == "wide":
