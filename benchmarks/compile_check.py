@@ -34,6 +34,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from topk_compiler.kernels.launch import LAUNCH_OPTIONS
+
 HOPPER = GPUTarget("cuda", 90, 32)
 _TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
                     torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}
@@ -43,7 +45,7 @@ def _signature(fn: triton.JITFunction, args, kwargs):
     """(signature, constexprs, attrs, options) of one launch of ``fn``."""
     bound = dict(zip(fn.arg_names, args))
     bound.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
-    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "launch_pdl", "maxnreg")}
+    options = {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS}
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         value = bound[name]

@@ -50,6 +50,15 @@ def test_later_launches_call_the_compiled_kernel_with_every_argument_in_order():
     assert len(kernel.calls) == 2
 
 
+def test_a_compile_option_given_as_none_is_left_to_the_compiler():
+    kernel = KernelStandIn()
+    x = torch.empty(16)
+    Launch(kernel, (1,), n=10, stride=16, BLOCK=32, maxnreg=None)(x, x)
+    Launch(kernel, (1,), n=10, stride=16, BLOCK=32, maxnreg=64)(x, x)
+    assert kernel.calls[0][3] == dict(n=10, stride=16, BLOCK=32)
+    assert kernel.calls[1][3] == dict(n=10, stride=16, BLOCK=32, maxnreg=64)
+
+
 def test_a_tensor_of_another_alignment_or_dtype_goes_through_the_jit():
     kernel = KernelStandIn()
     launch = Launch(kernel, (1,), n=10, stride=16, BLOCK=32)

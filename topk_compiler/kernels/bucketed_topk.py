@@ -274,7 +274,7 @@ def prepare_fused_bucketed_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, 
     launch = Launch(_fused_bucketed_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots, seed=seed,
                     x_row_stride=x2d.stride(0), out_row_stride=k, **meta,
                     **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
-                    CERTIFY=False, num_warps=num_warps, **({"maxnreg": max_registers} if max_registers else {}))
+                    CERTIFY=False, num_warps=num_warps, maxnreg=max_registers or None)
     finish = finisher_for(rows, k, order32_entries=order32(meta["KEY_BITS"], k), sorted=sorted, select=select,
                           sort_with=sort_with, sort_warps=sort_warps)
 

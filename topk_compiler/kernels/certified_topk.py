@@ -63,7 +63,7 @@ def prepare_certified_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_b
     finish = select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with)
     certify = Launch(_fused_bucketed_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots, seed=seed,
                      x_row_stride=x2d.stride(0), out_row_stride=k, **meta, **finish, CERTIFY=True,
-                     num_warps=num_warps, **({"maxnreg": max_registers} if max_registers else {}))
+                     num_warps=num_warps, maxnreg=max_registers or None)
     recompute = Launch(_recompute_flagged_kernel, (rows,), n=n, k=k, x_row_stride=x2d.stride(0), out_row_stride=k,
                        scratch_row_stride=2 * cap, LARGEST=largest, KEY_BITS=meta["KEY_BITS"], CAP=cap, BLOCK=block,
                        **finish, num_warps=recompute_warps)

@@ -17,7 +17,8 @@ launch goes through the JIT.
 
 from __future__ import annotations
 
-# Keyword arguments of a launch that are compile options, not kernel parameters.
+# Keyword arguments of a launch that are compile options, not kernel parameters; one given as
+# None is left to the compiler (e.g. ``maxnreg=None``: as many registers as it likes).
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "launch_pdl", "maxnreg")
 
 
@@ -27,6 +28,7 @@ class Launch:
     leading tensors, in order."""
 
     def __init__(self, kernel, grid: tuple[int, ...], **arguments):
+        arguments = {name: value for name, value in arguments.items() if value is not None or name not in LAUNCH_OPTIONS}
         names = list(kernel.arg_names)
         fixed = [name for name in names if name in arguments]
         unknown = set(arguments) - set(names) - set(LAUNCH_OPTIONS)

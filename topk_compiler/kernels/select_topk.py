@@ -502,8 +502,7 @@ def prepare_select(x2d: torch.Tensor, k: int, m: int, cand_row_stride: int, *, k
     launch = Launch(_select_topk_kernel, (rows,), k=k, m=m, cand_row_stride=cand_row_stride,
                     x_row_stride=x2d.stride(0), out_row_stride=k, NS=next_pow2(m), KEY_BITS=key_bits,
                     **select_meta(k, key_bits, x2d.shape[1], sorted=sorted, select=select, sort_with=sort_with),
-                    RAW=raw, LARGEST=largest, num_warps=num_warps,
-                    **({"maxnreg": max_registers} if max_registers else {}))
+                    RAW=raw, LARGEST=largest, num_warps=num_warps, maxnreg=max_registers or None)
     finish = finisher_for(rows, k, order32_entries=order32(key_bits, k), sorted=sorted, select=select,
                           sort_with=sort_with, sort_warps=sort_warps)
 

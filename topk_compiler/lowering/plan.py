@@ -151,6 +151,12 @@ def register_cap(rows: int, survivors: int, num_warps: int, elem: int, processor
     return REGISTER_CAP if elem == 2 else WIDE_KEY_REGISTER_CAP
 
 
+def raced_caps(rows: int, survivors: int, num_warps: int, elem: int, processors: int) -> tuple[int, ...]:
+    """No cap and, where ``register_cap`` caps the fused kernel, that cap: the caps a kernel
+    whose capped speed is not known is raced with at the first call."""
+    return tuple(dict.fromkeys((0, register_cap(rows, survivors, num_warps, elem, processors))))
+
+
 def filter_step(rows: int, k: int, processors: int) -> int | None:
     """Elements a step of the filtered kernel's filtering pass (None: the kernel's default)."""
     return FILTER_STEP if rows >= processors and 2 * next_pow2(k) >= FILTER_STEP_MIN_SLOTS else None
@@ -323,8 +329,8 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
             # unsorted: two programs an SM; 24-48 bytes spilt at 64). There the capped one won
             # the race: 148 us, against 182 uncapped in the run before (bench_topk.md of
             # 2026-12-02, bench_topk_h200_10137ab.md). fp32 rows are unmeasured.
-            caps = dict.fromkeys((0, register_cap(rows, n_pow2, warps, elem, profile.processors)))
-            for cap in caps if select != "bitonic" and sort_with == "program" else (0,):
+            capped = select != "bitonic" and sort_with == "program"
+            for cap in raced_caps(rows, n_pow2, warps, elem, profile.processors) if capped else (0,):
                 plans.append(TopkPlan("exact", "select", select=select, sort_with=sort_with, num_warps=warps,
                                       sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us,
                                       reason="exact Triton selection", max_registers=cap))
@@ -346,7 +352,7 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
             # here (192-264 bytes a thread for fp32 at 256 x 128256 k=50 and 1024 x 65536
             # k=100, 152 for 16384 x 8192 fp16 k=64; compile_check): raced capped and not, not
             # yet timed.
-            for cap in dict.fromkeys((0, register_cap(rows, b * next_pow2(kb), warps, elem, profile.processors))):
+            for cap in raced_caps(rows, b * next_pow2(kb), warps, elem, profile.processors):
                 plans.append(TopkPlan("exact", "certified", b, kb, select=select, sort_with=sort_with,
                                       num_warps=warps, sort_warps=sort_warps_for(k, elem), predicted_us=t,
                                       torch_topk_us=torch_us, max_registers=cap,
