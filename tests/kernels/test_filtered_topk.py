@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import KERNEL_DEVICE
 from tests.kernels.test_select_topk import assert_exact, special_rows
-from topk_compiler.kernels.filtered_topk import filtered_topk
+from topk_compiler.kernels.filtered_topk import filtered_topk, split_filtered_topk
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -41,4 +41,38 @@ def test_filtered_special_values_ties_and_fallback(dtype):
     for largest in (True, False):
         values, indices = filtered_topk(x, 32, num_buckets=16, per_bucket_k=2, largest=largest, sorted=True,
                                         sort_with="launch", block=256)
+        assert_exact(values, indices, x, 32, largest, sorted_=True)
+
+
+@pytest.mark.parametrize("rows,n,k,b,kb,segments", [(3, 1000, 40, 32, 2, 1), (2, 4099, 100, 128, 2, 4),
+                                                    (2, 777, 1, 16, 1, 2), (1, 2000, 64, 64, 2, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_filtered_equals_torch_topk(rows, n, k, b, kb, segments, dtype):
+    x = torch.randn(rows, n).to(dtype).to(KERNEL_DEVICE)
+    values, indices = split_filtered_topk(x, k, num_buckets=b, per_bucket_k=kb, segments=segments, largest=True,
+                                          sorted=True, block=256)
+    assert_exact(values, indices, x, k, True, sorted_=True)
+
+
+@pytest.mark.parametrize("select,sort_with,sorted_", [("bisect", "launch", True), ("radix", "program", True),
+                                                      ("bisect", "program", False), ("radix", "rank", True)])
+def test_split_filtered_finishes_and_smallest(select, sort_with, sorted_):
+    x = torch.randn(2, 1500).to(KERNEL_DEVICE)
+    values, indices = split_filtered_topk(x, 70, num_buckets=64, per_bucket_k=2, segments=2, largest=False,
+                                          sorted=sorted_, select=select, sort_with=sort_with, block=128)
+    assert_exact(values, indices, x, 70, False, sorted_)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_filtered_special_values_ties_and_fallback(dtype):
+    """As for the one-program kernel: the all-equal row is made of ties, the periodic one passes
+    more candidates than the slots hold and falls back to bisection; blocks of the filtering pass
+    reserve their slots in any order."""
+    x = special_rows(dtype, 1200)
+    periodic = torch.randn(1, 1200)
+    periodic[0, ::16] += 50
+    x = torch.cat([x, periodic.to(dtype).to(KERNEL_DEVICE)])
+    for largest in (True, False):
+        values, indices = split_filtered_topk(x, 32, num_buckets=16, per_bucket_k=2, segments=2, largest=largest,
+                                              sorted=True, sort_with="launch", block=128)
         assert_exact(values, indices, x, 32, largest, sorted_=True)

@@ -1,17 +1,27 @@
-"""Exact top-k of rows too long to hold in registers, one program per row, in two passes.
+"""Exact top-k of rows too long to hold in registers, in two passes over the row.
 
 1. Stage 1 of the bucketed top-k (``bucketed_topk.bucket_survivors_of``) keeps the top
    ``per_bucket_k`` of each of ``num_buckets`` interleaved buckets. The survivors are a subset of
    the row, so their k-th largest key ``bound`` is at most the row's k-th largest key: every
    element of the exact top-k has a key >= ``bound``.
-2. A second pass over the row (just read by the same program, so mostly from L2) compacts the
-   elements with key > ``bound`` into a scratch of ``CAP`` candidates (``candidate_slots``: 2k
-   rounded up), and the first k elements equal to it into a second one. About k / recall elements pass, recall being stage 1's.
+2. A second pass over the row compacts the elements with key > ``bound`` into a scratch of
+   ``CAP`` candidates (``candidate_slots``: 2k rounded up), and the first k elements equal to it
+   into a second one. About k / recall elements pass, recall being stage 1's.
 3. If at least k passed, the exact top-k of the candidates is the row's (``select_and_store``);
    if fewer, the row's top-k is all of them plus the first ties. If more than ``CAP`` passed
    (an order that crowds the large elements into a few buckets, e.g. a period dividing the
    bucket count), the program falls back to ``exact_from_memory``: bisection of the threshold
    over the whole row, one counting pass per key bit. Slow, always exact, and rare.
+
+``filtered_topk`` runs the three steps in one program per row. Its second pass is a chain of
+dependent steps (load, prefix sum, stores) that one program cannot overlap: at 1024 x 32768 bf16
+k=2048 it took 336 us on an H200, against 358 for torch.topk. ``split_filtered_topk`` gives each
+step a launch of its own, with many light programs: the bound from ``segments`` programs per row
+(each the ``ceil(k / segments)``-th largest of its buckets' survivors; the smallest of them has
+k keys of the row at or above it, as the segments' buckets are disjoint), the filtering pass
+from a program per ``block`` of the row, each reserving its candidates' slots with one atomic
+add, then the selection among the candidates, one program per row. Slots are reserved in no
+fixed order, so which of several equal elements is returned may vary; the values never do.
 """
 
 import torch
@@ -28,6 +38,12 @@ from topk_compiler.kernels.select_topk import (compact_positions, finisher_for, 
 
 # Elements per step of the filtering pass: 4096 keeps 16 per thread in flight at 8 warps.
 FILTER_BLOCK = 4096
+# Elements and warps of a program of split_filtered_topk's filtering pass. On an H100 the pass took
+# 150 us at 1024 x 32768 bf16 k=2048 with (1024, 4), 205 with (2048, 8), 150-154 with (512, 2) and
+# (256, 1) (benchmarks/results/profile_large_k_h100.json): each program waits on its load, then
+# on its atomic add, whatever its size.
+SPLIT_FILTER_BLOCK = 1024
+SPLIT_FILTER_WARPS = 4
 
 
 def candidate_slots(k: int) -> int:
@@ -85,37 +101,37 @@ def exact_from_memory(x_row_ptr, n, k, values_row_ptr, indices_row_ptr, order_ro
 
 
 @triton.jit
-def filter_and_select(x_row_ptr, bound, n, k, values_row_ptr, indices_row_ptr, order_row_ptr, cand_keys_row,
+def _store_passing(keys, offs, bound, above_base, tied_base, k, cand_keys_row, cand_idx_row, tie_idx_row,
+                   CAP: tl.constexpr):
+    """Stores a block's candidates: its keys above ``bound`` (key and index) after ``above_base``
+    others, within the CAP slots, and the indices of its keys equal to it after ``tied_base``
+    others, within k. One prefix sum: the two counts share an int32 (blocks of at most 2**15)."""
+    above = keys > bound
+    tied = keys == bound
+    packed = tl.cumsum(above.to(tl.int32) + (tied.to(tl.int32) << 16), axis=0)
+    above_pos = above_base + (packed & 0xFFFF) - above.to(tl.int32)
+    tied_pos = tied_base + (packed >> 16) - tied.to(tl.int32)
+    keep = above & (above_pos < CAP)
+    tl.store(cand_keys_row + above_pos, keys, mask=keep)
+    tl.store(cand_idx_row + above_pos, offs.to(tl.int32), mask=keep)
+    tl.store(tie_idx_row + tied_pos, offs.to(tl.int64), mask=tied & (tied_pos < k))
+
+
+@triton.jit
+def select_candidates(x_row_ptr, bound, above, n, k, values_row_ptr, indices_row_ptr, order_row_ptr, cand_keys_row,
                       cand_idx_row, tie_idx_row,
                       LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
                       K_POW2: tl.constexpr, SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
                       ORDER32: tl.constexpr, PACK32: tl.constexpr):
-    """Exact top-k of one row given ``bound``, at most its k-th largest key: the elements above
-    it compacted into the CAP-slot scratch, the first k ties into ``tie_idx_row``, then steps 3
-    of the module docstring."""
-    above_base = tl.zeros([], dtype=tl.int32)
-    tied_base = tl.zeros([], dtype=tl.int32)
-    for start in range(0, n, BLOCK):
-        keys, offs = _row_keys(x_row_ptr, start, n, BLOCK, LARGEST, KEY_BITS)
-        above = keys > bound
-        tied = keys == bound
-        packed = tl.cumsum(above.to(tl.int32) + (tied.to(tl.int32) << 16), axis=0)
-        above_pos = above_base + (packed & 0xFFFF) - above.to(tl.int32)
-        tied_pos = tied_base + (packed >> 16) - tied.to(tl.int32)
-        keep = above & (above_pos < CAP)
-        tl.store(cand_keys_row + above_pos, keys, mask=keep)
-        tl.store(cand_idx_row + above_pos, offs.to(tl.int32), mask=keep)
-        tl.store(tie_idx_row + tied_pos, offs.to(tl.int64), mask=tied & (tied_pos < k))
-        above_base += tl.sum(above.to(tl.int32), axis=0)
-        tied_base += tl.sum(tied.to(tl.int32), axis=0)
-    tl.debug_barrier()
-
-    if above_base > CAP:
+    """Exact top-k of one row from its candidates: the ``above`` elements above ``bound`` (at most
+    its k-th largest key) in the CAP-slot scratch, the first k ties in ``tie_idx_row``; step 3 of
+    the module docstring."""
+    if above > CAP:
         exact_from_memory(x_row_ptr, n, k, values_row_ptr, indices_row_ptr, order_row_ptr,
                           LARGEST, KEY_BITS, BLOCK, K_POW2, SORTED, SORT_HERE, ORDER32)
-    elif above_base >= k:
+    elif above >= k:
         f = tl.arange(0, CAP)
-        in_c = f < above_base
+        in_c = f < above
         cand_keys = tl.load(cand_keys_row + f, mask=in_c, other=key_pad(KEY_BITS))
         cand_idx = tl.load(cand_idx_row + f, mask=in_c, other=0)
         select_and_store(cand_keys, cand_idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
@@ -123,13 +139,13 @@ def filter_and_select(x_row_ptr, bound, n, k, values_row_ptr, indices_row_ptr, o
                          ORDER32=ORDER32, PACK32=PACK32, LARGEST=LARGEST)
     else:
         # All of the row above the bound, then the first ties to make k (the tie scratch is the
-        # output's own index row: position o reads tie o - above_base before anything writes o).
+        # output's own index row: position o reads tie o - above before anything writes o).
         o = tl.arange(0, K_POW2)
         in_k = o < k
-        from_above = o < above_base
+        from_above = o < above
         out_keys = tl.where(from_above, tl.load(cand_keys_row + o, mask=from_above & in_k, other=0), bound)
         out_idx = tl.where(from_above, tl.load(cand_idx_row + o, mask=from_above & in_k, other=0).to(tl.int64),
-                           tl.load(tie_idx_row + (o - above_base), mask=(~from_above) & in_k, other=0))
+                           tl.load(tie_idx_row + (o - above), mask=(~from_above) & in_k, other=0))
         out_values = tl.load(x_row_ptr + out_idx, mask=in_k)
         tl.debug_barrier()
         tl.store(indices_row_ptr + o, out_idx, mask=in_k)
@@ -139,6 +155,27 @@ def filter_and_select(x_row_ptr, bound, n, k, values_row_ptr, indices_row_ptr, o
             if SORT_HERE:
                 tl.debug_barrier()
                 sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2, ORDER32)
+
+
+@triton.jit
+def filter_and_select(x_row_ptr, bound, n, k, values_row_ptr, indices_row_ptr, order_row_ptr, cand_keys_row,
+                      cand_idx_row, tie_idx_row,
+                      LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+                      K_POW2: tl.constexpr, SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
+                      ORDER32: tl.constexpr, PACK32: tl.constexpr):
+    """Exact top-k of one row given ``bound``, at most its k-th largest key: one program passes
+    over the row storing the candidates (``_store_passing``), then selects among them."""
+    above_base = tl.zeros([], dtype=tl.int32)
+    tied_base = tl.zeros([], dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        keys, offs = _row_keys(x_row_ptr, start, n, BLOCK, LARGEST, KEY_BITS)
+        _store_passing(keys, offs, bound, above_base, tied_base, k, cand_keys_row, cand_idx_row, tie_idx_row, CAP)
+        above_base += tl.sum((keys > bound).to(tl.int32), axis=0)
+        tied_base += tl.sum((keys == bound).to(tl.int32), axis=0)
+    tl.debug_barrier()
+    select_candidates(x_row_ptr, bound, above_base, n, k, values_row_ptr, indices_row_ptr, order_row_ptr,
+                      cand_keys_row, cand_idx_row, tie_idx_row, LARGEST, KEY_BITS, CAP, BLOCK, K_POW2, SORTED,
+                      SELECT, SORT_HERE, ORDER32, PACK32)
 
 
 @triton.jit
@@ -199,3 +236,132 @@ def filtered_topk(x2d: torch.Tensor, k: int, **options):
     ``per_bucket_k`` only set how tight the bound is (and so how many candidates pass), never
     which elements are returned. ``options``: those of ``prepare_filtered_topk``."""
     return prepare_filtered_topk(x2d, k, **options)(x2d)
+
+
+@triton.jit
+def _row_bound_kernel(x_ptr, scratch_ptr,                                     # pointers
+                      n, k_segment, num_buckets, slots,                       # sizes
+                      x_row_stride, scratch_row_stride,                       # strides
+                      BLANES: tl.constexpr, KB: tl.constexpr, KBP: tl.constexpr, UNROLL: tl.constexpr,
+                      LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, POS_BITS: tl.constexpr, CAP: tl.constexpr,
+                      SEGMENTS: tl.constexpr):
+    """Program (row, s): the ``k_segment``-th largest survivor key of buckets s * BLANES ... into
+    the row's scratch (``split_scratch``); program (row, 0) also zeroes the row's counts."""
+    row = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    keys, _ = bucket_survivors_of(x_ptr + row * x_row_stride, row, seg, n, num_buckets, slots, 0,
+                                  BLANES, KB, KBP, 0, UNROLL, LARGEST, KEY_BITS, POS_BITS)
+    scratch_row = scratch_ptr + row * scratch_row_stride
+    tl.store(scratch_row + 2 * CAP + seg, kth_key_bisect(keys, k_segment, KEY_BITS))
+    if seg == 0:
+        tl.store(scratch_row + 2 * CAP + SEGMENTS + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
+
+
+@triton.jit
+def _row_bound(scratch_row, CAP: tl.constexpr, SEGMENTS: tl.constexpr):
+    return tl.min(tl.load(scratch_row + 2 * CAP + tl.arange(0, SEGMENTS)), axis=0)
+
+
+@triton.jit
+def _filter_block_kernel(x_ptr, scratch_ptr, tie_idx_ptr,                       # pointers
+                         n, k,                                                  # sizes
+                         x_row_stride, scratch_row_stride, tie_row_stride,      # strides
+                         LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+                         SEGMENTS: tl.constexpr):
+    """Program (row, b): the candidates of elements b * BLOCK ... of the row, stored after those of
+    the row's blocks that reserved their slots before it."""
+    row = tl.program_id(0).to(tl.int64)
+    scratch_row = scratch_ptr + row * scratch_row_stride
+    bound = _row_bound(scratch_row, CAP, SEGMENTS)
+    keys, offs = _row_keys(x_ptr + row * x_row_stride, tl.program_id(1) * BLOCK, n, BLOCK, LARGEST, KEY_BITS)
+    n_above = tl.sum((keys > bound).to(tl.int32), axis=0)
+    n_tied = tl.sum((keys == bound).to(tl.int32), axis=0)
+    counts = scratch_row + 2 * CAP + SEGMENTS
+    above_base = tl.atomic_add(counts, n_above, sem="relaxed")
+    # Ties are rare: most blocks reserve none (a masked atomic returns nothing, and none is stored).
+    tied_base = tl.atomic_add(counts + 1, n_tied, mask=n_tied > 0, sem="relaxed")
+    _store_passing(keys, offs, bound, above_base, tied_base, k, scratch_row, scratch_row + CAP,
+                   tie_idx_ptr + row * tie_row_stride, CAP)
+
+
+@triton.jit
+def _select_candidates_kernel(x_ptr, scratch_ptr, values_ptr, indices_ptr, order_ptr,  # pointers
+                              n, k,                                                    # sizes
+                              x_row_stride, scratch_row_stride, out_row_stride,        # strides
+                              LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, CAP: tl.constexpr,
+                              BLOCK: tl.constexpr, SEGMENTS: tl.constexpr, K_POW2: tl.constexpr,
+                              SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
+                              ORDER32: tl.constexpr, PACK32: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    scratch_row = scratch_ptr + row * scratch_row_stride
+    # The ties went to the output's index row (``select_candidates`` reads them before it writes).
+    select_candidates(x_ptr + row * x_row_stride, _row_bound(scratch_row, CAP, SEGMENTS),
+                      tl.load(scratch_row + 2 * CAP + SEGMENTS), n, k, values_ptr + row * out_row_stride,
+                      indices_ptr + row * out_row_stride, order_ptr + row * out_row_stride, scratch_row,
+                      scratch_row + CAP, indices_ptr + row * out_row_stride, LARGEST, KEY_BITS, CAP, BLOCK, K_POW2,
+                      SORTED, SELECT, SORT_HERE, ORDER32, PACK32)
+
+
+def split_scratch(k: int, segments: int) -> int:
+    """int32 words of a row's scratch in ``split_filtered_topk``: CAP candidate keys, CAP candidate
+    indices, the segments' bounds, and the counts of elements above the bound and tied with it."""
+    return 2 * candidate_slots(k) + segments + 2
+
+
+class SplitFilteredTopk:
+    """``split_filtered_topk`` prepared for inputs of one shape, dtype and row stride, its three
+    launches fixed (``launch.Launch``): ``bound``, ``filter_blocks`` and ``select`` (each a
+    function of the tensors it reads and writes), called in turn by ``__call__``.
+    ``bound_warps``, ``filter_warps`` and ``num_warps``: warps of a program of each."""
+
+    def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
+                 sorted: bool, segments: int = 1, select: str = "bisect", sort_with: str = "program",
+                 sort_warps: int = 1, unroll: int = 4, block: int = SPLIT_FILTER_BLOCK, bound_warps: int = 8,
+                 filter_warps: int = SPLIT_FILTER_WARPS, num_warps: int = 8):
+        check_stage1(x2d, k, num_buckets, per_bucket_k, 0, unroll)
+        assert select != "bitonic", "split_filtered_topk: the candidates are selected by bisect or radix"
+        assert num_buckets % segments == 0 and segments & (segments - 1) == 0, (
+            f"split_filtered_topk: segments ({segments}) must be a power of two dividing num_buckets ({num_buckets})")
+        assert block <= 2**15, f"split_filtered_topk: blocks of at most 2**15 elements, got {block}"
+        rows, n = x2d.shape
+        slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets // segments, 0, unroll, largest)
+        k_segment = -(-k // segments)
+        assert num_buckets // segments * meta["KBP"] >= k_segment, (
+            f"split_filtered_topk: {num_buckets // segments} x {per_bucket_k} survivors a segment hold fewer than "
+            f"k / segments = {k_segment}")
+        cap, key_bits = candidate_slots(k), meta["KEY_BITS"]
+        self.scratch_shape, self.device, self.rows = (rows, split_scratch(k, segments)), x2d.device, rows
+        common = dict(LARGEST=largest, KEY_BITS=key_bits, CAP=cap)
+        self.bound = Launch(_row_bound_kernel, (rows, segments), n=n, k_segment=k_segment, num_buckets=num_buckets,
+                            slots=slots, x_row_stride=x2d.stride(0), scratch_row_stride=self.scratch_shape[1],
+                            **{name: meta[name] for name in ("BLANES", "KB", "KBP", "UNROLL", "POS_BITS")}, **common,
+                            SEGMENTS=segments, num_warps=bound_warps)
+        self.filter_blocks = Launch(_filter_block_kernel, (rows, -(-n // block)), n=n, k=k, x_row_stride=x2d.stride(0),
+                                    scratch_row_stride=self.scratch_shape[1], tie_row_stride=k, **common, BLOCK=block,
+                                    SEGMENTS=segments, num_warps=filter_warps)
+        self.select = Launch(_select_candidates_kernel, (rows,), n=n, k=k, x_row_stride=x2d.stride(0),
+                             scratch_row_stride=self.scratch_shape[1], out_row_stride=k, **common, BLOCK=block,
+                             SEGMENTS=segments,
+                             **select_meta(k, key_bits, n, sorted=sorted, select=select, sort_with=sort_with),
+                             num_warps=num_warps)
+        self.new_outputs = outputs_maker(x2d, k, key_bits, sorted)
+        self.finish = finisher_for(rows, k, order32_entries=order32(key_bits, k), sorted=sorted, select=select,
+                                   sort_with=sort_with, sort_warps=sort_warps)
+
+    def new_scratch(self) -> torch.Tensor:
+        return torch.empty(self.scratch_shape, dtype=torch.int32, device=self.device)
+
+    def __call__(self, x2d: torch.Tensor):
+        values, indices, order = self.new_outputs()
+        if self.rows:
+            scratch = self.new_scratch()
+            self.bound(x2d, scratch)
+            self.filter_blocks(x2d, scratch, indices)
+            self.select(x2d, scratch, values, indices, order)
+        return self.finish(values, indices, order)
+
+
+def split_filtered_topk(x2d: torch.Tensor, k: int, **options):
+    """``filtered_topk`` in three launches of many programs (module docstring). ``options``:
+    those of ``SplitFilteredTopk``."""
+    return SplitFilteredTopk(x2d, k, **options)(x2d)
