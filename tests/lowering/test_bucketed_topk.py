@@ -412,6 +412,20 @@ def test_a_wide_bucket_plan_runs_the_wide_kernel():
         assert_equal(values, x.gather(1, indices))
 
 
+def test_a_split_filtered_plan_is_exact():
+    """The exact plan of three launches, its bound over two programs a row, both orientations."""
+    from topk_compiler.lowering import bucketed_topk as op_module
+    from topk_compiler.lowering.plan import TopkPlan
+
+    x = torch.randn(3, 1500).to(KERNEL_DEVICE)
+    split = TopkPlan("exact", "split_filtered", num_buckets=64, per_bucket_k=2, segments=2, select="radix",
+                     sort_with="program", num_warps=2)
+    for largest in (True, False):
+        values, indices = op_module._run(x, 70, largest, True, split, "interleaved", 0)
+        assert_equal(values, torch.topk(x, 70, largest=largest).values)
+        assert_equal(values, x.gather(1, indices))
+
+
 @settings(max_examples=12)  # every shortlisted kernel runs, in the interpreter without a GPU
 @given(topk_inputs(), st.sampled_from([0.5, 0.9, 0.99, 1.0]), st.sampled_from(["interleaved", "contiguous", "shuffled"]))
 def test_every_plan_a_first_call_may_pick_keeps_the_invariants(inputs, recall_target, layout):

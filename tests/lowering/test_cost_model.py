@@ -30,7 +30,7 @@ def test_fitted_weights_cover_every_term():
     assert all(w >= 0 for w in CUDA_WEIGHTS["H100"].values())
 
 
-@pytest.mark.parametrize("formula", ["fused", "split", "select", "filtered", "certified", "torch"])
+@pytest.mark.parametrize("formula", ["fused", "split", "select", "filtered", "split_filtered", "certified", "torch"])
 def test_formulas_evaluate_symbolically_and_agree_with_concrete_sizes(formula):
     n = sympy.Symbol("n", positive=True, integer=True)
     args = {
@@ -39,6 +39,8 @@ def test_formulas_evaluate_symbolically_and_agree_with_concrete_sizes(formula):
         "select": lambda n_: cost_model.select_time(64, n_, 256, 2, True, "bisect", "program", H100),
         "filtered": lambda n_: cost_model.filtered_time(64, n_, 256, 512, 2, 2, False, "bisect", "program", H100),
         "certified": lambda n_: cost_model.certified_time(64, n_, 256, 512, 4, 2, True, "bisect", "launch", 0.1, H100),
+        "split_filtered": lambda n_: cost_model.split_filtered_time(64, n_, 256, 512, 2, 4, 2, True, "radix",
+                                                                    "program", H100),
         "torch": lambda n_: cost_model.torch_topk_time(64, n_, 256, 2, H100),
     }[formula]
     expr = args(n)
@@ -221,3 +223,27 @@ def test_filtered_kernel_steps_shorter_where_its_rows_fill_the_gpu():
     assert plan.filter_step(1024, 2048, 132) == plan.FILTER_STEP
     assert plan.filter_step(16, 2048, 132) is None
     assert plan.filter_step(1024, 256, 132) is None
+
+
+def test_split_filtered_plans_race_wherever_they_run(monkeypatch):
+    """Priced with another kernel's terms, the split filtered kernel is in every exact shortlist
+    (here the cheapest of it at 1024 x 32768, where the model prices it far above torch.topk), its
+    bound over enough programs a row to fill the SMs at few rows, each with a warp of lanes and
+    survivors for its share of k."""
+    few, many = h100_shortlists(monkeypatch, (64, 131072, 2048, torch.bfloat16), (1024, 32768, 2048, torch.bfloat16),
+                                recall_target=1.0)
+    for (_, exact), rows in ((few, 64), (many, 1024)):
+        split = [p for p in exact if p.kernel == "split_filtered"]
+        assert split and all(p.algorithm == "exact" and p.select != "bitonic" for p in split)
+        for p in split:
+            assert p.num_buckets // p.segments >= plan.MIN_SEGMENT_LANES
+            assert p.num_buckets // p.segments * next_pow2(p.per_bucket_k) >= -(-2048 // p.segments)
+            assert p.segments == (1 if rows >= H100.processors else 4)
+    assert all(p.num_warps == plan.warps_for(4096, 4096) for p in exact if p.kernel == "split_filtered")
+
+
+def test_split_filtered_cost_uses_the_kernels_filtering_block():
+    from topk_compiler.kernels.filtered_topk import SPLIT_FILTER_BLOCK
+
+    assert cost_model.SPLIT_FILTER_BLOCK == SPLIT_FILTER_BLOCK
+

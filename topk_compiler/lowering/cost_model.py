@@ -313,6 +313,31 @@ def filtered_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, se
     return p.weight("launch") + _waves(rows, p) * per_row + outer
 
 
+# kernels/filtered_topk.SPLIT_FILTER_BLOCK: elements a program of the split kernel's filtering pass.
+SPLIT_FILTER_BLOCK = 1024
+
+
+def split_filtered_time(rows, n, k, num_buckets, per_bucket_k, segments, elem_bytes, sorted_, select, sort_with,
+                        p: DeviceProfile):
+    """``split_filtered_topk``: stage 1 and the k / segments-th survivor key over ``segments``
+    programs a row (the bound), the filtering pass over a program per SPLIT_FILTER_BLOCK of the
+    row, then a selection among the candidate slots, one program a row. Priced with the
+    one-program kernel's terms (not yet calibrated on this kernel: on an H100 its filtering
+    pass took 150 us at 1024 x 32768 bf16, 0.6x what the ``filter`` term gives,
+    benchmarks/results/profile_large_k_h100.json)."""
+    ns = num_buckets * _next_pow2(per_bucket_k) / segments
+    key_bits = _key_bits(elem_bytes)
+    inner, outer = _finish(rows, k, sorted_, select, sort_with, p)
+    bound = _stream(n / segments, elem_bytes, per_bucket_k, p) + ns * key_bits * p.weight("bisect") \
+        + key_bits * p.weight("sync")
+    blocks = _cdiv(n, SPLIT_FILTER_BLOCK)
+    filtering = (SPLIT_FILTER_BLOCK * elem_bytes * p.processors / p.bandwidth
+                 + SPLIT_FILTER_BLOCK * p.weight("filter"))
+    selection = _select(_candidate_slots(k), k, key_bits, select, p) + inner
+    return (3 * p.weight("launch") + _waves(rows * segments, p) * bound + _waves(rows * blocks, p) * filtering
+            + _waves(rows, p) * selection + outer)
+
+
 def certified_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, select, sort_with, flagged,
                    p: DeviceProfile):
     """``certified_topk``: the fused kernel with its certificate, then a launch recomputing the

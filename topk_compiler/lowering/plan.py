@@ -74,6 +74,14 @@ MAX_BITONIC_K = 256
 # The exact filtered kernel's stage 1 keeps this expected recall, so that about k / recall
 # candidates pass its filter, well inside the candidate slots (at least twice k).
 FILTER_RECALL = 0.8
+# The split filtered kernel is offered at this many of the filtered bucketings (those of fewest
+# slots a bucket). It is priced with the one-program kernel's terms, never fitted to its own
+# timings, so every shortlist of exact plans where it runs races its cheapest plan
+# (``_with_borrowed_prices``). On an H100 (benchmarks/results/profile_large_k_h100.json) it took
+# 102 us sorted and 65 unsorted at 64 x 131072 bf16 k=2048 against torch.topk's 135 and 118,
+# 74 us sorted at 16 x 14336 fp32 k=1434 against 97, 263 unsorted at 1024 x 32768 bf16 against
+# 326; sorted at large row counts it lost (405 against 361 us at 1024 x 32768).
+SPLIT_FILTERED_BUCKETINGS = 2
 # The certified exact kernel's bucketings: the fewest slots per bucket count with which a call's
 # rows in random order all pass the certificate at least this often (a failing row costs a
 # recompute; one slot never certifies the bucket holding the maximum).
@@ -109,10 +117,13 @@ class TopkPlan:
             and 2 in one Triton program per row), "split" (stage 1 over several programs per row,
             then stage 2), "select" (exact Triton selection of rows held in registers) or
             "filtered" (exact: a bucketed bound, a filtering pass, a selection), "certified"
-            (exact: the fused kernel, whose rows are certified exact or recomputed) or "wide"
-            (a few wide buckets, a program each, then a merge by rank: few rows of large k).
+            (exact: the fused kernel, whose rows are certified exact or recomputed), "wide"
+            (a few wide buckets, a program each, then a merge by rank: few rows of large k) or
+            "split_filtered" (exact: the filtered kernel's bound, filtering pass and selection
+            as three launches of many programs).
         num_buckets, per_bucket_k: the bucketing (bucketed and filtered only).
-        segments: programs per row of the split kernel's stage 1.
+        segments: programs per row of the split kernel's stage 1 (of the split filtered
+            kernel's bound).
         select: how the k-th largest key is found: "bisect" (one count per key bit), "radix" (one
             histogram per 8-bit digit) or "bitonic" (a top-k network that also sorts).
         sort_with: with sorted output, where the k selected are sorted: "program" (in the
@@ -261,6 +272,18 @@ def kernel_options(rows, n, k, b, kb, elem, sorted_, profile, layout):
             segments *= 2
 
 
+def split_filtered_options(rows: int, n: int, k: int, elem: int, processors: int):
+    """(num_buckets, per_bucket_k, segments) for the split filtered kernel: the two filtered
+    bucketings of fewest slots a bucket (its bound streams the row once per slot), the bound
+    spread over enough programs a row to give every SM one, each with a warp of lanes at least
+    and survivors for its share of k."""
+    for b, kb in list(filtered_bucketings(n, k, elem))[-SPLIT_FILTERED_BUCKETINGS:]:
+        segments = next_pow2(cdiv(processors, rows)) if rows < processors else 1
+        while segments > 1 and (b // segments < MIN_SEGMENT_LANES or b // segments * next_pow2(kb) < cdiv(k, segments)):
+            segments //= 2
+        yield b, kb, segments
+
+
 def filtered_bucketings(n: int, k: int, elem: int):
     """(num_buckets, per_bucket_k) for the exact filtered kernel: per bucket count, the fewest
     slots giving stage-1 recall FILTER_RECALL, with candidate slots for at least twice k; at least
@@ -342,6 +365,17 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
             plans.append(TopkPlan("exact", "filtered", b, kb, select=select, sort_with=sort_with,
                                   num_warps=warps_for(b, b * next_pow2(kb)),
                                   sort_warps=sort_warps_for(k, elem), predicted_us=t, torch_topk_us=torch_us, reason="exact Triton filtered selection"))
+    for b, kb, segments in split_filtered_options(rows, n, k, elem, profile.processors):
+        for select, sort_with in _finishes(rows, k, sorted_):
+            if select == "bitonic":
+                continue
+            t = _us(cost_model.split_filtered_time(rows, n, k, b, kb, segments, elem, sorted_, select, sort_with,
+                                                   profile))
+            cap = 2 * next_pow2(k)  # filtered_topk.candidate_slots: the selection holds them
+            plans.append(TopkPlan("exact", "split_filtered", b, kb, segments, select=select, sort_with=sort_with,
+                                  num_warps=warps_for(cap, cap), sort_warps=sort_warps_for(k, elem),
+                                  predicted_us=t, torch_topk_us=torch_us,
+                                  reason="exact Triton filtered selection in three launches"))
     for b, kb, flagged in certified_bucketings(rows, n, k, elem):
         for select, sort_with in _finishes(rows, k, sorted_):
             if select == "bitonic":
@@ -498,15 +532,15 @@ def _with_other_finish(chosen: list[TopkPlan], plans: list[TopkPlan]) -> list[To
 
 
 def _with_borrowed_prices(chosen: list[TopkPlan], plans: list[TopkPlan], few_rows: bool) -> list[TopkPlan]:
-    """``chosen`` and, if none of them sorts by rank, the cheapest of ``plans`` that does: its
-    price is borrowed from another kernel's term, so the first call's timing, not the model,
-    decides whether it wins. With ``few_rows`` (fewer than half the SMs), also the cheapest split
+    """``chosen`` and, if none of them sorts by rank, the cheapest of ``plans`` that does, and
+    likewise the cheapest split filtered plan: their prices are borrowed from other kernels'
+    terms, so the first call's timing, not the model, decides whether they win. With ``few_rows`` (fewer than half the SMs), also the cheapest split
     kernel sorting by rank and the cheapest wide-bucket plan of each finish: they spread a row
     over many programs, where the fused kernel streams and sorts each row in one (16 x 14336
     fp32 k=1434 sorted 2048 entries a row in one program for 29 of its 45 us,
     benchmarks/results/profile_stages_h200.json)."""
     extra = []
-    kinds = [lambda p: p.sort_with == "rank"]
+    kinds = [lambda p: p.sort_with == "rank", lambda p: p.kernel == "split_filtered"]
     if few_rows:
         kinds += [lambda p: p.sort_with == "rank" and p.kernel == "split",
                   lambda p: p.kernel == "wide" and p.select == "bisect",
