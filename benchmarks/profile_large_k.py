@@ -78,8 +78,7 @@ def shape_rows(rows, n, k, dtype) -> list[dict]:
     for block, warps in FILTER_BLOCKS:
         for sorted_ in ((True, False) if block == FILTER_BLOCKS[0][0] else (False,)):
             op = SplitFilteredTopk(x, k, num_buckets=b, per_bucket_k=kb, segments=segments, largest=True,
-                                   sorted=sorted_, block=block, filter_warps=warps,
-                                   bound_warps=min(8, max(1, b // segments // 32)), num_warps=select_warps)
+                                   sorted=sorted_, block=block, filter_warps=warps, num_warps=select_warps)
             name = f"split:{'sorted' if sorted_ else 'unsorted'}:b{b}:kb{kb}:s{segments}:block{block}:w{warps}"
             try:
                 ok = exact_values_match(op(x)[0], x, k)

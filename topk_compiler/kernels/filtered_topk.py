@@ -254,12 +254,18 @@ def _row_bound_kernel(x_ptr, scratch_ptr,                                     # 
     scratch_row = scratch_ptr + row * scratch_row_stride
     tl.store(scratch_row + 2 * CAP + seg, kth_key_bisect(keys, k_segment, KEY_BITS))
     if seg == 0:
-        tl.store(scratch_row + 2 * CAP + SEGMENTS + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
+        tl.store(_row_counts(scratch_row, CAP, SEGMENTS) + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
 
 
 @triton.jit
 def _row_bound(scratch_row, CAP: tl.constexpr, SEGMENTS: tl.constexpr):
     return tl.min(tl.load(scratch_row + 2 * CAP + tl.arange(0, SEGMENTS)), axis=0)
+
+
+@triton.jit
+def _row_counts(scratch_row, CAP: tl.constexpr, SEGMENTS: tl.constexpr):
+    """Where the row's counts of candidates above the bound and tied with it lie (``split_scratch``)."""
+    return scratch_row + 2 * CAP + SEGMENTS
 
 
 @triton.jit
@@ -276,7 +282,7 @@ def _filter_block_kernel(x_ptr, scratch_ptr, tie_idx_ptr,                       
     keys, offs = _row_keys(x_ptr + row * x_row_stride, tl.program_id(1) * BLOCK, n, BLOCK, LARGEST, KEY_BITS)
     n_above = tl.sum((keys > bound).to(tl.int32), axis=0)
     n_tied = tl.sum((keys == bound).to(tl.int32), axis=0)
-    counts = scratch_row + 2 * CAP + SEGMENTS
+    counts = _row_counts(scratch_row, CAP, SEGMENTS)
     above_base = tl.atomic_add(counts, n_above, sem="relaxed")
     # Ties are rare: most blocks reserve none (a masked atomic returns nothing, and none is stored).
     tied_base = tl.atomic_add(counts + 1, n_tied, mask=n_tied > 0, sem="relaxed")
@@ -296,7 +302,7 @@ def _select_candidates_kernel(x_ptr, scratch_ptr, values_ptr, indices_ptr, order
     scratch_row = scratch_ptr + row * scratch_row_stride
     # The ties went to the output's index row (``select_candidates`` reads them before it writes).
     select_candidates(x_ptr + row * x_row_stride, _row_bound(scratch_row, CAP, SEGMENTS),
-                      tl.load(scratch_row + 2 * CAP + SEGMENTS), n, k, values_ptr + row * out_row_stride,
+                      tl.load(_row_counts(scratch_row, CAP, SEGMENTS)), n, k, values_ptr + row * out_row_stride,
                       indices_ptr + row * out_row_stride, order_ptr + row * out_row_stride, scratch_row,
                       scratch_row + CAP, indices_ptr + row * out_row_stride, LARGEST, KEY_BITS, CAP, BLOCK, K_POW2,
                       SORTED, SELECT, SORT_HERE, ORDER32, PACK32)
@@ -312,11 +318,12 @@ class SplitFilteredTopk:
     """``split_filtered_topk`` prepared for inputs of one shape, dtype and row stride, its three
     launches fixed (``launch.Launch``): ``bound``, ``filter_blocks`` and ``select`` (each a
     function of the tensors it reads and writes), called in turn by ``__call__``.
-    ``bound_warps``, ``filter_warps`` and ``num_warps``: warps of a program of each."""
+    ``bound_warps``, ``filter_warps`` and ``num_warps``: warps of a program of each (the bound's
+    by default a warp per 32 of its lanes, at most 8)."""
 
     def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
                  sorted: bool, segments: int = 1, select: str = "bisect", sort_with: str = "program",
-                 sort_warps: int = 1, unroll: int = 4, block: int = SPLIT_FILTER_BLOCK, bound_warps: int = 8,
+                 sort_warps: int = 1, unroll: int = 4, block: int = SPLIT_FILTER_BLOCK, bound_warps: int | None = None,
                  filter_warps: int = SPLIT_FILTER_WARPS, num_warps: int = 8):
         check_stage1(x2d, k, num_buckets, per_bucket_k, 0, unroll)
         assert select != "bitonic", "split_filtered_topk: the candidates are selected by bisect or radix"
@@ -330,6 +337,7 @@ class SplitFilteredTopk:
             f"split_filtered_topk: {num_buckets // segments} x {per_bucket_k} survivors a segment hold fewer than "
             f"k / segments = {k_segment}")
         cap, key_bits = candidate_slots(k), meta["KEY_BITS"]
+        bound_warps = bound_warps or min(8, max(1, meta["BLANES"] // 32))
         self.scratch_shape, self.device, self.rows = (rows, split_scratch(k, segments)), x2d.device, rows
         common = dict(LARGEST=largest, KEY_BITS=key_bits, CAP=cap)
         self.bound = Launch(_row_bound_kernel, (rows, segments), n=n, k_segment=k_segment, num_buckets=num_buckets,

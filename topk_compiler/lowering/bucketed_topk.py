@@ -114,9 +114,8 @@ def _prepare(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkP
         return filtered_kernels.prepare_filtered_topk(x2d, k, num_warps=plan.num_warps, **bucketing, **finish,
                                                       **({"block": step} if step else {}))
     if plan.kernel == "split_filtered":
-        return filtered_kernels.SplitFilteredTopk(
-            x2d, k, segments=plan.segments, num_warps=plan.num_warps,
-            bound_warps=min(8, max(1, plan.num_buckets // plan.segments // 32)), **bucketing, **finish)
+        return filtered_kernels.SplitFilteredTopk(x2d, k, segments=plan.segments, num_warps=plan.num_warps,
+                                                  **bucketing, **finish)
     layout_args = dict(layout_id=LAYOUT_IDS[layout], seed=seed)
     if plan.kernel == "certified":
         certified = certified_kernels.prepare_certified_topk(x2d, k, num_warps=plan.num_warps,

@@ -279,7 +279,8 @@ def split_filtered_options(rows: int, n: int, k: int, elem: int, processors: int
     and survivors for its share of k."""
     for b, kb in list(filtered_bucketings(n, k, elem))[-SPLIT_FILTERED_BUCKETINGS:]:
         segments = next_pow2(cdiv(processors, rows)) if rows < processors else 1
-        while segments > 1 and (b // segments < MIN_SEGMENT_LANES or b // segments * next_pow2(kb) < cdiv(k, segments)):
+        while segments > 1 and (b // segments < MIN_SEGMENT_LANES
+                                or b // segments * next_pow2(kb) < cdiv(k, segments)):
             segments //= 2
         yield b, kb, segments
 
@@ -371,7 +372,7 @@ def _exact_plans(rows, n, k, elem, sorted_, profile, triton_ok):
                 continue
             t = _us(cost_model.split_filtered_time(rows, n, k, b, kb, segments, elem, sorted_, select, sort_with,
                                                    profile))
-            cap = 2 * next_pow2(k)  # filtered_topk.candidate_slots: the selection holds them
+            cap = cost_model._candidate_slots(k)  # the selection holds them
             plans.append(TopkPlan("exact", "split_filtered", b, kb, segments, select=select, sort_with=sort_with,
                                   num_warps=warps_for(cap, cap), sort_warps=sort_warps_for(k, elem),
                                   predicted_us=t, torch_topk_us=torch_us,
@@ -534,10 +535,11 @@ def _with_other_finish(chosen: list[TopkPlan], plans: list[TopkPlan]) -> list[To
 def _with_borrowed_prices(chosen: list[TopkPlan], plans: list[TopkPlan], few_rows: bool) -> list[TopkPlan]:
     """``chosen`` and, if none of them sorts by rank, the cheapest of ``plans`` that does, and
     likewise the cheapest split filtered plan: their prices are borrowed from other kernels'
-    terms, so the first call's timing, not the model, decides whether they win. With ``few_rows`` (fewer than half the SMs), also the cheapest split
-    kernel sorting by rank and the cheapest wide-bucket plan of each finish: they spread a row
-    over many programs, where the fused kernel streams and sorts each row in one (16 x 14336
-    fp32 k=1434 sorted 2048 entries a row in one program for 29 of its 45 us,
+    terms, so the first call's timing, not the model, decides whether they win. With
+    ``few_rows`` (fewer than half the SMs), also the cheapest split kernel sorting by rank and
+    the cheapest wide-bucket plan of each finish: they spread a row over many programs, where
+    the fused kernel streams and sorts each row in one (16 x 14336 fp32 k=1434 sorted 2048
+    entries a row in one program for 29 of its 45 us,
     benchmarks/results/profile_stages_h200.json)."""
     extra = []
     kinds = [lambda p: p.sort_with == "rank", lambda p: p.kernel == "split_filtered"]
