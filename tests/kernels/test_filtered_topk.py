@@ -76,3 +76,18 @@ def test_split_filtered_special_values_ties_and_fallback(dtype):
         values, indices = split_filtered_topk(x, 32, num_buckets=16, per_bucket_k=2, segments=2, largest=largest,
                                               sorted=True, sort_with="launch", block=128)
         assert_exact(values, indices, x, 32, largest, sorted_=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_filtered_16_bit_rows_over_2_16(dtype):
+    """16-bit keys pack with their index into an int32 entry only in rows up to 2**16 elements;
+    past that the entries are int64 (``filtered_topk.entry_words``)."""
+    x = torch.randn(1, 2**16 + 300).to(dtype).to(KERNEL_DEVICE)
+    x[0, -5:] = 30.0  # the largest, with indices past 2**16, must come back whole
+    for largest in (True, False):
+        values, indices = split_filtered_topk(x, 50, num_buckets=256, per_bucket_k=1, segments=2, largest=largest,
+                                              sorted=True, block=4096)
+        assert_exact(values, indices, x, 50, largest, sorted_=True)
+    values, indices = filtered_topk(x, 50, num_buckets=256, per_bucket_k=1, largest=True, sorted=True, block=4096)
+    assert_exact(values, indices, x, 50, True, sorted_=True)
+

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from topk_compiler.kernels import next_pow2
 from topk_compiler.kernels.bucketed_topk import _fused_bucketed_topk_kernel, check_stage1, stage1_meta
-from topk_compiler.kernels.filtered_topk import FILTER_BLOCK, candidate_slots, filter_and_select
+from topk_compiler.kernels.filtered_topk import FILTER_BLOCK, candidate_slots, entry_words, filter_and_select
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.select_topk import finisher_for, order32, outputs_maker, select_meta
 
@@ -33,15 +33,14 @@ def _recompute_flagged_kernel(x_ptr, certificate_ptr, values_ptr, indices_ptr, o
                               SELECT: tl.constexpr, SORT_HERE: tl.constexpr, ORDER32: tl.constexpr,
                               PACK32: tl.constexpr):
     """Rows whose certificate failed: the exact top-k from their bound. A row's scratch holds CAP
-    candidate keys, then CAP candidate indices."""
+    candidate entries (``filtered_topk.entry_words``)."""
     row = tl.program_id(0).to(tl.int64)
     if tl.load(certificate_ptr + row) != 0:
         scratch_row = scratch_ptr + row * scratch_row_stride
         # The first ties go to the output's index row before it is rewritten (as in filtered_topk).
         filter_and_select(x_ptr + row * x_row_stride, tl.load(certificate_ptr + tl.num_programs(0) + row), n, k,
                           values_ptr + row * out_row_stride, indices_ptr + row * out_row_stride,
-                          order_ptr + row * out_row_stride, scratch_row, scratch_row + CAP,
-                          indices_ptr + row * out_row_stride,
+                          order_ptr + row * out_row_stride, scratch_row, indices_ptr + row * out_row_stride,
                           LARGEST, KEY_BITS, CAP, BLOCK, K_POW2, SORTED, SELECT, SORT_HERE, ORDER32, PACK32)
 
 
@@ -59,13 +58,14 @@ def prepare_certified_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_b
     assert num_buckets * meta["KBP"] >= next_pow2(k), (
         f"certified_topk: {num_buckets} x {per_bucket_k} survivors hold fewer than k={k}")
     cap = candidate_slots(k)
+    words = cap * entry_words(meta["KEY_BITS"], n)
     make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted, select)
     finish = select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with)
     certify = Launch(_fused_bucketed_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots, seed=seed,
                      x_row_stride=x2d.stride(0), out_row_stride=k, **meta, **finish, CERTIFY=True,
                      num_warps=num_warps, maxnreg=max_registers or None)
     recompute = Launch(_recompute_flagged_kernel, (rows,), n=n, k=k, x_row_stride=x2d.stride(0), out_row_stride=k,
-                       scratch_row_stride=2 * cap, LARGEST=largest, KEY_BITS=meta["KEY_BITS"], CAP=cap, BLOCK=block,
+                       scratch_row_stride=words, LARGEST=largest, KEY_BITS=meta["KEY_BITS"], CAP=cap, BLOCK=block,
                        **finish, num_warps=recompute_warps)
     sort = finisher_for(rows, k, order32_entries=order32(meta["KEY_BITS"], k), sorted=sorted, select=select,
                         sort_with=sort_with, sort_warps=sort_warps)
@@ -74,9 +74,9 @@ def prepare_certified_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_b
     def run(x2d):
         values, indices, order = make_outputs()
         # One allocation each (a torch.empty costs about 5 us of host time on an H200's host):
-        # flags and bounds; candidate keys and indices, written only by the programs of flagged rows.
+        # flags and bounds; candidate entries, written only by the programs of flagged rows.
         certificate = torch.empty((2, rows), dtype=torch.int32, device=device)
-        scratch = torch.empty((rows, 2 * cap), dtype=torch.int32, device=device)
+        scratch = torch.empty((rows, words), dtype=torch.int32, device=device)
         if rows:
             certify(x2d, values, indices, order, certificate)
             recompute(x2d, certificate, values, indices, order, scratch)

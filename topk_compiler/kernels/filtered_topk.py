@@ -5,8 +5,9 @@
    the row, so their k-th largest key ``bound`` is at most the row's k-th largest key: every
    element of the exact top-k has a key >= ``bound``.
 2. A second pass over the row compacts the elements with key > ``bound`` into a scratch of
-   ``CAP`` candidates (``candidate_slots``: 2k rounded up), and the first k elements equal to it
-   into a second one. About k / recall elements pass, recall being stage 1's.
+   ``CAP`` candidates (``candidate_slots``: 2k rounded up), each a packed (key, index) entry
+   (``select_topk.index_entry``: an int32 for 16-bit keys of rows up to 2**16, else an int64), and
+   the first k elements equal to it into a second one. About k / recall elements pass, recall being stage 1's.
 3. If at least k passed, the exact top-k of the candidates is the row's (``select_and_store``);
    if fewer, the row's top-k is all of them plus the first ties. If more than ``CAP`` passed
    (an order that crowds the large elements into a few buckets, e.g. a period dividing the
@@ -32,18 +33,19 @@ from topk_compiler.kernels import next_pow2
 from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, check_stage1, stage1_meta
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
-from topk_compiler.kernels.select_topk import (compact_positions, finisher_for, key_pad, kth_key_bisect, order32,
-                                               order_entry, outputs_maker, select_and_store, select_meta,
-                                               sort_stored, store_selected)
+from topk_compiler.kernels.select_topk import (compact_positions, entry_pad, finisher_for, index_entry, key_pad,
+                                               kth_key_bisect, order32, order_entry, outputs_maker, select_and_store,
+                                               select_meta, sort_stored, store_selected, unpack_index_entry)
 
 # Elements per step of the filtering pass: 4096 keeps 16 per thread in flight at 8 warps.
 FILTER_BLOCK = 4096
-# Elements and warps of a program of split_filtered_topk's filtering pass. On an H100 the pass took
-# 150 us at 1024 x 32768 bf16 k=2048 with (1024, 4), 205 with (2048, 8), 150-154 with (512, 2) and
-# (256, 1) (benchmarks/results/profile_large_k_h100.json): each program waits on its load, then
-# on its atomic add, whatever its size.
-SPLIT_FILTER_BLOCK = 1024
-SPLIT_FILTER_WARPS = 4
+# Elements and warps of a program of split_filtered_topk's filtering pass: each program waits on
+# its load, then on its atomic add, whatever its size. On an H100 the pass took 119 us at 1024 x
+# 32768 bf16 k=2048 with (256, 1), 128 with (1024, 4) and (512, 2), 139 with (2048, 8); the whole
+# unsorted kernel was fastest with (256, 1) at 4 of 5 shapes, and 2% slower at 64 x 131072
+# (benchmarks/results/profile_large_k_h100_packed.json).
+SPLIT_FILTER_BLOCK = 256
+SPLIT_FILTER_WARPS = 1
 
 
 def candidate_slots(k: int) -> int:
@@ -54,6 +56,22 @@ def candidate_slots(k: int) -> int:
     survivors (2 k against ``num_buckets * per_bucket_k`` slots) and so does the register tile of
     the selection among the candidates."""
     return 2 * next_pow2(k)
+
+
+def entry_words(key_bits: int, n: int) -> int:
+    """int32 words of a candidate's packed (key, index) entry: one for 16-bit keys of rows up to
+    2**16 (``select_meta``'s PACK32), else two. Packed, the 1024 x 32768 bf16 k=2048 scratch
+    takes 16 MiB, not the 32 of separate keys and indices: below the 24 MiB of its survivors."""
+    return 1 if key_bits == 16 and n <= 2**16 else 2
+
+
+@triton.jit
+def _entries(scratch_row, PACK32: tl.constexpr):
+    """The candidate entries at the start of a row's int32 scratch (``entry_words``)."""
+    entries = scratch_row
+    if not PACK32:
+        entries = scratch_row.to(tl.pointer_type(tl.int64), bitcast=True)
+    return entries
 
 
 @triton.jit
@@ -101,39 +119,44 @@ def exact_from_memory(x_row_ptr, n, k, values_row_ptr, indices_row_ptr, order_ro
 
 
 @triton.jit
-def _store_passing(keys, offs, bound, above_base, tied_base, k, cand_keys_row, cand_idx_row, tie_idx_row,
-                   CAP: tl.constexpr):
-    """Stores a block's candidates: its keys above ``bound`` (key and index) after ``above_base``
-    others, within the CAP slots, and the indices of its keys equal to it after ``tied_base``
-    others, within k. One prefix sum: the two counts share an int32 (blocks of at most 2**15)."""
+def _passing(keys, bound):
+    """Per key, 1 if above ``bound`` plus 1 << 16 if equal to it: the two counts share an int32
+    (blocks of at most 2**15), so one reduction or prefix sum counts both."""
+    return (keys > bound).to(tl.int32) + ((keys == bound).to(tl.int32) << 16)
+
+
+@triton.jit
+def _store_passing(keys, offs, bound, above_base, tied_base, k, cand_row, tie_idx_row,
+                   CAP: tl.constexpr, PACK32: tl.constexpr):
+    """Stores a block's candidates: its keys above ``bound`` (packed with their indices) after
+    ``above_base`` others, within the CAP slots, and the indices of its keys equal to it after
+    ``tied_base`` others, within k."""
     above = keys > bound
     tied = keys == bound
-    packed = tl.cumsum(above.to(tl.int32) + (tied.to(tl.int32) << 16), axis=0)
+    packed = tl.cumsum(_passing(keys, bound), axis=0)
     above_pos = above_base + (packed & 0xFFFF) - above.to(tl.int32)
     tied_pos = tied_base + (packed >> 16) - tied.to(tl.int32)
-    keep = above & (above_pos < CAP)
-    tl.store(cand_keys_row + above_pos, keys, mask=keep)
-    tl.store(cand_idx_row + above_pos, offs.to(tl.int32), mask=keep)
+    tl.store(_entries(cand_row, PACK32) + above_pos, index_entry(keys, offs, PACK32), mask=above & (above_pos < CAP))
     tl.store(tie_idx_row + tied_pos, offs.to(tl.int64), mask=tied & (tied_pos < k))
 
 
 @triton.jit
-def select_candidates(x_row_ptr, bound, above, n, k, values_row_ptr, indices_row_ptr, order_row_ptr, cand_keys_row,
-                      cand_idx_row, tie_idx_row,
+def select_candidates(x_row_ptr, bound, above, n, k, values_row_ptr, indices_row_ptr, order_row_ptr, cand_row,
+                      tie_idx_row,
                       LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
                       K_POW2: tl.constexpr, SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
                       ORDER32: tl.constexpr, PACK32: tl.constexpr):
     """Exact top-k of one row from its candidates: the ``above`` elements above ``bound`` (at most
-    its k-th largest key) in the CAP-slot scratch, the first k ties in ``tie_idx_row``; step 3 of
-    the module docstring."""
+    its k-th largest key) as entries in the CAP-slot scratch ``cand_row``, the first k ties in
+    ``tie_idx_row``; step 3 of the module docstring."""
     if above > CAP:
         exact_from_memory(x_row_ptr, n, k, values_row_ptr, indices_row_ptr, order_row_ptr,
                           LARGEST, KEY_BITS, BLOCK, K_POW2, SORTED, SORT_HERE, ORDER32)
     elif above >= k:
         f = tl.arange(0, CAP)
-        in_c = f < above
-        cand_keys = tl.load(cand_keys_row + f, mask=in_c, other=key_pad(KEY_BITS))
-        cand_idx = tl.load(cand_idx_row + f, mask=in_c, other=0)
+        # A padding entry unpacks to the padding key.
+        entries = tl.load(_entries(cand_row, PACK32) + f, mask=f < above, other=entry_pad(PACK32))
+        cand_keys, cand_idx = unpack_index_entry(entries, PACK32)
         select_and_store(cand_keys, cand_idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
                          K_POW2=K_POW2, KEY_BITS=KEY_BITS, SORTED=SORTED, SELECT=SELECT, SORT_HERE=SORT_HERE,
                          ORDER32=ORDER32, PACK32=PACK32, LARGEST=LARGEST)
@@ -143,9 +166,10 @@ def select_candidates(x_row_ptr, bound, above, n, k, values_row_ptr, indices_row
         o = tl.arange(0, K_POW2)
         in_k = o < k
         from_above = o < above
-        out_keys = tl.where(from_above, tl.load(cand_keys_row + o, mask=from_above & in_k, other=0), bound)
-        out_idx = tl.where(from_above, tl.load(cand_idx_row + o, mask=from_above & in_k, other=0).to(tl.int64),
-                           tl.load(tie_idx_row + (o - above), mask=(~from_above) & in_k, other=0))
+        above_keys, above_idx = unpack_index_entry(
+            tl.load(_entries(cand_row, PACK32) + o, mask=from_above & in_k, other=0), PACK32)
+        out_keys = tl.where(from_above, above_keys, bound)
+        out_idx = tl.where(from_above, above_idx, tl.load(tie_idx_row + (o - above), mask=(~from_above) & in_k, other=0))
         out_values = tl.load(x_row_ptr + out_idx, mask=in_k)
         tl.debug_barrier()
         tl.store(indices_row_ptr + o, out_idx, mask=in_k)
@@ -158,8 +182,8 @@ def select_candidates(x_row_ptr, bound, above, n, k, values_row_ptr, indices_row
 
 
 @triton.jit
-def filter_and_select(x_row_ptr, bound, n, k, values_row_ptr, indices_row_ptr, order_row_ptr, cand_keys_row,
-                      cand_idx_row, tie_idx_row,
+def filter_and_select(x_row_ptr, bound, n, k, values_row_ptr, indices_row_ptr, order_row_ptr, cand_row,
+                      tie_idx_row,
                       LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
                       K_POW2: tl.constexpr, SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
                       ORDER32: tl.constexpr, PACK32: tl.constexpr):
@@ -169,17 +193,18 @@ def filter_and_select(x_row_ptr, bound, n, k, values_row_ptr, indices_row_ptr, o
     tied_base = tl.zeros([], dtype=tl.int32)
     for start in range(0, n, BLOCK):
         keys, offs = _row_keys(x_row_ptr, start, n, BLOCK, LARGEST, KEY_BITS)
-        _store_passing(keys, offs, bound, above_base, tied_base, k, cand_keys_row, cand_idx_row, tie_idx_row, CAP)
-        above_base += tl.sum((keys > bound).to(tl.int32), axis=0)
-        tied_base += tl.sum((keys == bound).to(tl.int32), axis=0)
+        _store_passing(keys, offs, bound, above_base, tied_base, k, cand_row, tie_idx_row, CAP, PACK32)
+        total = tl.sum(_passing(keys, bound), axis=0)
+        above_base += total & 0xFFFF
+        tied_base += total >> 16
     tl.debug_barrier()
     select_candidates(x_row_ptr, bound, above_base, n, k, values_row_ptr, indices_row_ptr, order_row_ptr,
-                      cand_keys_row, cand_idx_row, tie_idx_row, LARGEST, KEY_BITS, CAP, BLOCK, K_POW2, SORTED,
+                      cand_row, tie_idx_row, LARGEST, KEY_BITS, CAP, BLOCK, K_POW2, SORTED,
                       SELECT, SORT_HERE, ORDER32, PACK32)
 
 
 @triton.jit
-def _filtered_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, cand_keys_ptr, cand_idx_ptr, tie_idx_ptr,  # pointers
+def _filtered_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, cand_ptr, tie_idx_ptr,  # pointers
                           n, k, num_buckets, slots,                                                           # sizes
                           x_row_stride, out_row_stride, cand_row_stride,                                      # strides
                           BLANES: tl.constexpr, KB: tl.constexpr, KBP: tl.constexpr, LAYOUT: tl.constexpr,
@@ -193,8 +218,8 @@ def _filtered_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, cand_keys_p
                                        BLANES, KB, KBP, LAYOUT, UNROLL, LARGEST, KEY_BITS, POS_BITS)
     bound = kth_key_bisect(survivors, k, KEY_BITS)
     filter_and_select(x_row_ptr, bound, n, k, values_ptr + row * out_row_stride, indices_ptr + row * out_row_stride,
-                      order_ptr + row * out_row_stride, cand_keys_ptr + row * cand_row_stride,
-                      cand_idx_ptr + row * cand_row_stride, tie_idx_ptr + row * out_row_stride,
+                      order_ptr + row * out_row_stride, cand_ptr + row * cand_row_stride,
+                      tie_idx_ptr + row * out_row_stride,
                       LARGEST, KEY_BITS, CAP, BLOCK, K_POW2, SORTED, SELECT, SORT_HERE, ORDER32, PACK32)
 
 
@@ -210,22 +235,22 @@ def prepare_filtered_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bu
     assert num_buckets * meta["KBP"] >= next_pow2(k), (
         f"filtered_topk: {num_buckets} x {per_bucket_k} survivors hold fewer than k={k}")
     cap = candidate_slots(k)
+    words = cap * entry_words(meta["KEY_BITS"], n)
     make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted)
     launch = Launch(_filtered_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots,
-                    x_row_stride=x2d.stride(0), out_row_stride=k, cand_row_stride=cap, **meta, CAP=cap, BLOCK=block,
+                    x_row_stride=x2d.stride(0), out_row_stride=k, cand_row_stride=words, **meta, CAP=cap, BLOCK=block,
                     **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
                     num_warps=num_warps)
     finish = finisher_for(rows, k, order32_entries=order32(meta["KEY_BITS"], k), sorted=sorted, select=select,
                           sort_with=sort_with, sort_warps=sort_warps)
-    scratch_shape, device = (rows, cap), x2d.device
+    scratch_shape, device = (rows, words), x2d.device
 
     def run(x2d):
         values, indices, order = make_outputs()
         if rows:
-            cand_keys = torch.empty(scratch_shape, dtype=torch.int32, device=device)
-            cand_idx = torch.empty(scratch_shape, dtype=torch.int32, device=device)
+            candidates = torch.empty(scratch_shape, dtype=torch.int32, device=device)
             # The first ties are written to the output's index row before it is filled.
-            launch(x2d, values, indices, order, cand_keys, cand_idx, indices)
+            launch(x2d, values, indices, order, candidates, indices)
         return finish(values, indices, order)
 
     return run
@@ -244,7 +269,7 @@ def _row_bound_kernel(x_ptr, scratch_ptr,                                     # 
                       x_row_stride, scratch_row_stride,                       # strides
                       BLANES: tl.constexpr, KB: tl.constexpr, KBP: tl.constexpr, UNROLL: tl.constexpr,
                       LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, POS_BITS: tl.constexpr, CAP: tl.constexpr,
-                      SEGMENTS: tl.constexpr):
+                      SEGMENTS: tl.constexpr, PACK32: tl.constexpr):
     """Program (row, s): the ``k_segment``-th largest survivor key of buckets s * BLANES ... into
     the row's scratch (``split_scratch``); program (row, 0) also zeroes the row's counts."""
     row = tl.program_id(0).to(tl.int64)
@@ -252,20 +277,30 @@ def _row_bound_kernel(x_ptr, scratch_ptr,                                     # 
     keys, _ = bucket_survivors_of(x_ptr + row * x_row_stride, row, seg, n, num_buckets, slots, 0,
                                   BLANES, KB, KBP, 0, UNROLL, LARGEST, KEY_BITS, POS_BITS)
     scratch_row = scratch_ptr + row * scratch_row_stride
-    tl.store(scratch_row + 2 * CAP + seg, kth_key_bisect(keys, k_segment, KEY_BITS))
+    tl.store(_row_bounds(scratch_row, CAP, PACK32) + seg, kth_key_bisect(keys, k_segment, KEY_BITS))
     if seg == 0:
-        tl.store(_row_counts(scratch_row, CAP, SEGMENTS) + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
+        tl.store(_row_counts(scratch_row, CAP, SEGMENTS, PACK32) + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
 
 
 @triton.jit
-def _row_bound(scratch_row, CAP: tl.constexpr, SEGMENTS: tl.constexpr):
-    return tl.min(tl.load(scratch_row + 2 * CAP + tl.arange(0, SEGMENTS)), axis=0)
+def _row_bounds(scratch_row, CAP: tl.constexpr, PACK32: tl.constexpr):
+    """Where the segments' bounds lie, after the CAP entries (``split_scratch``)."""
+    if PACK32:
+        bounds = scratch_row + CAP
+    else:
+        bounds = scratch_row + 2 * CAP
+    return bounds
 
 
 @triton.jit
-def _row_counts(scratch_row, CAP: tl.constexpr, SEGMENTS: tl.constexpr):
+def _row_bound(scratch_row, CAP: tl.constexpr, SEGMENTS: tl.constexpr, PACK32: tl.constexpr):
+    return tl.min(tl.load(_row_bounds(scratch_row, CAP, PACK32) + tl.arange(0, SEGMENTS)), axis=0)
+
+
+@triton.jit
+def _row_counts(scratch_row, CAP: tl.constexpr, SEGMENTS: tl.constexpr, PACK32: tl.constexpr):
     """Where the row's counts of candidates above the bound and tied with it lie (``split_scratch``)."""
-    return scratch_row + 2 * CAP + SEGMENTS
+    return _row_bounds(scratch_row, CAP, PACK32) + SEGMENTS
 
 
 @triton.jit
@@ -273,21 +308,21 @@ def _filter_block_kernel(x_ptr, scratch_ptr, tie_idx_ptr,                       
                          n, k,                                                  # sizes
                          x_row_stride, scratch_row_stride, tie_row_stride,      # strides
                          LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
-                         SEGMENTS: tl.constexpr):
+                         SEGMENTS: tl.constexpr, PACK32: tl.constexpr):
     """Program (row, b): the candidates of elements b * BLOCK ... of the row, stored after those of
     the row's blocks that reserved their slots before it."""
     row = tl.program_id(0).to(tl.int64)
     scratch_row = scratch_ptr + row * scratch_row_stride
-    bound = _row_bound(scratch_row, CAP, SEGMENTS)
+    bound = _row_bound(scratch_row, CAP, SEGMENTS, PACK32)
     keys, offs = _row_keys(x_ptr + row * x_row_stride, tl.program_id(1) * BLOCK, n, BLOCK, LARGEST, KEY_BITS)
-    n_above = tl.sum((keys > bound).to(tl.int32), axis=0)
-    n_tied = tl.sum((keys == bound).to(tl.int32), axis=0)
-    counts = _row_counts(scratch_row, CAP, SEGMENTS)
-    above_base = tl.atomic_add(counts, n_above, sem="relaxed")
+    total = tl.sum(_passing(keys, bound), axis=0)
+    n_tied = total >> 16
+    counts = _row_counts(scratch_row, CAP, SEGMENTS, PACK32)
+    above_base = tl.atomic_add(counts, total & 0xFFFF, sem="relaxed")
     # Ties are rare: most blocks reserve none (a masked atomic returns nothing, and none is stored).
     tied_base = tl.atomic_add(counts + 1, n_tied, mask=n_tied > 0, sem="relaxed")
-    _store_passing(keys, offs, bound, above_base, tied_base, k, scratch_row, scratch_row + CAP,
-                   tie_idx_ptr + row * tie_row_stride, CAP)
+    _store_passing(keys, offs, bound, above_base, tied_base, k, scratch_row, tie_idx_ptr + row * tie_row_stride,
+                   CAP, PACK32)
 
 
 @triton.jit
@@ -301,17 +336,18 @@ def _select_candidates_kernel(x_ptr, scratch_ptr, values_ptr, indices_ptr, order
     row = tl.program_id(0).to(tl.int64)
     scratch_row = scratch_ptr + row * scratch_row_stride
     # The ties went to the output's index row (``select_candidates`` reads them before it writes).
-    select_candidates(x_ptr + row * x_row_stride, _row_bound(scratch_row, CAP, SEGMENTS),
-                      tl.load(_row_counts(scratch_row, CAP, SEGMENTS)), n, k, values_ptr + row * out_row_stride,
+    select_candidates(x_ptr + row * x_row_stride, _row_bound(scratch_row, CAP, SEGMENTS, PACK32),
+                      tl.load(_row_counts(scratch_row, CAP, SEGMENTS, PACK32)), n, k, values_ptr + row * out_row_stride,
                       indices_ptr + row * out_row_stride, order_ptr + row * out_row_stride, scratch_row,
-                      scratch_row + CAP, indices_ptr + row * out_row_stride, LARGEST, KEY_BITS, CAP, BLOCK, K_POW2,
+                      indices_ptr + row * out_row_stride, LARGEST, KEY_BITS, CAP, BLOCK, K_POW2,
                       SORTED, SELECT, SORT_HERE, ORDER32, PACK32)
 
 
-def split_scratch(k: int, segments: int) -> int:
-    """int32 words of a row's scratch in ``split_filtered_topk``: CAP candidate keys, CAP candidate
-    indices, the segments' bounds, and the counts of elements above the bound and tied with it."""
-    return 2 * candidate_slots(k) + segments + 2
+def split_scratch(k: int, segments: int, words_per_entry: int) -> int:
+    """int32 words of a row's scratch in ``split_filtered_topk``: CAP candidate entries
+    (``entry_words`` each), the segments' bounds, the counts of elements above the bound and tied
+    with it, and a word to keep the next row's int64 entries 8-byte aligned."""
+    return words_per_entry * candidate_slots(k) + segments + 2 + segments % 2
 
 
 class SplitFilteredTopk:
@@ -338,15 +374,17 @@ class SplitFilteredTopk:
             f"k / segments = {k_segment}")
         cap, key_bits = candidate_slots(k), meta["KEY_BITS"]
         bound_warps = bound_warps or min(8, max(1, meta["BLANES"] // 32))
-        self.scratch_shape, self.device, self.rows = (rows, split_scratch(k, segments)), x2d.device, rows
+        words = entry_words(key_bits, n)
+        self.scratch_shape, self.device, self.rows = (rows, split_scratch(k, segments, words)), x2d.device, rows
+        self.counts_at = words * cap + segments  # the scratch's column of candidates counted above the bound
         common = dict(LARGEST=largest, KEY_BITS=key_bits, CAP=cap)
         self.bound = Launch(_row_bound_kernel, (rows, segments), n=n, k_segment=k_segment, num_buckets=num_buckets,
                             slots=slots, x_row_stride=x2d.stride(0), scratch_row_stride=self.scratch_shape[1],
                             **{name: meta[name] for name in ("BLANES", "KB", "KBP", "UNROLL", "POS_BITS")}, **common,
-                            SEGMENTS=segments, num_warps=bound_warps)
+                            SEGMENTS=segments, PACK32=words == 1, num_warps=bound_warps)
         self.filter_blocks = Launch(_filter_block_kernel, (rows, -(-n // block)), n=n, k=k, x_row_stride=x2d.stride(0),
                                     scratch_row_stride=self.scratch_shape[1], tie_row_stride=k, **common, BLOCK=block,
-                                    SEGMENTS=segments, num_warps=filter_warps)
+                                    SEGMENTS=segments, PACK32=words == 1, num_warps=filter_warps)
         self.select = Launch(_select_candidates_kernel, (rows,), n=n, k=k, x_row_stride=x2d.stride(0),
                              scratch_row_stride=self.scratch_shape[1], out_row_stride=k, **common, BLOCK=block,
                              SEGMENTS=segments,

@@ -314,7 +314,7 @@ def filtered_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, se
 
 
 # kernels/filtered_topk.SPLIT_FILTER_BLOCK: elements a program of the split kernel's filtering pass.
-SPLIT_FILTER_BLOCK = 1024
+SPLIT_FILTER_BLOCK = 256
 
 
 def split_filtered_time(rows, n, k, num_buckets, per_bucket_k, segments, elem_bytes, sorted_, select, sort_with,
@@ -323,8 +323,7 @@ def split_filtered_time(rows, n, k, num_buckets, per_bucket_k, segments, elem_by
     programs a row (the bound), the filtering pass over a program per SPLIT_FILTER_BLOCK of the
     row, then a selection among the candidate slots, one program a row. Priced with the
     one-program kernel's terms (not yet calibrated on this kernel: on an H100 its filtering
-    pass took 150 us at 1024 x 32768 bf16, 0.6x what the ``filter`` term gives,
-    benchmarks/results/profile_large_k_h100.json)."""
+    pass took 119 us at 1024 x 32768 bf16, benchmarks/results/profile_large_k_h100_packed.json)."""
     ns = num_buckets * _next_pow2(per_bucket_k) / segments
     key_bits = _key_bits(elem_bytes)
     inner, outer = _finish(rows, k, sorted_, select, sort_with, p)
