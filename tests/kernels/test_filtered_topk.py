@@ -91,3 +91,14 @@ def test_filtered_16_bit_rows_over_2_16(dtype):
     values, indices = filtered_topk(x, 50, num_buckets=256, per_bucket_k=1, largest=True, sorted=True, block=4096)
     assert_exact(values, indices, x, 50, True, sorted_=True)
 
+
+@pytest.mark.parametrize("bound_bits,digit_bits", [(32, 1), (14, 2), (6, 2), (4, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_filtered_bound_bits(bound_bits, digit_bits, dtype):
+    """The bound keeps only its leading bits, always below the k-th key: more candidates pass
+    the coarser it is (with 4 bits, more than the slots hold: the fallback), never fewer."""
+    x = torch.randn(2, 1500).to(dtype).to(KERNEL_DEVICE)
+    values, indices = split_filtered_topk(x, 70, num_buckets=64, per_bucket_k=2, segments=2, largest=True,
+                                          sorted=True, block=256, bound_bits=bound_bits,
+                                          bound_digit_bits=digit_bits)
+    assert_exact(values, indices, x, 70, True, sorted_=True)

@@ -2,8 +2,9 @@
 
 1. Stage 1 of the bucketed top-k (``bucketed_topk.bucket_survivors_of``) keeps the top
    ``per_bucket_k`` of each of ``num_buckets`` interleaved buckets. The survivors are a subset of
-   the row, so their k-th largest key ``bound`` is at most the row's k-th largest key: every
-   element of the exact top-k has a key >= ``bound``.
+   the row, so their k-th largest key is at most the row's k-th largest key, and so is
+   ``bound``, that key's BOUND_BITS leading bits: every element of the exact top-k has a key
+   >= ``bound``.
 2. A second pass over the row compacts the elements with key > ``bound`` into a scratch of
    ``CAP`` candidates (``candidate_slots``: 2k rounded up), each a packed (key, index) entry
    (``select_topk.index_entry``: an int32 for 16-bit keys of rows up to 2**16, else an int64), and
@@ -34,7 +35,7 @@ from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, check_stage
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
 from topk_compiler.kernels.select_topk import (compact_positions, entry_pad, finisher_for, index_entry, key_pad,
-                                               kth_key_bisect, order32, order_entry, outputs_maker, select_and_store,
+                                               key_lower_bound, order32, order_entry, outputs_maker, select_and_store,
                                                select_meta, sort_stored, store_selected, unpack_index_entry)
 
 # Elements per step of the filtering pass: 4096 keeps 16 per thread in flight at 8 warps.
@@ -46,6 +47,11 @@ FILTER_BLOCK = 4096
 # (benchmarks/results/profile_large_k_h100_packed.json).
 SPLIT_FILTER_BLOCK = 256
 SPLIT_FILTER_WARPS = 1
+# Leading key bits the filtered kernels' bound decides (``select_topk.key_lower_bound``): sign,
+# exponent and 5 mantissa bits of a bf16 or fp32 key (8 of fp16). Below the k-th key by at most
+# 1/32 of its power of two, it lets a few more elements pass than the exact k-th survivor key
+# would, for 2 fewer block-wide counts than bisection of 16-bit keys and 18 fewer of 32-bit ones.
+BOUND_BITS = 14
 
 
 def candidate_slots(k: int) -> int:
@@ -211,12 +217,12 @@ def _filtered_topk_kernel(x_ptr, values_ptr, indices_ptr, order_ptr, cand_ptr, t
                           UNROLL: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr,
                           POS_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, K_POW2: tl.constexpr,
                           SORTED: tl.constexpr, SELECT: tl.constexpr, SORT_HERE: tl.constexpr,
-                          ORDER32: tl.constexpr, PACK32: tl.constexpr):
+                          ORDER32: tl.constexpr, PACK32: tl.constexpr, BOUND_BITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = x_ptr + row * x_row_stride
     survivors, _ = bucket_survivors_of(x_row_ptr, row, 0, n, num_buckets, slots, 0,
                                        BLANES, KB, KBP, LAYOUT, UNROLL, LARGEST, KEY_BITS, POS_BITS)
-    bound = kth_key_bisect(survivors, k, KEY_BITS)
+    bound = key_lower_bound(survivors, k, KEY_BITS, BOUND_BITS, 1)
     filter_and_select(x_row_ptr, bound, n, k, values_ptr + row * out_row_stride, indices_ptr + row * out_row_stride,
                       order_ptr + row * out_row_stride, cand_ptr + row * cand_row_stride,
                       tie_idx_ptr + row * out_row_stride,
@@ -240,7 +246,7 @@ def prepare_filtered_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bu
     launch = Launch(_filtered_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots,
                     x_row_stride=x2d.stride(0), out_row_stride=k, cand_row_stride=words, **meta, CAP=cap, BLOCK=block,
                     **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
-                    num_warps=num_warps)
+                    BOUND_BITS=min(BOUND_BITS, meta["KEY_BITS"]), num_warps=num_warps)
     finish = finisher_for(rows, k, order32_entries=order32(meta["KEY_BITS"], k), sorted=sorted, select=select,
                           sort_with=sort_with, sort_warps=sort_warps)
     scratch_shape, device = (rows, words), x2d.device
@@ -269,15 +275,18 @@ def _row_bound_kernel(x_ptr, scratch_ptr,                                     # 
                       x_row_stride, scratch_row_stride,                       # strides
                       BLANES: tl.constexpr, KB: tl.constexpr, KBP: tl.constexpr, UNROLL: tl.constexpr,
                       LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, POS_BITS: tl.constexpr, CAP: tl.constexpr,
-                      SEGMENTS: tl.constexpr, PACK32: tl.constexpr):
-    """Program (row, s): the ``k_segment``-th largest survivor key of buckets s * BLANES ... into
-    the row's scratch (``split_scratch``); program (row, 0) also zeroes the row's counts."""
+                      SEGMENTS: tl.constexpr, PACK32: tl.constexpr, BOUND_BITS: tl.constexpr,
+                      DIGIT_BITS: tl.constexpr):
+    """Program (row, s): a lower bound of the ``k_segment``-th largest survivor key of buckets
+    s * BLANES ..., its BOUND_BITS leading bits (``key_lower_bound``), into the row's scratch
+    (``split_scratch``); program (row, 0) also zeroes the row's counts."""
     row = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
     keys, _ = bucket_survivors_of(x_ptr + row * x_row_stride, row, seg, n, num_buckets, slots, 0,
                                   BLANES, KB, KBP, 0, UNROLL, LARGEST, KEY_BITS, POS_BITS)
     scratch_row = scratch_ptr + row * scratch_row_stride
-    tl.store(_row_bounds(scratch_row, CAP, PACK32) + seg, kth_key_bisect(keys, k_segment, KEY_BITS))
+    tl.store(_row_bounds(scratch_row, CAP, PACK32) + seg,
+             key_lower_bound(keys, k_segment, KEY_BITS, BOUND_BITS, DIGIT_BITS))
     if seg == 0:
         tl.store(_row_counts(scratch_row, CAP, SEGMENTS, PACK32) + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
 
@@ -355,12 +364,14 @@ class SplitFilteredTopk:
     launches fixed (``launch.Launch``): ``bound``, ``filter_blocks`` and ``select`` (each a
     function of the tensors it reads and writes), called in turn by ``__call__``.
     ``bound_warps``, ``filter_warps`` and ``num_warps``: warps of a program of each (the bound's
-    by default a warp per 32 of its lanes, at most 8)."""
+    by default a warp per 32 of its lanes, at most 8); ``bound_bits``: leading key bits of the
+    bound (at most the key's), decided ``bound_digit_bits`` a block-wide count."""
 
     def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
                  sorted: bool, segments: int = 1, select: str = "bisect", sort_with: str = "program",
                  sort_warps: int = 1, unroll: int = 4, block: int = SPLIT_FILTER_BLOCK, bound_warps: int | None = None,
-                 filter_warps: int = SPLIT_FILTER_WARPS, num_warps: int = 8):
+                 filter_warps: int = SPLIT_FILTER_WARPS, bound_bits: int = BOUND_BITS, bound_digit_bits: int = 1,
+                 num_warps: int = 8):
         check_stage1(x2d, k, num_buckets, per_bucket_k, 0, unroll)
         assert select != "bitonic", "split_filtered_topk: the candidates are selected by bisect or radix"
         assert num_buckets % segments == 0 and segments & (segments - 1) == 0, (
@@ -375,13 +386,17 @@ class SplitFilteredTopk:
         cap, key_bits = candidate_slots(k), meta["KEY_BITS"]
         bound_warps = bound_warps or min(8, max(1, meta["BLANES"] // 32))
         words = entry_words(key_bits, n)
+        bound_bits = min(bound_bits, key_bits)
+        assert bound_bits > 0 and bound_digit_bits in (1, 2, 4) and bound_bits % bound_digit_bits == 0, (
+            f"split_filtered_topk: bound_digit_bits ({bound_digit_bits}) of 1, 2 or 4 dividing bound_bits ({bound_bits})")
         self.scratch_shape, self.device, self.rows = (rows, split_scratch(k, segments, words)), x2d.device, rows
         self.counts_at = words * cap + segments  # the scratch's column of candidates counted above the bound
         common = dict(LARGEST=largest, KEY_BITS=key_bits, CAP=cap)
         self.bound = Launch(_row_bound_kernel, (rows, segments), n=n, k_segment=k_segment, num_buckets=num_buckets,
                             slots=slots, x_row_stride=x2d.stride(0), scratch_row_stride=self.scratch_shape[1],
                             **{name: meta[name] for name in ("BLANES", "KB", "KBP", "UNROLL", "POS_BITS")}, **common,
-                            SEGMENTS=segments, PACK32=words == 1, num_warps=bound_warps)
+                            SEGMENTS=segments, PACK32=words == 1, BOUND_BITS=bound_bits,
+                            DIGIT_BITS=bound_digit_bits, num_warps=bound_warps)
         self.filter_blocks = Launch(_filter_block_kernel, (rows, -(-n // block)), n=n, k=k, x_row_stride=x2d.stride(0),
                                     scratch_row_stride=self.scratch_shape[1], tie_row_stride=k, **common, BLOCK=block,
                                     SEGMENTS=segments, PACK32=words == 1, num_warps=filter_warps)

@@ -66,23 +66,39 @@ def kth_key_bisect(keys, k, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def kth_key_by_digits(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
-    """``kth_key_bisect``'s threshold, DIGIT_BITS bits a round: each round counts the keys at or
-    above every value of the next digit at once (one reduction over [keys, 2**DIGIT_BITS]), so a
-    program waits on KEY_BITS / DIGIT_BITS block-wide counts instead of KEY_BITS. For a program
-    whose few candidates leave it latency-bound; it compares 2**DIGIT_BITS / DIGIT_BITS times
-    as often as bisection."""
+def key_lower_bound(keys, k, KEY_BITS: tl.constexpr, BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    """The largest T whose low KEY_BITS - BITS bits are zero with count(keys >= T) >= k: at most
+    the k-th largest key, and that key itself with BITS = KEY_BITS. Decided DIGIT_BITS bits a
+    round (BITS a multiple of it): each round counts the keys at or above every value of the
+    next digit at once (one reduction over [keys, 2**DIGIT_BITS]), so a program waits on
+    BITS / DIGIT_BITS block-wide counts, comparing 2**DIGIT_BITS / DIGIT_BITS times as often as
+    bisection (DIGIT_BITS = 1, one compare a key a round). Fewer BITS than the key's are for a
+    bound that only has to lie below the k-th key: the rounds that would place it between keys
+    of nearly equal value are skipped, and a few more keys pass it."""
     half = tl.full([], 1, tl.int64) << (KEY_BITS - 1)
-    digits = tl.arange(0, 1 << DIGIT_BITS)
     t_off = tl.zeros([], dtype=tl.int64)
-    for r in tl.static_range(KEY_BITS // DIGIT_BITS):
-        shift = KEY_BITS - DIGIT_BITS * (r + 1)
-        cand = (t_off + (digits.to(tl.int64) << shift) - half).to(tl.int32)
-        count = tl.sum((keys[:, None] >= cand[None, :]).to(tl.int32), axis=0)
-        # Digit 0 keeps the threshold so far, whose count is at least k: the max is defined.
-        digit = tl.max(tl.where(count >= k, digits, 0), axis=0)
-        t_off += digit.to(tl.int64) << shift
+    if DIGIT_BITS == 1:
+        for i in tl.static_range(BITS):
+            cand_off = t_off + (tl.full([], 1, tl.int64) << (KEY_BITS - 1 - i))
+            count = tl.sum((keys >= (cand_off - half).to(tl.int32)).to(tl.int32), axis=0)
+            t_off = tl.where(count >= k, cand_off, t_off)
+    else:
+        digits = tl.arange(0, 1 << DIGIT_BITS)
+        for r in tl.static_range(BITS // DIGIT_BITS):
+            shift = KEY_BITS - DIGIT_BITS * (r + 1)
+            cand = (t_off + (digits.to(tl.int64) << shift) - half).to(tl.int32)
+            count = tl.sum((keys[:, None] >= cand[None, :]).to(tl.int32), axis=0)
+            # Digit 0 keeps the threshold so far, whose count is at least k: the max is defined.
+            digit = tl.max(tl.where(count >= k, digits, 0), axis=0)
+            t_off += digit.to(tl.int64) << shift
     return (t_off - half).to(tl.int32)
+
+
+@triton.jit
+def kth_key_by_digits(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    """``kth_key_bisect``'s threshold, DIGIT_BITS bits a block-wide count (``key_lower_bound``):
+    for a program whose few candidates leave it latency-bound."""
+    return key_lower_bound(keys, k, KEY_BITS, KEY_BITS, DIGIT_BITS)
 
 
 @triton.jit
