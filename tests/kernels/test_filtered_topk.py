@@ -30,17 +30,19 @@ def test_filtered_finishes_and_smallest(select, sort_with, sorted_):
     assert_exact(values, indices, x, 70, False, sorted_)
 
 
+@pytest.mark.parametrize("sort_with", ["launch", "program"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_filtered_special_values_ties_and_fallback(dtype):
+def test_filtered_special_values_ties_and_fallback(dtype, sort_with):
     """Row 3 is all equal (no key above the bound: the ties make k); a period of 16 puts every
-    large value into bucket 0, so too many pass the bound and the fallback runs."""
+    large value into bucket 0, so too many pass the bound and the fallback runs. Sorted in the
+    program, each path sorts (key, index) entries in the output's index row."""
     x = special_rows(dtype, 1200)
     periodic = torch.randn(1, 1200)
     periodic[0, ::16] += 50
     x = torch.cat([x, periodic.to(dtype).to(KERNEL_DEVICE)])
     for largest in (True, False):
         values, indices = filtered_topk(x, 32, num_buckets=16, per_bucket_k=2, largest=largest, sorted=True,
-                                        sort_with="launch", block=256)
+                                        sort_with=sort_with, block=256)
         assert_exact(values, indices, x, 32, largest, sorted_=True)
 
 
@@ -63,8 +65,9 @@ def test_split_filtered_finishes_and_smallest(select, sort_with, sorted_):
     assert_exact(values, indices, x, 70, False, sorted_)
 
 
+@pytest.mark.parametrize("sort_with", ["launch", "program"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_filtered_special_values_ties_and_fallback(dtype):
+def test_split_filtered_special_values_ties_and_fallback(dtype, sort_with):
     """As for the one-program kernel: the all-equal row is made of ties, the periodic one passes
     more candidates than the slots hold and falls back to bisection; blocks of the filtering pass
     reserve their slots in any order."""
@@ -74,7 +77,7 @@ def test_split_filtered_special_values_ties_and_fallback(dtype):
     x = torch.cat([x, periodic.to(dtype).to(KERNEL_DEVICE)])
     for largest in (True, False):
         values, indices = split_filtered_topk(x, 32, num_buckets=16, per_bucket_k=2, segments=2, largest=largest,
-                                              sorted=True, sort_with="launch", block=128)
+                                              sorted=True, sort_with=sort_with, block=128)
         assert_exact(values, indices, x, 32, largest, sorted_=True)
 
 

@@ -21,7 +21,8 @@ from topk_compiler.kernels import next_pow2
 from topk_compiler.kernels.bucketed_topk import _fused_bucketed_topk_kernel, check_stage1, stage1_meta
 from topk_compiler.kernels.filtered_topk import FILTER_BLOCK, candidate_slots, entry_words, filter_and_select
 from topk_compiler.kernels.launch import Launch
-from topk_compiler.kernels.select_topk import finisher_for, order32, outputs_maker, select_meta
+from topk_compiler.kernels.select_topk import (finisher_for, order32, outputs_maker, select_meta,
+                                               sorts_entries_in_index_row)
 
 
 @triton.jit
@@ -59,7 +60,8 @@ def prepare_certified_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_b
         f"certified_topk: {num_buckets} x {per_bucket_k} survivors hold fewer than k={k}")
     cap = candidate_slots(k)
     words = cap * entry_words(meta["KEY_BITS"], n)
-    make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted, select)
+    make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted, select, sorts_entries_in_index_row(
+        meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with))
     finish = select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with)
     certify = Launch(_fused_bucketed_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots, seed=seed,
                      x_row_stride=x2d.stride(0), out_row_stride=k, **meta, **finish, CERTIFY=True,

@@ -36,7 +36,9 @@ from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
 from topk_compiler.kernels.select_topk import (compact_positions, entry_pad, finisher_for, index_entry, key_pad,
                                                key_lower_bound, order32, order_entry, outputs_maker, select_and_store,
-                                               select_meta, sort_stored, store_selected, unpack_index_entry)
+                                               select_meta, sort_stored, sorts_entries_in_index_row,
+                                               store_by_index_entries, store_index_entries, store_selected,
+                                               unpack_index_entry, write_index_entries)
 
 # Elements per step of the filtering pass: 4096 keeps 16 per thread in flight at 8 warps.
 FILTER_BLOCK = 4096
@@ -91,9 +93,10 @@ def _row_keys(x_row_ptr, start, n, BLOCK: tl.constexpr, LARGEST: tl.constexpr, K
 @triton.jit
 def exact_from_memory(x_row_ptr, n, k, values_row_ptr, indices_row_ptr, order_row_ptr,
                       LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr, K_POW2: tl.constexpr,
-                      SORTED: tl.constexpr, SORT_HERE: tl.constexpr, ORDER32: tl.constexpr):
+                      SORTED: tl.constexpr, SORT_HERE: tl.constexpr, ORDER32: tl.constexpr, PACK32: tl.constexpr):
     """Exact top-k of one row in memory: the k-th largest key by bisection (a counting pass over
-    the row per key bit), then one pass compacting the keys above it and the first ties."""
+    the row per key bit), then one pass compacting the keys above it and the first ties (sorted
+    in the program as ``select_and_store`` sorts: by (key, index) entries where they fit)."""
     half = tl.full([], 1, tl.int64) << (KEY_BITS - 1)
     t_off = tl.zeros([], dtype=tl.int64)
     for i in range(KEY_BITS):
@@ -115,13 +118,20 @@ def exact_from_memory(x_row_ptr, n, k, values_row_ptr, indices_row_ptr, order_ro
     for start in range(0, n, BLOCK):
         keys, offs = _row_keys(x_row_ptr, start, n, BLOCK, LARGEST, KEY_BITS)
         chosen, position, n_above, n_tied = compact_positions(keys, threshold, need, above_base, tied_base)
-        store_selected(keys, offs, chosen, position, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
-                       SORTED, ORDER32, KEY_BITS, LARGEST)
+        if SORTED and SORT_HERE and (PACK32 or KEY_BITS == 32):
+            store_index_entries(keys, offs, chosen, position, order_row_ptr, PACK32)
+        else:
+            store_selected(keys, offs, chosen, position, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr,
+                           SORTED, ORDER32, KEY_BITS, LARGEST)
         above_base += n_above
         tied_base += n_tied
     if SORTED and SORT_HERE:
         tl.debug_barrier()
-        sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2, ORDER32)
+        if PACK32 or KEY_BITS == 32:
+            write_index_entries(k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr, K_POW2, KEY_BITS,
+                                PACK32, LARGEST, True)
+        else:
+            sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2, ORDER32)
 
 
 @triton.jit
@@ -157,7 +167,7 @@ def select_candidates(x_row_ptr, bound, above, n, k, values_row_ptr, indices_row
     ``tie_idx_row``; step 3 of the module docstring."""
     if above > CAP:
         exact_from_memory(x_row_ptr, n, k, values_row_ptr, indices_row_ptr, order_row_ptr,
-                          LARGEST, KEY_BITS, BLOCK, K_POW2, SORTED, SORT_HERE, ORDER32)
+                          LARGEST, KEY_BITS, BLOCK, K_POW2, SORTED, SORT_HERE, ORDER32, PACK32)
     elif above >= k:
         f = tl.arange(0, CAP)
         # A padding entry unpacks to the padding key.
@@ -176,15 +186,20 @@ def select_candidates(x_row_ptr, bound, above, n, k, values_row_ptr, indices_row
             tl.load(_entries(cand_row, PACK32) + o, mask=from_above & in_k, other=0), PACK32)
         out_keys = tl.where(from_above, above_keys, bound)
         out_idx = tl.where(from_above, above_idx, tl.load(tie_idx_row + (o - above), mask=(~from_above) & in_k, other=0))
-        out_values = tl.load(x_row_ptr + out_idx, mask=in_k)
         tl.debug_barrier()
-        tl.store(indices_row_ptr + o, out_idx, mask=in_k)
-        tl.store(values_row_ptr + o, out_values, mask=in_k)
-        if SORTED:
-            tl.store(order_row_ptr + o, order_entry(out_keys, o, ORDER32), mask=in_k)
-            if SORT_HERE:
-                tl.debug_barrier()
-                sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2, ORDER32)
+        if SORTED and SORT_HERE and (PACK32 or KEY_BITS == 32):
+            # The entries may take the index row: every tie was loaded before the barrier.
+            store_by_index_entries(out_keys, out_idx, in_k, o, k, x_row_ptr, values_row_ptr, indices_row_ptr,
+                                   order_row_ptr, K_POW2, KEY_BITS, PACK32, LARGEST, True)
+        else:
+            out_values = tl.load(x_row_ptr + out_idx, mask=in_k)
+            tl.store(indices_row_ptr + o, out_idx, mask=in_k)
+            tl.store(values_row_ptr + o, out_values, mask=in_k)
+            if SORTED:
+                tl.store(order_row_ptr + o, order_entry(out_keys, o, ORDER32), mask=in_k)
+                if SORT_HERE:
+                    tl.debug_barrier()
+                    sort_stored(values_row_ptr, indices_row_ptr, order_row_ptr, k, K_POW2, ORDER32)
 
 
 @triton.jit
@@ -242,7 +257,8 @@ def prepare_filtered_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bu
         f"filtered_topk: {num_buckets} x {per_bucket_k} survivors hold fewer than k={k}")
     cap = candidate_slots(k)
     words = cap * entry_words(meta["KEY_BITS"], n)
-    make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted)
+    make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted, select, sorts_entries_in_index_row(
+        meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with))
     launch = Launch(_filtered_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots,
                     x_row_stride=x2d.stride(0), out_row_stride=k, cand_row_stride=words, **meta, CAP=cap, BLOCK=block,
                     **select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with),
@@ -405,7 +421,8 @@ class SplitFilteredTopk:
                              SEGMENTS=segments,
                              **select_meta(k, key_bits, n, sorted=sorted, select=select, sort_with=sort_with),
                              num_warps=num_warps)
-        self.new_outputs = outputs_maker(x2d, k, key_bits, sorted)
+        self.new_outputs = outputs_maker(x2d, k, key_bits, sorted, select, sorts_entries_in_index_row(
+            key_bits, n, sorted=sorted, select=select, sort_with=sort_with))
         self.finish = finisher_for(rows, k, order32_entries=order32(key_bits, k), sorted=sorted, select=select,
                                    sort_with=sort_with, sort_warps=sort_warps)
 

@@ -242,20 +242,36 @@ def top_entries(entry, K_POW2: tl.constexpr):
 
 
 @triton.jit
+def store_index_entries(keys, idx, chosen, position, order_row_ptr, PACK32: tl.constexpr):
+    """The chosen candidates' (key, inverted index) entries, stored at their positions."""
+    if PACK32:
+        order_row_ptr = order_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    tl.store(order_row_ptr + position, index_entry(keys, idx, PACK32), mask=chosen)
+
+
+@triton.jit
 def store_by_index_entries(keys, idx, chosen, position, k, x_row_ptr, values_row_ptr, indices_row_ptr,
                            order_row_ptr, K_POW2: tl.constexpr, KEY_BITS: tl.constexpr, PACK32: tl.constexpr,
                            LARGEST: tl.constexpr, SORT: tl.constexpr):
-    """Stores the chosen candidates' (key, inverted index) entries at their positions, reloads
-    the k entries in order (with SORT, sorted into torch.topk's order; ties go to the smaller
-    index), and writes the values (rebuilt from the keys) and indices from them. PACK32: 16-bit
-    keys and indices below 2**16 share an int32, else an int64. ``order_row_ptr`` may be the
-    index row itself (the launcher then allocates no entries): int32 entries fill the first half
-    of its bytes, and every entry is loaded before any index is stored."""
-    entry = index_entry(keys, idx, PACK32)
+    """Stores the chosen candidates' (key, inverted index) entries at their positions
+    (``store_index_entries``), then writes the row from them (``write_index_entries``)."""
+    store_index_entries(keys, idx, chosen, position, order_row_ptr, PACK32)
+    tl.debug_barrier()
+    write_index_entries(k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr, K_POW2, KEY_BITS, PACK32,
+                        LARGEST, SORT)
+
+
+@triton.jit
+def write_index_entries(k, x_row_ptr, values_row_ptr, indices_row_ptr, order_row_ptr, K_POW2: tl.constexpr,
+                        KEY_BITS: tl.constexpr, PACK32: tl.constexpr, LARGEST: tl.constexpr, SORT: tl.constexpr):
+    """Loads a row's k stored (key, inverted index) entries in order (with SORT, sorted into
+    torch.topk's order; ties go to the smaller index), and writes the values (rebuilt from the
+    keys) and indices from them. PACK32: 16-bit keys and indices below 2**16 share an int32,
+    else an int64. ``order_row_ptr`` may be the index row itself (the launcher then allocates no
+    entries): int32 entries fill the first half of its bytes, and every entry is loaded before
+    any index is stored."""
     if PACK32:
         order_row_ptr = order_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    tl.store(order_row_ptr + position, entry, mask=chosen)
-    tl.debug_barrier()
     o = tl.arange(0, K_POW2)
     in_k = o < k
     entry = tl.load(order_row_ptr + o, mask=in_k, other=entry_pad(PACK32))
