@@ -315,6 +315,13 @@ def filtered_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, se
 
 # kernels/filtered_topk.SPLIT_FILTER_BLOCK: elements a program of the split kernel's filtering pass.
 SPLIT_FILTER_BLOCK = 256
+# The split kernel's filtering pass per element, as a share of the one-program kernel's ``filter``
+# weight: its light programs overlap their waits, where one program a row cannot. On an H100 the
+# pass took 0.12 us a wave of programs (256 elements each) at all four shapes of many rows, bf16
+# and fp32 alike, 2.6-2.9x below the full weight
+# (benchmarks/results/profile_large_k_h100_packed.json: 119 us at 1024 x 32768 bf16, 59 at
+# 1024 x 16384 fp32, 61 at 4096 x 4096, 30 at 64 x 131072).
+SPLIT_FILTER_SHARE = 0.33
 
 
 def split_filtered_time(rows, n, k, num_buckets, per_bucket_k, segments, elem_bytes, sorted_, select, sort_with,
@@ -322,8 +329,8 @@ def split_filtered_time(rows, n, k, num_buckets, per_bucket_k, segments, elem_by
     """``split_filtered_topk``: stage 1 and the k / segments-th survivor key over ``segments``
     programs a row (the bound), the filtering pass over a program per SPLIT_FILTER_BLOCK of the
     row, then a selection among the candidate slots, one program a row. Priced with the
-    one-program kernel's terms (not yet calibrated on this kernel: on an H100 its filtering
-    pass took 119 us at 1024 x 32768 bf16, benchmarks/results/profile_large_k_h100_packed.json)."""
+    one-program kernel's terms, the filtering pass's scaled by ``SPLIT_FILTER_SHARE`` (measured
+    on this kernel; the rest not yet calibrated on it)."""
     ns = num_buckets * _next_pow2(per_bucket_k) / segments
     key_bits = _key_bits(elem_bytes)
     inner, outer = _finish(rows, k, sorted_, select, sort_with, p)
@@ -331,7 +338,7 @@ def split_filtered_time(rows, n, k, num_buckets, per_bucket_k, segments, elem_by
         + key_bits * p.weight("sync")
     blocks = _cdiv(n, SPLIT_FILTER_BLOCK)
     filtering = (SPLIT_FILTER_BLOCK * elem_bytes * p.processors / p.bandwidth
-                 + SPLIT_FILTER_BLOCK * p.weight("filter"))
+                 + SPLIT_FILTER_BLOCK * SPLIT_FILTER_SHARE * p.weight("filter"))
     selection = _select(_candidate_slots(k), k, key_bits, select, p) + inner
     return (3 * p.weight("launch") + _waves(rows * segments, p) * bound + _waves(rows * blocks, p) * filtering
             + _waves(rows, p) * selection + outer)

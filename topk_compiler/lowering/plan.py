@@ -500,9 +500,9 @@ def races_torch(rows: int, n: int, k: int, dtype: torch.dtype, device: str, reca
                 layout: str = "interleaved", sorted: bool = True, num_buckets: int | None = None,
                 per_bucket_k: int | None = None) -> bool:
     """Whether a shape whose plan is torch.topk still times our kernels at its first call: some
-    shortlisted Triton plan is predicted within TIME_WITHIN of torch.topk. The model priced the
-    filtered exact kernel at 1.13x torch.topk at 1024 x 32768 bf16 k=2048, where none of our
-    exact kernels has been timed; it is fitted within ~17% (median) and extrapolates there."""
+    shortlisted Triton plan is predicted within TIME_WITHIN of torch.topk (e.g. the split
+    filtered kernel at 1.2x torch.topk at 1024 x 16384 fp32 k=2048, measured at 1.18x sorted);
+    the model is fitted within ~17% (median) and extrapolates at such shapes."""
     if not device.startswith("cuda"):
         return False
     approx, exact = shortlist(rows, n, k, dtype, device, recall_target, layout, sorted, num_buckets, per_bucket_k)
