@@ -84,7 +84,7 @@ def test_split_filtered_special_values_ties_and_fallback(dtype, sort_with):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_filtered_16_bit_rows_over_2_16(dtype):
     """16-bit keys pack with their index into an int32 entry only in rows up to 2**16 elements;
-    past that the entries are int64 (``filtered_topk.entry_words``)."""
+    past that the entries are int64 (``select_topk.pack32``)."""
     x = torch.randn(1, 2**16 + 300).to(dtype).to(KERNEL_DEVICE)
     x[0, -5:] = 30.0  # the largest, with indices past 2**16, must come back whole
     for largest in (True, False):

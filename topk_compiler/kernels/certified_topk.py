@@ -19,7 +19,7 @@ import triton.language as tl
 
 from topk_compiler.kernels import next_pow2
 from topk_compiler.kernels.bucketed_topk import _fused_bucketed_topk_kernel, check_stage1, stage1_meta
-from topk_compiler.kernels.filtered_topk import FILTER_BLOCK, candidate_slots, entry_words, filter_and_select
+from topk_compiler.kernels.filtered_topk import FILTER_BLOCK, candidate_slots, candidate_words, filter_and_select
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.select_topk import (finisher_for, order32, outputs_maker, select_meta,
                                                sorts_entries_in_index_row)
@@ -34,7 +34,7 @@ def _recompute_flagged_kernel(x_ptr, certificate_ptr, values_ptr, indices_ptr, o
                               SELECT: tl.constexpr, SORT_HERE: tl.constexpr, ORDER32: tl.constexpr,
                               PACK32: tl.constexpr):
     """Rows whose certificate failed: the exact top-k from their bound. A row's scratch holds CAP
-    candidate entries (``filtered_topk.entry_words``)."""
+    candidate entries (``filtered_topk.candidate_words``)."""
     row = tl.program_id(0).to(tl.int64)
     if tl.load(certificate_ptr + row) != 0:
         scratch_row = scratch_ptr + row * scratch_row_stride
@@ -59,7 +59,7 @@ def prepare_certified_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_b
     assert num_buckets * meta["KBP"] >= next_pow2(k), (
         f"certified_topk: {num_buckets} x {per_bucket_k} survivors hold fewer than k={k}")
     cap = candidate_slots(k)
-    words = cap * entry_words(meta["KEY_BITS"], n)
+    words = candidate_words(k, meta["KEY_BITS"], n)
     make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted, select, sorts_entries_in_index_row(
         meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with))
     finish = select_meta(k, meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with)

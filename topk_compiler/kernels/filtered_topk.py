@@ -36,7 +36,7 @@ from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
 from topk_compiler.kernels.select_topk import (compact_positions, entry_pad, finisher_for, index_entry, key_pad,
                                                key_lower_bound, order32, order_entry, outputs_maker, select_and_store,
-                                               select_meta, sort_stored, sorts_entries_in_index_row,
+                                               pack32, select_meta, sort_stored, sorts_entries_in_index_row,
                                                store_by_index_entries, store_index_entries, store_selected,
                                                unpack_index_entry, write_index_entries)
 
@@ -66,16 +66,17 @@ def candidate_slots(k: int) -> int:
     return 2 * next_pow2(k)
 
 
-def entry_words(key_bits: int, n: int) -> int:
-    """int32 words of a candidate's packed (key, index) entry: one for 16-bit keys of rows up to
-    2**16 (``select_meta``'s PACK32), else two. Packed, the 1024 x 32768 bf16 k=2048 scratch
-    takes 16 MiB, not the 32 of separate keys and indices: below the 24 MiB of its survivors."""
-    return 1 if key_bits == 16 and n <= 2**16 else 2
+def candidate_words(k: int, key_bits: int, n: int) -> int:
+    """int32 words of a row's ``candidate_slots`` packed (key, index) entries: one an entry where
+    they fit an int32 (``select_topk.pack32``), else two. Packed, the 1024 x 32768 bf16 k=2048
+    scratch takes 16 MiB, not the 32 of separate keys and indices: below the 24 MiB of its
+    survivors."""
+    return candidate_slots(k) * (1 if pack32(key_bits, n) else 2)
 
 
 @triton.jit
 def _entries(scratch_row, PACK32: tl.constexpr):
-    """The candidate entries at the start of a row's int32 scratch (``entry_words``)."""
+    """The candidate entries at the start of a row's int32 scratch (``candidate_words``)."""
     entries = scratch_row
     if not PACK32:
         entries = scratch_row.to(tl.pointer_type(tl.int64), bitcast=True)
@@ -256,7 +257,7 @@ def prepare_filtered_topk(x2d: torch.Tensor, k: int, *, num_buckets: int, per_bu
     assert num_buckets * meta["KBP"] >= next_pow2(k), (
         f"filtered_topk: {num_buckets} x {per_bucket_k} survivors hold fewer than k={k}")
     cap = candidate_slots(k)
-    words = cap * entry_words(meta["KEY_BITS"], n)
+    words = candidate_words(k, meta["KEY_BITS"], n)
     make_outputs = outputs_maker(x2d, k, meta["KEY_BITS"], sorted, select, sorts_entries_in_index_row(
         meta["KEY_BITS"], n, sorted=sorted, select=select, sort_with=sort_with))
     launch = Launch(_filtered_topk_kernel, (rows,), n=n, k=k, num_buckets=num_buckets, slots=slots,
@@ -368,11 +369,11 @@ def _select_candidates_kernel(x_ptr, scratch_ptr, values_ptr, indices_ptr, order
                       SORTED, SELECT, SORT_HERE, ORDER32, PACK32)
 
 
-def split_scratch(k: int, segments: int, words_per_entry: int) -> int:
-    """int32 words of a row's scratch in ``split_filtered_topk``: CAP candidate entries
-    (``entry_words`` each), the segments' bounds, the counts of elements above the bound and tied
-    with it, and a word to keep the next row's int64 entries 8-byte aligned."""
-    return words_per_entry * candidate_slots(k) + segments + 2 + segments % 2
+def split_scratch(words: int, segments: int) -> int:
+    """int32 words of a row's scratch in ``split_filtered_topk``: the ``words`` of its candidate
+    entries (``candidate_words``), the segments' bounds, the counts of elements above the bound
+    and tied with it, and a word to keep the next row's int64 entries 8-byte aligned."""
+    return words + segments + 2 + segments % 2
 
 
 class SplitFilteredTopk:
@@ -401,21 +402,21 @@ class SplitFilteredTopk:
             f"k / segments = {k_segment}")
         cap, key_bits = candidate_slots(k), meta["KEY_BITS"]
         bound_warps = bound_warps or min(8, max(1, meta["BLANES"] // 32))
-        words = entry_words(key_bits, n)
+        words, packed = candidate_words(k, key_bits, n), pack32(key_bits, n)
         bound_bits = min(bound_bits, key_bits)
         assert bound_bits > 0 and bound_digit_bits in (1, 2, 4) and bound_bits % bound_digit_bits == 0, (
             f"split_filtered_topk: bound_digit_bits ({bound_digit_bits}) of 1, 2 or 4 dividing bound_bits ({bound_bits})")
-        self.scratch_shape, self.device, self.rows = (rows, split_scratch(k, segments, words)), x2d.device, rows
-        self.counts_at = words * cap + segments  # the scratch's column of candidates counted above the bound
+        self.scratch_shape, self.device, self.rows = (rows, split_scratch(words, segments)), x2d.device, rows
+        self.counts_at = words + segments  # the scratch's column of candidates counted above the bound
         common = dict(LARGEST=largest, KEY_BITS=key_bits, CAP=cap)
         self.bound = Launch(_row_bound_kernel, (rows, segments), n=n, k_segment=k_segment, num_buckets=num_buckets,
                             slots=slots, x_row_stride=x2d.stride(0), scratch_row_stride=self.scratch_shape[1],
                             **{name: meta[name] for name in ("BLANES", "KB", "KBP", "UNROLL", "POS_BITS")}, **common,
-                            SEGMENTS=segments, PACK32=words == 1, BOUND_BITS=bound_bits,
+                            SEGMENTS=segments, PACK32=packed, BOUND_BITS=bound_bits,
                             DIGIT_BITS=bound_digit_bits, num_warps=bound_warps)
         self.filter_blocks = Launch(_filter_block_kernel, (rows, -(-n // block)), n=n, k=k, x_row_stride=x2d.stride(0),
                                     scratch_row_stride=self.scratch_shape[1], tie_row_stride=k, **common, BLOCK=block,
-                                    SEGMENTS=segments, PACK32=words == 1, num_warps=filter_warps)
+                                    SEGMENTS=segments, PACK32=packed, num_warps=filter_warps)
         self.select = Launch(_select_candidates_kernel, (rows,), n=n, k=k, x_row_stride=x2d.stride(0),
                              scratch_row_stride=self.scratch_shape[1], out_row_stride=k, **common, BLOCK=block,
                              SEGMENTS=segments,

@@ -470,13 +470,18 @@ def sort_selected(values: torch.Tensor, indices: torch.Tensor, order: torch.Tens
                   order32_entries=order.dtype == torch.int32)(values, indices, order)
 
 
+def pack32(key_bits: int, n: int) -> bool:
+    """A 16-bit key and an index of a row of at most 2**16 share an int32 (``index_entry``)."""
+    return key_bits == 16 and n <= 2**16
+
+
 def select_meta(k: int, key_bits: int, n: int, *, sorted: bool, select: str, sort_with: str) -> dict:
     """The constexprs ``select_and_store`` takes beside KEY_BITS, from the launcher's arguments."""
     assert select in SELECT_METHODS, f"select must be one of {list(SELECT_METHODS)}, got {select!r}"
     assert sort_with in SORT_WITH, f"sort_with must be one of {SORT_WITH}, got {sort_with!r}"
     return dict(K_POW2=next_pow2(k), SORTED=sorted, SELECT=SELECT_METHODS[select],
                 SORT_HERE=sort_with == "program" or select == "bitonic", ORDER32=order32(key_bits, k),
-                PACK32=key_bits == 16 and n <= 2**16)
+                PACK32=pack32(key_bits, n))
 
 
 def _sorted_already(values, indices, order):
