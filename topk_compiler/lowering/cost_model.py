@@ -301,14 +301,20 @@ def _candidate_slots(k):
     return 2 * _next_pow2(k)
 
 
+# kernels/filtered_topk.BOUND_BITS: the filtered kernels' bound decides this many leading key
+# bits, one block-wide count each.
+BOUND_BITS = 14
+
+
 def filtered_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, select, sort_with, p: DeviceProfile):
     """``filtered_topk``: stage 1 for a bound, a second pass over the row keeping what exceeds it,
     an exact selection among the candidate slots (``_candidate_slots``)."""
     ns = num_buckets * _next_pow2(per_bucket_k)
     key_bits = _key_bits(elem_bytes)
     inner, outer = _finish(rows, k, sorted_, select, sort_with, p)
-    per_row = (_stream(n, elem_bytes, per_bucket_k, p) + ns * key_bits * p.weight("bisect")
-               + key_bits * p.weight("sync") + n * p.weight("filter")
+    bound_bits = min(key_bits, BOUND_BITS)
+    per_row = (_stream(n, elem_bytes, per_bucket_k, p) + ns * bound_bits * p.weight("bisect")
+               + bound_bits * p.weight("sync") + n * p.weight("filter")
                + _select(_candidate_slots(k), k, key_bits, select, p) + inner)
     return p.weight("launch") + _waves(rows, p) * per_row + outer
 
@@ -334,8 +340,9 @@ def split_filtered_time(rows, n, k, num_buckets, per_bucket_k, segments, elem_by
     ns = num_buckets * _next_pow2(per_bucket_k) / segments
     key_bits = _key_bits(elem_bytes)
     inner, outer = _finish(rows, k, sorted_, select, sort_with, p)
-    bound = _stream(n / segments, elem_bytes, per_bucket_k, p) + ns * key_bits * p.weight("bisect") \
-        + key_bits * p.weight("sync")
+    bound_bits = min(key_bits, BOUND_BITS)
+    bound = _stream(n / segments, elem_bytes, per_bucket_k, p) + ns * bound_bits * p.weight("bisect") \
+        + bound_bits * p.weight("sync")
     blocks = _cdiv(n, SPLIT_FILTER_BLOCK)
     filtering = (SPLIT_FILTER_BLOCK * elem_bytes * p.processors / p.bandwidth
                  + SPLIT_FILTER_BLOCK * SPLIT_FILTER_SHARE * p.weight("filter"))
