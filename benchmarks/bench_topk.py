@@ -517,6 +517,11 @@ def precompile(shapes: list[Shape], jobs: int) -> None:
           flush=True)
 
 
+def _save_partial(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_topk.partial.json").write_text(json.dumps(report, indent=1))
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -543,6 +548,8 @@ def run(args: argparse.Namespace) -> dict:
             continue
         record = bench_shape(shape, device, bandwidth)
         report["shapes"].append(record)
+        # A run cut short (a device call's time limit) keeps the shapes measured so far.
+        _save_partial(report, args.out)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         ours = record["results"]["approx@0.95"]
@@ -580,6 +587,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_topk.json").write_text(json.dumps(report, indent=1))
+    (args.out / "bench_topk.partial.json").unlink(missing_ok=True)
     report_topk.write_report(report, args.out)
     print(report_topk.short_table(report), flush=True)
     return report
