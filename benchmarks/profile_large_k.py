@@ -8,8 +8,7 @@ Per shape (random normal rows), each timed as a CUDA-graph replay (``profile_sta
 * ``filtered:sorted``: the one-program exact filtered kernel at the same bucketing.
 * ``split:<sorted|unsorted>:...``: ``SplitFilteredTopk`` whole (checked against torch.topk's values
   first), at the planner's filtered bucketing of fewest slots a bucket, its bound over ``s``
-  programs a row, its filtering pass over blocks of ``block`` elements of ``w`` warps, ``sub`` blocks
-  a program, its bound
+  programs a row, its filtering pass over blocks of ``block`` elements of ``w`` warps, its bound
   of ``bits`` leading key bits decided ``d`` bits a block-wide count (``:bound<bits>/<d>``);
   ``split:bound`` its first launch alone, ``split:bound+filter`` its first two (the bound launch
   zeroes the counts the filtering pass reserves slots from, so the pair repeats faithfully);
@@ -46,10 +45,8 @@ SHAPES = [
     (1024, 16384, 2048, torch.float32),
 ]
 PROCESSORS = 132
-# (elements a block of the filtering pass, its warps, blocks a program): one block a program
-# holds 8 elements a thread in flight; several, counted before one atomic add, 32-64 (151-199
-# registers on sm_90, no spills).
-FILTER_BLOCKS = ((256, 1, 1), (1024, 4, 1), (256, 1, 8), (512, 2, 8), (1024, 4, 8), (2048, 8, 4))
+# (elements a block of the filtering pass, its warps)
+FILTER_BLOCKS = ((256, 1), (1024, 4))
 # (leading key bits of the split kernel's bound, bits a block-wide count); the second is its default.
 BOUNDS = ((32, 1), (14, 1), (14, 2), (12, 2))
 # Most elements a row held in registers by one program of 32 warps (32 keys a thread).
@@ -114,17 +111,17 @@ def shape_rows(rows, n, k, dtype, only=None) -> list[dict]:
                    lambda: filtered_topk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=True)))
     select_warps = 16 if 2 * next_pow2(k) > 4096 else 8
     key_bits = 8 * x.element_size()
-    variants = [(block, warps, sub, bits, digits, sorted_) for block, warps, sub in FILTER_BLOCKS
-                for bits, digits in (BOUNDS if (block, warps, sub) == FILTER_BLOCKS[0] else BOUNDS[1:2])
-                for sorted_ in ((True, False) if ((block, warps, sub), (bits, digits)) == (FILTER_BLOCKS[0], BOUNDS[1])
+    variants = [(block, warps, bits, digits, sorted_) for block, warps in FILTER_BLOCKS
+                for bits, digits in (BOUNDS if block == FILTER_BLOCKS[0][0] else BOUNDS[1:2])
+                for sorted_ in ((True, False) if (block, bits, digits) == (FILTER_BLOCKS[0][0], *BOUNDS[1])
                                 else (False,))]
-    for block, warps, sub, bits, digits, sorted_ in variants:
+    for block, warps, bits, digits, sorted_ in variants:
         op = SplitFilteredTopk(x, k, num_buckets=b, per_bucket_k=kb, segments=segments, largest=True,
-                               sorted=sorted_, block=block, filter_warps=warps, sub_blocks=sub, bound_bits=bits,
+                               sorted=sorted_, block=block, filter_warps=warps, bound_bits=bits,
                                bound_digit_bits=digits, num_warps=select_warps)
         bound = f"bound{min(bits, key_bits)}/{digits}"
         name = (f"split:{'sorted' if sorted_ else 'unsorted'}:b{b}:kb{kb}:s{segments}:block{block}:w{warps}:"
-                f"sub{sub}:{bound}")
+                f"{bound}")
         try:
             ok = exact_values_match(op(x)[0], x, k)
         except Exception as e:
@@ -134,7 +131,7 @@ def shape_rows(rows, n, k, dtype, only=None) -> list[dict]:
             scratch, indices = op.new_scratch(), op.new_outputs()[1]
             out.append(row(x, k, f"split:bound:b{b}:kb{kb}:s{segments}:{bound}",
                            lambda op=op: op.bound(x, scratch)))
-            out.append(row(x, k, f"split:bound+filter:block{block}:w{warps}:sub{sub}:{bound}",
+            out.append(row(x, k, f"split:bound+filter:block{block}:w{warps}:{bound}",
                            lambda op=op: (op.bound(x, scratch), op.filter_blocks(x, scratch, indices))))
             counts = scratch[:, op.counts_at].float()
             out[-1]["candidates_mean"] = round(counts.mean().item(), 1)

@@ -65,21 +65,19 @@ def test_split_filtered_finishes_and_smallest(select, sort_with, sorted_):
     assert_exact(values, indices, x, 70, False, sorted_)
 
 
-@pytest.mark.parametrize("sort_with,sub_blocks", [("launch", 1), ("program", 1), ("program", 3)])
+@pytest.mark.parametrize("sort_with", ["launch", "program"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_filtered_special_values_ties_and_fallback(dtype, sort_with, sub_blocks):
+def test_split_filtered_special_values_ties_and_fallback(dtype, sort_with):
     """As for the one-program kernel: the all-equal row is made of ties, the periodic one passes
-    more candidates than the slots hold and falls back to bisection; programs of the filtering
-    pass reserve their slots in any order, and one of several blocks stores each block's
-    candidates and ties after those of the blocks before it (the last program's blocks partly
-    or wholly past the row's end)."""
+    more candidates than the slots hold and falls back to bisection; blocks of the filtering pass
+    reserve their slots in any order."""
     x = special_rows(dtype, 1200)
     periodic = torch.randn(1, 1200)
     periodic[0, ::16] += 50
     x = torch.cat([x, periodic.to(dtype).to(KERNEL_DEVICE)])
     for largest in (True, False):
         values, indices = split_filtered_topk(x, 32, num_buckets=16, per_bucket_k=2, segments=2, largest=largest,
-                                              sorted=True, sort_with=sort_with, block=128, sub_blocks=sub_blocks)
+                                              sorted=True, sort_with=sort_with, block=128)
         assert_exact(values, indices, x, 32, largest, sorted_=True)
 
 

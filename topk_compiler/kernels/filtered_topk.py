@@ -49,8 +49,6 @@ FILTER_BLOCK = 4096
 # (benchmarks/results/profile_large_k_h100_packed.json).
 SPLIT_FILTER_BLOCK = 256
 SPLIT_FILTER_WARPS = 1
-# Blocks a filtering program takes, counted together before one atomic add (not yet measured).
-SPLIT_FILTER_SUBBLOCKS = 1
 # Leading key bits the filtered kernels' bound decides (``select_topk.key_lower_bound``): sign,
 # exponent and 5 mantissa bits of a bf16 or fp32 key (8 of fp16). Below the k-th key by at most
 # 1/32 of its power of two, it lets a few more elements pass than the exact k-th survivor key
@@ -336,37 +334,21 @@ def _filter_block_kernel(x_ptr, scratch_ptr, tie_idx_ptr,                       
                          n, k,                                                  # sizes
                          x_row_stride, scratch_row_stride, tie_row_stride,      # strides
                          LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
-                         SUBBLOCKS: tl.constexpr, SEGMENTS: tl.constexpr, PACK32: tl.constexpr):
-    """Program (row, b): the candidates of elements b * BLOCK * SUBBLOCKS ... of the row, stored
-    after those of the row's programs that reserved their slots before it. Over several
-    sub-blocks the program counts first, every load in flight at once, reserves its slots with one
-    atomic add, then reads its elements again (from cache) to store them: a program of one block
-    waits on its load, its atomic and its stores in turn, which kept the pass at ~0.12 us a wave of
-    programs (profile_large_k_h100_packed.json)."""
+                         SEGMENTS: tl.constexpr, PACK32: tl.constexpr):
+    """Program (row, b): the candidates of elements b * BLOCK ... of the row, stored after those of
+    the row's blocks that reserved their slots before it."""
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * x_row_stride
-    start = tl.program_id(1) * (BLOCK * SUBBLOCKS)
     scratch_row = scratch_ptr + row * scratch_row_stride
     bound = _row_bound(scratch_row, CAP, SEGMENTS, PACK32)
-    keys, offs = _row_keys(x_row, start, n, BLOCK, LARGEST, KEY_BITS)
-    passing = _passing(keys, bound)
-    for i in tl.static_range(1, SUBBLOCKS):
-        sub_keys, _ = _row_keys(x_row, start + i * BLOCK, n, BLOCK, LARGEST, KEY_BITS)
-        passing += _passing(sub_keys, bound)
-    total = tl.sum(passing, axis=0)
+    keys, offs = _row_keys(x_ptr + row * x_row_stride, tl.program_id(1) * BLOCK, n, BLOCK, LARGEST, KEY_BITS)
+    total = tl.sum(_passing(keys, bound), axis=0)
     n_tied = total >> 16
     counts = _row_counts(scratch_row, CAP, SEGMENTS, PACK32)
     above_base = tl.atomic_add(counts, total & 0xFFFF, sem="relaxed")
     # Ties are rare: most blocks reserve none (a masked atomic returns nothing, and none is stored).
     tied_base = tl.atomic_add(counts + 1, n_tied, mask=n_tied > 0, sem="relaxed")
-    tie_row = tie_idx_ptr + row * tie_row_stride
-    _store_passing(keys, offs, bound, above_base, tied_base, k, scratch_row, tie_row, CAP, PACK32)
-    for i in tl.static_range(1, SUBBLOCKS):
-        sub_total = tl.sum(_passing(keys, bound), axis=0)
-        above_base += sub_total & 0xFFFF
-        tied_base += sub_total >> 16
-        keys, offs = _row_keys(x_row, start + i * BLOCK, n, BLOCK, LARGEST, KEY_BITS)
-        _store_passing(keys, offs, bound, above_base, tied_base, k, scratch_row, tie_row, CAP, PACK32)
+    _store_passing(keys, offs, bound, above_base, tied_base, k, scratch_row, tie_idx_ptr + row * tie_row_stride,
+                   CAP, PACK32)
 
 
 @triton.jit
@@ -399,21 +381,19 @@ class SplitFilteredTopk:
     launches fixed (``launch.Launch``): ``bound``, ``filter_blocks`` and ``select`` (each a
     function of the tensors it reads and writes), called in turn by ``__call__``.
     ``bound_warps``, ``filter_warps`` and ``num_warps``: warps of a program of each (the bound's
-    by default a warp per 32 of its lanes, at most 8); ``sub_blocks``: blocks of ``block``
-    elements a filtering program takes; ``bound_bits``: leading key bits of the
+    by default a warp per 32 of its lanes, at most 8); ``bound_bits``: leading key bits of the
     bound (at most the key's), decided ``bound_digit_bits`` a block-wide count."""
 
     def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
                  sorted: bool, segments: int = 1, select: str = "bisect", sort_with: str = "program",
                  sort_warps: int = 1, unroll: int = 4, block: int = SPLIT_FILTER_BLOCK, bound_warps: int | None = None,
-                 filter_warps: int = SPLIT_FILTER_WARPS, sub_blocks: int = SPLIT_FILTER_SUBBLOCKS,
-                 bound_bits: int = BOUND_BITS, bound_digit_bits: int = 1, num_warps: int = 8):
+                 filter_warps: int = SPLIT_FILTER_WARPS, bound_bits: int = BOUND_BITS, bound_digit_bits: int = 1,
+                 num_warps: int = 8):
         check_stage1(x2d, k, num_buckets, per_bucket_k, 0, unroll)
         assert select != "bitonic", "split_filtered_topk: the candidates are selected by bisect or radix"
         assert num_buckets % segments == 0 and segments & (segments - 1) == 0, (
             f"split_filtered_topk: segments ({segments}) must be a power of two dividing num_buckets ({num_buckets})")
-        assert block * sub_blocks < 2**15, (
-            f"split_filtered_topk: a filtering program takes fewer than 2**15 elements, got {block} x {sub_blocks}")
+        assert block <= 2**15, f"split_filtered_topk: blocks of at most 2**15 elements, got {block}"
         rows, n = x2d.shape
         slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets // segments, 0, unroll, largest)
         k_segment = -(-k // segments)
@@ -434,10 +414,9 @@ class SplitFilteredTopk:
                             **{name: meta[name] for name in ("BLANES", "KB", "KBP", "UNROLL", "POS_BITS")}, **common,
                             SEGMENTS=segments, PACK32=packed, BOUND_BITS=bound_bits,
                             DIGIT_BITS=bound_digit_bits, num_warps=bound_warps)
-        self.filter_blocks = Launch(_filter_block_kernel, (rows, -(-n // (block * sub_blocks))), n=n, k=k,
-                                    x_row_stride=x2d.stride(0), scratch_row_stride=self.scratch_shape[1],
-                                    tie_row_stride=k, **common, BLOCK=block, SUBBLOCKS=sub_blocks, SEGMENTS=segments,
-                                    PACK32=packed, num_warps=filter_warps)
+        self.filter_blocks = Launch(_filter_block_kernel, (rows, -(-n // block)), n=n, k=k, x_row_stride=x2d.stride(0),
+                                    scratch_row_stride=self.scratch_shape[1], tie_row_stride=k, **common, BLOCK=block,
+                                    SEGMENTS=segments, PACK32=packed, num_warps=filter_warps)
         self.select = Launch(_select_candidates_kernel, (rows,), n=n, k=k, x_row_stride=x2d.stride(0),
                              scratch_row_stride=self.scratch_shape[1], out_row_stride=k, **common, BLOCK=block,
                              SEGMENTS=segments,
