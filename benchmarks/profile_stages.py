@@ -16,9 +16,7 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
   then the selection and the rank sort; ``wide:...``: the wide-bucket kernel at the planner's
   bucketings, whole and each of its two launches alone (the selection ``:d<bits>`` deciding its
   threshold 1, 2 (as it runs) or 4 bits per count; ``:bitonic``, and ``wide:bitonic`` whole, keeping
-  each bucket's top by a bitonic network; ``wide:w<warps>`` whole and its selection with fewer
-  warps a bucket, ``wide:merge:w<warps>`` the merge with other warps). ``--only wide`` runs these
-  alone.
+  each bucket's top by a bitonic network). ``--only wide`` runs these alone.
 * ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
   stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
   ``rank_sort``: ``rank_sort`` of them (many programs per row); ``torch_sort``: ``torch.sort``.
@@ -267,16 +265,6 @@ def wide(x, k, record):
             other = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=warps,
                                    digit_bits=digit_bits)
             record(f"wide:select:w{warps}:d{digit_bits}", b, kb, lambda r=other, e=entries: r.select(x, e))
-        # A bucket of about 1024 slots over 8 warps holds 4 keys a thread: its counts wait on
-        # barriers. Fewer warps count with shuffles alone.
-        for fewer in (1, 2, 4):
-            narrow = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=fewer)
-            record(f"wide:w{fewer}", b, kb, lambda r=narrow: r(x))
-            record(f"wide:select:w{fewer}:d2", b, kb, lambda r=narrow, e=entries: r.select(x, e))
-        for merge in (2, 8):  # one warp spills 1.8 KB a thread on sm_90
-            other = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=warps,
-                                   merge_warps=merge)
-            record(f"wide:merge:w{merge}", b, kb, lambda r=other, e=entries, v=values, i=indices: r.merge(e, x, v, i))
         if triton.next_power_of_2(kb) <= MAX_NETWORK_KB:
             network = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=warps,
                                      select="bitonic")

@@ -131,7 +131,7 @@ def _merge_by_rank_kernel(entries_ptr, x_ptr, values_ptr, indices_ptr,      # po
     tl.store(values_ptr + out, values_of(keys, idx, keep, x_ptr + row * x_row_stride, KEY_BITS, LARGEST), mask=keep)
 
 
-def default_merge_warps(num_buckets: int, kb_pow2: int) -> int:
+def merge_warps(num_buckets: int, kb_pow2: int) -> int:
     """Warps of the merge: 4, or 8 where its [bucket, entry] probes pass 16 a thread."""
     return 8 if num_buckets * kb_pow2 > 2048 else 4
 
@@ -141,12 +141,11 @@ class WideBucketTopk:
     x2d for (values, indices); ``select`` and ``merge`` are its two launches (``launch.Launch``),
     on (x2d, entries) and (entries, x2d, values, indices). ``select``: how each bucket's top is
     found (module docstring); ``digit_bits``: with "bisect", the threshold's bits decided per
-    block-wide count (``kth_key_by_digits``; 1, 2 or 4); ``num_warps`` and ``merge_warps``: warps
-    of a program of each launch (the merge's by default ``merge_warps``)."""
+    block-wide count (``kth_key_by_digits``; 1, 2 or 4)."""
 
     def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
                  layout_id: int = 0, seed: int = 0, num_warps: int = 8, select: str = "bisect",
-                 digit_bits: int = DIGIT_BITS, merge_warps: int | None = None):
+                 digit_bits: int = DIGIT_BITS):
         assert x2d.dim() == 2 and x2d.stride(1) == 1, "wide_bucket_topk: x2d must be [rows, n], unit last stride"
         assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {x2d.dtype}"
         assert num_buckets & (num_buckets - 1) == 0, f"num_buckets must be a power of two, got {num_buckets}"
@@ -177,7 +176,7 @@ class WideBucketTopk:
                             entries_row_stride=survivors, x_row_stride=x2d.stride(0), out_row_stride=k,
                             NUM_BUCKETS=num_buckets, KB_POW2=kb_pow2, LOG_KB=kb_pow2.bit_length() - 1,
                             LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, CHAINED=chained,
-                            num_warps=merge_warps or default_merge_warps(num_buckets, kb_pow2), launch_pdl=chained)
+                            num_warps=merge_warps(num_buckets, kb_pow2), launch_pdl=chained)
         self._rows, self._k, self._survivors = rows, k, survivors
         self._dtype, self._device = x2d.dtype, x2d.device
         self._entry_dtype = torch.int32 if pack32 else torch.int64
