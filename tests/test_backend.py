@@ -78,6 +78,18 @@ def test_dynamic_shapes_compile_once_and_serve_several_lengths(device):
     assert len(compiles) == 1
 
 
+def _installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution("topk-compiler")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# The GPU machine runs a copy of the checkout that is not pip-installed: no entry point there.
+@pytest.mark.skipif(not _installed(), reason="topk-compiler is not installed: no entry points registered")
 def test_backend_name_resolves_through_the_entry_point_without_import():
     code = (
         "import torch\n"
