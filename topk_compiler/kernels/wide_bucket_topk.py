@@ -38,7 +38,7 @@ from topk_compiler.kernels.bucket_layout import element_index
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
 from topk_compiler.kernels.select_topk import (compact_positions, entry_pad, index_entry, key_pad, kth_key_by_digits,
-                                               top_entries, unpack_index_entry, values_of)
+                                               pack32, top_entries, unpack_index_entry, values_of)
 
 # A bucket is held in registers: at most this many slots (16 keys a thread at 8 warps).
 MAX_SLOTS = 4096
@@ -162,7 +162,7 @@ class WideBucketTopk:
         assert select in SELECTS, f"select must be one of {SELECTS}, got {select!r}"
         assert select != "bitonic" or per_bucket_k <= MAX_NETWORK_KB, (
             f"wide_bucket_topk: a bitonic network keeps at most {MAX_NETWORK_KB} a bucket, got {per_bucket_k}")
-        pack32 = key_bits == 16 and n <= 2**16
+        packed = pack32(key_bits, n)
         kb_pow2 = next_pow2(per_bucket_k)
         # On Hopper the merge launches while the selection runs (``kernels.chains_launches``): a
         # launch's gap is a tenth of a 10 us call.
@@ -170,16 +170,16 @@ class WideBucketTopk:
         self.select = Launch(_bucket_top_kernel, (rows, num_buckets), n=n, per_bucket_k=per_bucket_k, slots=slots,
                              seed=seed, x_row_stride=x2d.stride(0), entries_row_stride=survivors,
                              NUM_BUCKETS=num_buckets, SLOTS_POW2=next_pow2(slots), KB_POW2=kb_pow2, LAYOUT=layout_id,
-                             LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, DIGIT_BITS=digit_bits,
+                             LARGEST=largest, KEY_BITS=key_bits, PACK32=packed, DIGIT_BITS=digit_bits,
                              NETWORK=select == "bitonic", CHAINED=chained, num_warps=num_warps)
         self.merge = Launch(_merge_by_rank_kernel, (rows, num_buckets), per_bucket_k=per_bucket_k, k=k,
                             entries_row_stride=survivors, x_row_stride=x2d.stride(0), out_row_stride=k,
                             NUM_BUCKETS=num_buckets, KB_POW2=kb_pow2, LOG_KB=kb_pow2.bit_length() - 1,
-                            LARGEST=largest, KEY_BITS=key_bits, PACK32=pack32, CHAINED=chained,
+                            LARGEST=largest, KEY_BITS=key_bits, PACK32=packed, CHAINED=chained,
                             num_warps=merge_warps(num_buckets, kb_pow2), launch_pdl=chained)
         self._rows, self._k, self._survivors = rows, k, survivors
         self._dtype, self._device = x2d.dtype, x2d.device
-        self._entry_dtype = torch.int32 if pack32 else torch.int64
+        self._entry_dtype = torch.int32 if packed else torch.int64
 
     def new_entries(self) -> torch.Tensor:
         return torch.empty((self._rows, self._survivors), dtype=self._entry_dtype, device=self._device)

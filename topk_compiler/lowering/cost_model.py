@@ -306,15 +306,19 @@ def _candidate_slots(k):
 BOUND_BITS = 14
 
 
+def _bound_counts(survivors, key_bits, p: DeviceProfile):
+    """The filtered kernels' bound among ``survivors`` keys: one block-wide count a leading bit."""
+    bits = min(key_bits, BOUND_BITS)
+    return survivors * bits * p.weight("bisect") + bits * p.weight("sync")
+
+
 def filtered_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, sorted_, select, sort_with, p: DeviceProfile):
     """``filtered_topk``: stage 1 for a bound, a second pass over the row keeping what exceeds it,
     an exact selection among the candidate slots (``_candidate_slots``)."""
     ns = num_buckets * _next_pow2(per_bucket_k)
     key_bits = _key_bits(elem_bytes)
     inner, outer = _finish(rows, k, sorted_, select, sort_with, p)
-    bound_bits = min(key_bits, BOUND_BITS)
-    per_row = (_stream(n, elem_bytes, per_bucket_k, p) + ns * bound_bits * p.weight("bisect")
-               + bound_bits * p.weight("sync") + n * p.weight("filter")
+    per_row = (_stream(n, elem_bytes, per_bucket_k, p) + _bound_counts(ns, key_bits, p) + n * p.weight("filter")
                + _select(_candidate_slots(k), k, key_bits, select, p) + inner)
     return p.weight("launch") + _waves(rows, p) * per_row + outer
 
@@ -340,9 +344,7 @@ def split_filtered_time(rows, n, k, num_buckets, per_bucket_k, segments, elem_by
     ns = num_buckets * _next_pow2(per_bucket_k) / segments
     key_bits = _key_bits(elem_bytes)
     inner, outer = _finish(rows, k, sorted_, select, sort_with, p)
-    bound_bits = min(key_bits, BOUND_BITS)
-    bound = _stream(n / segments, elem_bytes, per_bucket_k, p) + ns * bound_bits * p.weight("bisect") \
-        + bound_bits * p.weight("sync")
+    bound = _stream(n / segments, elem_bytes, per_bucket_k, p) + _bound_counts(ns, key_bits, p)
     blocks = _cdiv(n, SPLIT_FILTER_BLOCK)
     filtering = (SPLIT_FILTER_BLOCK * elem_bytes * p.processors / p.bandwidth
                  + SPLIT_FILTER_BLOCK * SPLIT_FILTER_SHARE * p.weight("filter"))
