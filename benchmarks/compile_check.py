@@ -9,8 +9,10 @@ dtypes, 32-bit ints marked divisible by 16 where they are, as Triton specialises
 keyword constexprs and ``num_warps`` the compile options. ``triton.compile`` then runs down to a
 cubin with the ptxas that ships with Triton; nothing is launched. Each launch reports its
 registers, spills, shared memory, the instruction count of each loop that loads from global
-memory (``load_loops``, from the disassembly), and its instructions, block-wide barriers and warp
-shuffles (``waits``: what a latency-bound program waits on).
+memory (``load_loops``, from the disassembly), its instructions, block-wide barriers and warp
+shuffles (``waits``: what a latency-bound program waits on), and its layout conversions (each a
+round trip of a tensor through shared memory, or shuffles, between two ops that Triton gave
+different register layouts, e.g. a vector load feeding a scattered store).
 
     PYTHONPATH=. python -m benchmarks.compile_check                 # every variant of the sweep
     PYTHONPATH=. python -m benchmarks.compile_check --shapes k=2048 --jobs 2
@@ -136,7 +138,8 @@ def compile_launch(fn, args, kwargs) -> dict:
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=HOPPER, options=options)
     code = _instructions(kernel.asm["cubin"])
     return {"kernel": fn.__name__, **_resource_usage(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
-            "num_warps": options.get("num_warps", 4), "load_loops": load_loops(code), **waits(code)}
+            "num_warps": options.get("num_warps", 4), "load_loops": load_loops(code), **waits(code),
+            "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout")}
 
 
 def launches_of(call) -> list:
