@@ -1,0 +1,207 @@
+"""What holds up the exact split kernel's filtering pass (``filtered_topk._filter_block_kernel``)?
+
+    PYTHONPATH=. python3 benchmarks/profile_filter_pass.py --out $OUT
+
+At 1024 x 32768 bf16 k=2048 the pass took 121 us on an H100 (5.4x the HBM floor) with a
+program of one warp per 256 elements: 131072 programs, 0.12 us per 132 of them
+(``cost_model.SPLIT_FILTER_SHARE``). Loads in flight are not the limit: programs counting several
+blocks before one atomic add were slower (af96b6b). Instruction issue may be: its sm_90 code is
+664 instructions a program (``benchmarks/compile_check``), 87M warp instructions in all, which
+take 83 us at one a cycle on each of the 4 schedulers of 132 processors at the 1.98 GHz boost
+clock (an estimate, not a measurement). This script times variants of the pass, each as a CUDA-graph replay
+of the split kernel's bound launch followed by the variant, less the bound alone:
+
+* ``pass:B/w/R/s``: the pass as it runs, except that a program walks R blocks of B elements (w
+  warps) one after another, each block reserving its slots with its own atomic add, the loop
+  pipelined over s stages (``tl.range(num_stages=s)``). R = 1, s = 1 is the kernel as it runs.
+  Each is checked: the op's own selection launch after it must return torch.topk's values.
+* ``...:scalar``: each thread's loads one element each (``tl.max_contiguous(offs, 1)``) instead of
+  one 16-byte vector: the layout the scattered stores take, so no layout conversion through
+  shared memory sits between the loads and the stores (sm_90 code: 568 instructions a program of
+  256 bf16 elements against 664, 2 shared-memory stores against 34).
+* ``lean:...``: the stores of the pass with the slot bound checked once a block where the block's
+  candidates all fit, and the ties' stores skipped in a block with none (most blocks).
+* ``no_atomic:...``: the same, each block's slots at a place fixed by its number (no atomic).
+* ``no_store:...``: the atomic adds, and no candidate stored.
+* ``load_only:...``: the loads and the block's count alone (one word written a program).
+* ``read``: a plain read of the input (``x.sum(dim=1)``, for scale), and the HBM floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from benchmarks.profile_stages import timed
+from topk_compiler.kernels import cdiv, next_pow2
+from topk_compiler.kernels.filtered_topk import (SplitFilteredTopk, _entries, _passing, _row_bound, _row_counts, _row_keys,
+                                                 _store_passing)
+from topk_compiler.kernels.order_key import order_key
+from topk_compiler.kernels.select_topk import index_entry, key_pad
+from topk_compiler.lowering.plan import filtered_bucketings
+
+SHAPES = [
+    (1024, 32768, 2048, torch.bfloat16),
+    (64, 131072, 2048, torch.bfloat16),
+    (1024, 16384, 2048, torch.float32),
+]
+PROCESSORS = 132
+BANDWIDTH = 3.0e12
+FULL, NO_ATOMIC, NO_STORE, LOAD_ONLY, LEAN = 0, 1, 2, 3, 4
+MODES = {"pass": FULL, "no_atomic": NO_ATOMIC, "no_store": NO_STORE, "load_only": LOAD_ONLY, "lean": LEAN}
+# (mode, elements a block, warps, blocks a program, pipeline stages, scalar loads)
+VARIANTS = [("pass", 256, 1, 1, 1, False), ("pass", 256, 1, 1, 1, True), ("lean", 256, 1, 1, 1, False),
+            ("lean", 256, 1, 1, 1, True), ("pass", 512, 1, 1, 1, False), ("lean", 512, 1, 1, 1, True),
+            ("lean", 1024, 1, 1, 1, True), ("pass", 256, 1, 16, 3, False), ("lean", 256, 1, 16, 3, True),
+            ("pass", 1024, 4, 4, 3, False), ("no_atomic", 256, 1, 1, 1, False), ("no_store", 256, 1, 1, 1, False),
+            ("load_only", 256, 1, 1, 1, False)]
+
+
+@triton.jit
+def _store_passing_lean(keys, offs, bound, total, above_base, tied_base, k, cand_row, tie_idx_row,
+                        CAP: tl.constexpr, PACK32: tl.constexpr):
+    above = keys > bound
+    passing = _passing(keys, bound)
+    packed = tl.cumsum(passing, axis=0)
+    above_pos = above_base + (packed & 0xFFFF) - above.to(tl.int32)
+    if above_base + (total & 0xFFFF) <= CAP:
+        tl.store(_entries(cand_row, PACK32) + above_pos, index_entry(keys, offs, PACK32), mask=above)
+    else:
+        tl.store(_entries(cand_row, PACK32) + above_pos, index_entry(keys, offs, PACK32),
+                 mask=above & (above_pos < CAP))
+    if (total >> 16) > 0:
+        tied = keys == bound
+        tied_pos = tied_base + (packed >> 16) - tied.to(tl.int32)
+        tl.store(tie_idx_row + tied_pos, offs.to(tl.int64), mask=tied & (tied_pos < k))
+
+
+@triton.jit
+def _filter_variant_kernel(x_ptr, scratch_ptr, tie_idx_ptr,
+                           n, k,
+                           x_row_stride, scratch_row_stride, tie_row_stride,
+                           LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+                           SEGMENTS: tl.constexpr, PACK32: tl.constexpr, BLOCKS: tl.constexpr,
+                           STAGES: tl.constexpr, MODE: tl.constexpr, SCALAR_LOADS: tl.constexpr):
+    """The pass at one of MODES (its values: 0 the pass, 1 no atomic, 2 no store, 3 loads only, 4 lean)."""
+    row = tl.program_id(0).to(tl.int64)
+    scratch_row = scratch_ptr + row * scratch_row_stride
+    bound = _row_bound(scratch_row, CAP, SEGMENTS, PACK32)
+    counts = _row_counts(scratch_row, CAP, SEGMENTS, PACK32)
+    seen = tl.zeros([], dtype=tl.int32)
+    for i in tl.range(0, BLOCKS, num_stages=STAGES):
+        block = tl.program_id(1) * BLOCKS + i
+        if SCALAR_LOADS:
+            offs = tl.max_contiguous(block * BLOCK + tl.arange(0, BLOCK), 1)
+            valid = offs < n
+            keys = tl.where(valid, order_key(tl.load(x_ptr + row * x_row_stride + offs, mask=valid, other=0.0),
+                                             LARGEST), key_pad(KEY_BITS))
+        else:
+            keys, offs = _row_keys(x_ptr + row * x_row_stride, block * BLOCK, n, BLOCK, LARGEST, KEY_BITS)
+        total = tl.sum(_passing(keys, bound), axis=0)
+        if MODE == 3:
+            seen += total
+        else:
+            n_tied = total >> 16
+            if MODE == 1:
+                above_base = (block * 16) % CAP
+                tied_base = tl.zeros([], dtype=tl.int32)
+            else:
+                above_base = tl.atomic_add(counts, total & 0xFFFF, sem="relaxed")
+                tied_base = tl.atomic_add(counts + 1, n_tied, mask=n_tied > 0, sem="relaxed")
+            if MODE == 4:
+                _store_passing_lean(keys, offs, bound, total, above_base, tied_base, k, scratch_row,
+                                    tie_idx_ptr + row * tie_row_stride, CAP, PACK32)
+            elif MODE != 2:
+                _store_passing(keys, offs, bound, above_base, tied_base, k, scratch_row,
+                               tie_idx_ptr + row * tie_row_stride, CAP, PACK32)
+    if MODE == 3:
+        tl.store(tie_idx_ptr + row * tie_row_stride + tl.program_id(1) % k, seen.to(tl.int64))
+
+
+def variant_launch(op: SplitFilteredTopk, x, k, block, warps, blocks, stages, mode, scalar_loads=False):
+    rows, n = x.shape
+    base = op.filter_blocks.arguments
+    grid = (rows, cdiv(cdiv(n, block), blocks))
+
+    def launch(scratch, tie_idx):
+        _filter_variant_kernel[grid](x, scratch, tie_idx, n, k, x.stride(0), scratch.stride(0), k,
+                                     LARGEST=True, KEY_BITS=base["KEY_BITS"], CAP=base["CAP"], BLOCK=block,
+                                     SEGMENTS=base["SEGMENTS"], PACK32=base["PACK32"], BLOCKS=blocks,
+                                     STAGES=stages, MODE=mode, SCALAR_LOADS=scalar_loads, num_warps=warps)
+    return launch
+
+
+def shape_rows(rows, n, k, dtype) -> list[dict]:
+    x = torch.randn(rows, n, device="cuda", dtype=dtype)
+    b, kb = list(filtered_bucketings(n, k, x.element_size()))[-1]
+    segments = min(next_pow2(cdiv(PROCESSORS, rows)) if rows < PROCESSORS else 1, b // 32)
+    op = SplitFilteredTopk(x, k, num_buckets=b, per_bucket_k=kb, segments=segments, largest=True, sorted=False)
+    expected = torch.topk(x, k, dim=1).values.float()
+    floor_us = x.numel() * x.element_size() / BANDWIDTH * 1e6
+    head = dict(rows=rows, n=n, k=k, dtype=str(dtype).split(".")[-1], floor_us=round(floor_us, 2))
+    out = []
+
+    def record(variant, fn, **extra):
+        try:
+            t = timed(fn)
+        except Exception as e:  # a variant that fails is recorded, the others still run
+            t = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        r = dict(head, variant=variant, **t, **extra)
+        print(json.dumps(r), flush=True)
+        out.append(r)
+        return r
+
+    record("read", lambda: x.sum(dim=1))
+    scratch, indices = op.new_scratch(), op.new_outputs()[1]
+    bound_us = record("bound", lambda: op.bound(x, scratch)).get("us", float("nan"))
+    for name, block, warps, blocks, stages, scalar in VARIANTS:
+        mode = MODES[name]
+        launch = variant_launch(op, x, k, block, warps, blocks, stages, mode, scalar)
+        extra = {}
+        if mode in (FULL, LEAN):
+            try:
+                values, indices_, order = op.new_outputs()
+                check = op.new_scratch()
+                op.bound(x, check)
+                launch(check, indices_)
+                op.select(x, check, values, indices_, order)
+                values = op.finish(values, indices_, order)[0]
+                extra["exact"] = torch.equal(values.float().sort(dim=1, descending=True).values, expected)
+            except Exception as e:
+                extra["exact"] = f"{type(e).__name__}: {str(e)[:300]}"
+        r = record(f"{name}:{block}/{warps}/{blocks}/{stages}{':scalar' if scalar else ''}",
+                   lambda launch=launch: (op.bound(x, scratch), launch(scratch, indices)), **extra)
+        if "us" in r:
+            r["pass_us"] = round(r["us"] - bound_us, 2)
+            r["pass_x_floor"] = round(r["pass_us"] / floor_us, 2)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    parser.add_argument("--shapes", nargs="+", metavar="ROWSxN", help="shapes to profile (default: all)")
+    args = parser.parse_args(argv)
+    start = time.time()
+    results = [r for rows, n, k, dtype in SHAPES if not args.shapes or f"{rows}x{n}" in args.shapes
+               for r in shape_rows(rows, n, k, dtype)]
+    payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(time.time() - start, 1),
+                   command="PYTHONPATH=. python3 benchmarks/profile_filter_pass.py " + " ".join(argv or []),
+                   rows=results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile_filter_pass.json").write_text(json.dumps(payload, indent=1) + "\n")
+    for r in results:
+        print(f"{r['rows']}x{r['n']} {r['dtype']:9s} {r['variant']:28s} {r.get('us', float('nan')):8.1f} us "
+              f"pass {r.get('pass_us', float('nan')):7.1f} us {r.get('pass_x_floor', '')} {r.get('exact', '')}")
+
+
+if __name__ == "__main__":
+    main()
