@@ -189,7 +189,7 @@ def families() -> dict:
     """{name: (call of one launcher at a realistic size, whether its launches must not spill)}."""
     from topk_compiler.kernels.bucketed_topk import fused_bucketed_topk, split_bucketed_topk
     from topk_compiler.kernels.certified_topk import certified_topk
-    from topk_compiler.kernels.filtered_topk import filtered_topk
+    from topk_compiler.kernels.filtered_topk import filtered_topk, split_filtered_topk
     from topk_compiler.kernels.gather_matmul import gather_matmul
     from topk_compiler.kernels.quantized_scores import quantized_scores
     from topk_compiler.kernels.select_topk import exact_topk
@@ -225,6 +225,8 @@ def families() -> dict:
             torch.empty(2, 128256), 50, num_buckets=1024, per_bucket_k=4, largest=True, sorted=True), False),
         "filtered exact": (lambda: filtered_topk(
             torch.empty(2, 16384), 100, num_buckets=512, per_bucket_k=1, largest=True, sorted=True), False),
+        "split filtered exact, k=2048 of 32768 bf16, sorted": (lambda: split_filtered_topk(
+            _bf16(2, 32768), 2048, num_buckets=1024, per_bucket_k=4, largest=True, sorted=True), True),
         "exact select in registers": (lambda: exact_topk(
             _bf16(2, 4096), 512, largest=True, sorted=True, select="bisect"), False),
         "sparse FFN, one row of 4096 x 16384": (lambda: sparse_ffn(
