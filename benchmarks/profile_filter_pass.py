@@ -39,10 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.profile_stages import timed
+from benchmarks.profile_stages import save_results, timed
 from topk_compiler.kernels import cdiv, next_pow2
-from topk_compiler.kernels.filtered_topk import (SplitFilteredTopk, _entries, _passing, _row_bound, _row_counts, _row_keys,
-                                                 _store_passing)
+from topk_compiler.kernels.filtered_topk import (SplitFilteredTopk, _entries, _passing, _row_bound, _row_counts,
+                                                 _row_keys, _store_passing)
 from topk_compiler.kernels.order_key import order_key
 from topk_compiler.kernels.select_topk import index_entry, key_pad
 from topk_compiler.lowering.plan import filtered_bucketings
@@ -192,12 +192,8 @@ def main(argv=None):
     start = time.time()
     results = [r for rows, n, k, dtype in SHAPES if not args.shapes or f"{rows}x{n}" in args.shapes
                for r in shape_rows(rows, n, k, dtype)]
-    payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(time.time() - start, 1),
-                   command="PYTHONPATH=. python3 benchmarks/profile_filter_pass.py " + " ".join(argv or []),
-                   rows=results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile_filter_pass.json").write_text(json.dumps(payload, indent=1) + "\n")
+    command = "PYTHONPATH=. python3 benchmarks/profile_filter_pass.py " + " ".join(argv or [])
+    save_results(args.out, "profile_filter_pass.json", command, start, rows=results)
     for r in results:
         print(f"{r['rows']}x{r['n']} {r['dtype']:9s} {r['variant']:28s} {r.get('us', float('nan')):8.1f} us "
               f"pass {r.get('pass_us', float('nan')):7.1f} us {r.get('pass_x_floor', '')} {r.get('exact', '')}")

@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 
 import torch
-import triton
 
-from benchmarks.profile_stages import timed
+from benchmarks.profile_stages import save_results, timed
 from topk_compiler.kernels import cdiv, next_pow2
 from topk_compiler.kernels.filtered_topk import SplitFilteredTopk, filtered_topk
 from topk_compiler.kernels.select_topk import exact_topk
@@ -153,11 +152,8 @@ def main(argv=None):
                for r in shape_rows(rows, n, k, dtype, args.only)]
     if args.warm:
         return
-    payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(time.time() - start, 1),
-                   command="PYTHONPATH=. python3 benchmarks/profile_large_k.py " + " ".join(argv or []), rows=results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile_large_k.json").write_text(json.dumps(payload, indent=1) + "\n")
+    command = "PYTHONPATH=. python3 benchmarks/profile_large_k.py " + " ".join(argv or [])
+    save_results(args.out, "profile_large_k.json", command, start, rows=results)
     for r in results:
         print(f"{r['rows']}x{r['n']} k={r['k']} {r['dtype']:9s} {r['variant']:55s} "
               f"{r.get('us', float('nan')):8.1f} us {'' if r.get('exact', True) is True else r['exact']}")

@@ -153,6 +153,16 @@ def probe(x, k, b, kb, select, stage, unroll=4, warps=None):
                                                 **meta, SELECT=SELECTS.get(select, 0), STAGE=stage, num_warps=warps)
 
 
+def save_results(out: Path, name: str, command: str, start: float, **fields) -> None:
+    """``out/name``: the run's device, versions, date, command and seconds since ``start``, then
+    ``fields``."""
+    payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   python=platform.python_version(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=command,
+                   seconds=round(time.time() - start, 1), **fields)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(payload, indent=1) + "\n")
+
+
 def timed(fn, replayed: bool = True) -> dict:
     """do_bench's median (20th, 80th percentiles) of ``fn``; ``replayed``: of a CUDA graph of it,
     so that the host's work per call cannot stretch a short kernel's time. Eagerly, a call
@@ -521,27 +531,24 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", metavar="ROWSxN", help="top-k shapes to profile (default: all)")
     args = parser.parse_args(argv)
     start = time.time()
-    payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   python=platform.python_version(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   command="PYTHONPATH=. python3 -m benchmarks.profile_stages " + " ".join(argv or sys.argv[1:]))
+    parts = {}
     if "topk" in args.only:
-        payload["topk"] = [row for rows, n, k, dtype, bucketings, focus in SHAPES
-                           if not args.shapes or f"{rows}x{n}" in args.shapes
-                           for row in topk_stages(rows, n, k, dtype, bucketings, focus)]
+        parts["topk"] = [row for rows, n, k, dtype, bucketings, focus in SHAPES
+                         if not args.shapes or f"{rows}x{n}" in args.shapes
+                         for row in topk_stages(rows, n, k, dtype, bucketings, focus)]
     if "wide" in args.only:
-        payload["wide"] = [row for rows, n, k, dtype, bucketings, focus in SHAPES
-                           if not args.shapes or f"{rows}x{n}" in args.shapes
-                           for row in topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=True)]
+        parts["wide"] = [row for rows, n, k, dtype, bucketings, focus in SHAPES
+                         if not args.shapes or f"{rows}x{n}" in args.shapes
+                         for row in topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=True)]
     if "registers" in args.only:
-        payload["registers"] = register_caps(args.shapes)
+        parts["registers"] = register_caps(args.shapes)
     if "hire" in args.only:
-        payload["hire_ffn"] = hire_ffn_kernels()
+        parts["hire_ffn"] = hire_ffn_kernels()
     if "host" in args.only:
-        payload["host"] = host_overheads()
-        payload["host_large"] = large_eager_call()
-    payload["seconds"] = round(time.time() - start, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile_stages.json").write_text(json.dumps(payload, indent=1) + "\n")
+        parts["host"] = host_overheads()
+        parts["host_large"] = large_eager_call()
+    save_results(args.out, "profile_stages.json",
+                 "PYTHONPATH=. python3 -m benchmarks.profile_stages " + " ".join(argv or sys.argv[1:]), start, **parts)
 
 
 if __name__ == "__main__":
