@@ -52,8 +52,11 @@ def test_ffn_programs_bounded_by_partial_bytes():
     assert cm.ffn_programs(4000, 1, 4096, 132) == cm.FFN_ROW_PROGRAMS_PER_SM * 132
     assert cm.ffn_programs(4000, 2, 4096, 132) == cm.FFN_PROGRAMS_PER_SM * 132
     assert cm.ffn_programs(10, 1, 4096, 132) == 10
-    many_rows = cm.ffn_programs(40000, 16, 4096, 132)
-    assert many_rows * 16 * 4096 * 4 <= cm.FFN_PARTIAL_BYTES
+    for rows in (16, 64, 4096):
+        programs = cm.ffn_programs(40000, rows, 4096, 132)
+        # The partial sums of every row, one per program (the kernel's [programs, rows, d_out]).
+        assert programs * rows * 4096 * 4 <= max(cm.FFN_PARTIAL_BYTES, rows * 4096 * 4)
+    assert cm.ffn_programs(40000, 4096, 4096, 132) == 1
 
 
 def test_one_row_lowrank_ffn_fuses_prediction_on_a_gpu(monkeypatch):

@@ -43,7 +43,8 @@ _DEFAULT_CUDA_FLOPS = {2: 2e14, 4: 2e13}
 _CPU_FLOPS = 5e10
 # The FFN kernel's neuron groups per SM (each group writes one fp32 partial sum of the output,
 # written once and read once by the reduction; the kernel's N_SPLIT adds programs within a group
-# where more loads in flight pay) and the most bytes of partial sums it may write.
+# where more loads in flight pay) and the most bytes of partial sums it may write (one program's
+# partial sum, rows x d_out fp32, where that alone is more).
 FFN_PROGRAMS_PER_SM = 1
 FFN_PARTIAL_BYTES = 16 * 2**20
 # For one row of x (kernels/sparse_ffn.py's row kernel, 4 neurons a block, each block's loads
@@ -126,8 +127,10 @@ def expected_union(rows: int, candidates: int, n: int) -> float:
 
 def ffn_programs(slots: int, rows: int, d_out: int, processors: int) -> int:
     """Programs of the sparse FFN kernel (per block of rows): about FFN_PROGRAMS_PER_SM per SM,
-    fewer when their fp32 partial sums would pass FFN_PARTIAL_BYTES."""
-    by_bytes = FFN_PARTIAL_BYTES // max(1, min(rows, FFN_ROWS_PER_BLOCK) * d_out * 4)
+    fewer when their fp32 partial sums would pass FFN_PARTIAL_BYTES. Each program writes a partial
+    sum of every row (``kernels/sparse_ffn.py`` allocates [programs, rows, d_out]), so the bound
+    counts all rows: 4096 rows of d_out = 4096 at 132 programs would hold 8.9 GB."""
+    by_bytes = FFN_PARTIAL_BYTES // max(1, rows * d_out * 4)
     per_sm = FFN_ROW_PROGRAMS_PER_SM if rows == 1 else FFN_PROGRAMS_PER_SM
     return max(1, min(per_sm * processors, by_bytes, slots))
 
