@@ -105,3 +105,11 @@ def test_split_filtered_bound_bits(bound_bits, digit_bits, dtype):
                                           sorted=True, block=256, bound_bits=bound_bits,
                                           bound_digit_bits=digit_bits)
     assert_exact(values, indices, x, 70, True, sorted_=True)
+
+
+def test_split_filtered_refuses_rows_of_more_blocks_than_the_grid_takes():
+    from topk_compiler.kernels import MAX_GRID_YZ
+
+    x = torch.zeros(1, 256 * MAX_GRID_YZ + 1, dtype=torch.bfloat16)
+    with pytest.raises(AssertionError, match="more than 65535 blocks"):
+        split_filtered_topk(x, 2048, num_buckets=1024, per_bucket_k=4, largest=True, sorted=False)

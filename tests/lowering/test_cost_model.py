@@ -250,3 +250,15 @@ def test_filtered_costs_use_the_kernels_constants():
     assert cost_model.SPLIT_FILTER_BLOCK == SPLIT_FILTER_BLOCK
     assert cost_model.BOUND_BITS == BOUND_BITS
 
+
+
+def test_no_split_filtered_plan_past_the_grid(monkeypatch):
+    """The split kernel's filtering pass puts a row's blocks on the grid's second dimension
+    (at most 65535): a longer row gets no such plan, and its exact plans are others."""
+    longest = cost_model.SPLIT_FILTER_BLOCK * 65535
+    assert list(plan.split_filtered_options(1, longest, 2048, 2, 132))
+    assert not list(plan.split_filtered_options(1, longest + 1, 2048, 2, 132))
+    (_, shorter), (_, longer) = h100_shortlists(monkeypatch, (1, longest, 2048, torch.bfloat16),
+                                                (1, 2**24, 2048, torch.bfloat16), recall_target=1.0)
+    assert any(p.kernel == "split_filtered" for p in shorter)
+    assert longer and all(p.kernel != "split_filtered" for p in longer)

@@ -12,6 +12,10 @@ import functools
 import importlib.util
 import os
 
+# CUDA's limit on a grid's second and third dimensions (the first takes 2**31 - 1). A launcher
+# that puts blocks of a row, or of rows, there checks it; the planners offer no plan past it.
+MAX_GRID_YZ = 65535
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)

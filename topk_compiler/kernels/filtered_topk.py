@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from topk_compiler.kernels import next_pow2
+from topk_compiler.kernels import MAX_GRID_YZ, cdiv, next_pow2
 from topk_compiler.kernels.bucketed_topk import bucket_survivors_of, check_stage1, stage1_meta
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
@@ -395,6 +395,8 @@ class SplitFilteredTopk:
             f"split_filtered_topk: segments ({segments}) must be a power of two dividing num_buckets ({num_buckets})")
         assert block <= 2**15, f"split_filtered_topk: blocks of at most 2**15 elements, got {block}"
         rows, n = x2d.shape
+        assert cdiv(n, block) <= MAX_GRID_YZ, (
+            f"split_filtered_topk: a row of {n} elements is more than {MAX_GRID_YZ} blocks of {block}")
         slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets // segments, 0, unroll, largest)
         k_segment = -(-k // segments)
         assert num_buckets // segments * meta["KBP"] >= k_segment, (

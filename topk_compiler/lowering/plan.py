@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from topk_compiler.kernels import cdiv, next_pow2, smallest_bucket
+from topk_compiler.kernels import MAX_GRID_YZ, cdiv, next_pow2, smallest_bucket
 from topk_compiler.lowering import cost_model
 from topk_compiler.lowering.layouts import LAYOUT_IDS
 from topk_compiler.lowering.recall_model import expected_recall, guaranteed_recall, survivors, uncertified_probability
@@ -276,7 +276,10 @@ def split_filtered_options(rows: int, n: int, k: int, elem: int, processors: int
     """(num_buckets, per_bucket_k, segments) for the split filtered kernel: the two filtered
     bucketings of fewest slots a bucket (its bound streams the row once per slot), the bound
     spread over enough programs a row to give every SM one, each with a warp of lanes at least
-    and survivors for its share of k."""
+    and survivors for its share of k. None where the filtering pass's blocks of a row would pass
+    the grid's second dimension (rows of more than about 16.7M elements)."""
+    if cdiv(n, cost_model.SPLIT_FILTER_BLOCK) > MAX_GRID_YZ:
+        return
     for b, kb in list(filtered_bucketings(n, k, elem))[-SPLIT_FILTERED_BUCKETINGS:]:
         segments = next_pow2(cdiv(processors, rows)) if rows < processors else 1
         while segments > 1 and (b // segments < MIN_SEGMENT_LANES
