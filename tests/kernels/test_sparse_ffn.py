@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import KERNEL_DEVICE
+import topk_compiler.kernels.sparse_ffn as sparse_ffn_module
 from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, select_neurons, sparse_ffn
 
 ACTIVATIONS = {"relu": torch.relu, "relu_squared": lambda h: torch.relu(h) ** 2, "gelu": F.gelu}
@@ -168,3 +169,10 @@ def test_lowrank_row_chained_launches_in_a_cuda_graph():
         eager = lowrank_sparse_ffn_row(fresh, a, b, w1, b1, w2t, b2, 0.0, programs=132, expected=400)
         assert torch.equal(out, eager)
         assert not torch.equal(out, b2[None, :])
+
+
+def test_more_rows_than_the_grid_takes_are_refused_with_a_clear_error():
+    rows, d, d_ff = sparse_ffn_module.MAX_ROWS + 1, 2, 4
+    x = torch.zeros(rows, d)
+    with pytest.raises(AssertionError, match=f"at most {sparse_ffn_module.MAX_ROWS} rows"):
+        sparse_ffn(x, torch.zeros(d_ff, d), None, torch.zeros(d_ff, d), None, torch.zeros(rows, d_ff), 0.0)

@@ -11,6 +11,7 @@ from topk_compiler.lowering.hire_predictor import (
     build_predictor,
     pack_int4,
     predictor_for,
+    rows_fit_kernels,
     transposed_copy,
     unpack_int4,
 )
@@ -101,3 +102,13 @@ def test_inference_tensors_have_no_version_but_are_cached():
     with torch.inference_mode():
         w = torch.randn(20, 6)
         assert predictor_for(w, "int4") is predictor_for(w, "int4")
+
+
+def test_rows_past_the_kernels_grids_take_the_plain_torch_path():
+    from topk_compiler.kernels.sparse_ffn import MAX_ROWS
+
+    d = 2
+    assert rows_fit_kernels(torch.empty(MAX_ROWS, d))
+    assert rows_fit_kernels(torch.empty(4, MAX_ROWS // 4, d))
+    assert not rows_fit_kernels(torch.empty(MAX_ROWS + 1, d))
+    assert not rows_fit_kernels(torch.empty(2, MAX_ROWS // 2 + 1, d))

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from topk_compiler.kernels import cdiv, chains_launches, next_pow2
+from topk_compiler.kernels import MAX_GRID_YZ, cdiv, chains_launches, next_pow2
 from topk_compiler.kernels.gather_matmul import ACTIVATIONS, activate, block_m, dot_precision, gather_dot
 
 # (BLOCK_K, BLOCK_N, N_SPLIT, num_warps, num_stages) tried by the autotuner, all spill-free on
@@ -56,6 +56,8 @@ ROW_MAX_WIDTH = 8192
 ROW_BLOCK_S = 4
 ROW_WARPS = 8
 MAX_BLOCK_M = 16
+# Rows of x the FFN kernel takes: its blocks of rows lie on the grid's third dimension.
+MAX_ROWS = MAX_GRID_YZ * MAX_BLOCK_M
 # Neurons each selection program compacts, and the earlier blocks it counts per step: with
 # d_ff = 16384 16 programs, each counting what comes before it in one step, took 3.6 us on an
 # H200, where one program took 14.4 us in steps of 2048 and 9.6 us in one step of 16384
@@ -384,6 +386,7 @@ def sparse_ffn(x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t
     (``programs * rows * d_out`` fp32). Programs take more blocks when more neurons are chosen."""
     rows, k = x2d.shape
     d_ff, n = w2t.shape
+    assert rows <= MAX_ROWS, f"sparse_ffn: at most {MAX_ROWS} rows (blocks of {MAX_BLOCK_M} on the grid), got {rows}"
     assert w1.shape == (d_ff, k) and w1.stride(1) == 1 and w2t.stride(1) == 1, \
         f"sparse_ffn: need w1 [{d_ff}, {k}] and w2t [{d_ff}, d_out], unit last strides"
     assert x2d.stride(1) == 1 and x2d.dtype == w1.dtype == w2t.dtype, \

@@ -114,12 +114,23 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def uses_kernel(x: torch.Tensor) -> bool:
     """Whether the HiRE ops run their Triton kernels on ``x`` (CUDA, a Triton dtype, Triton
-    installed) rather than their plain-torch path."""
+    installed, rows their grids take) rather than their plain-torch path."""
     if not x.is_cuda or x.dtype not in KERNEL_DTYPES:
         return False
     from topk_compiler.kernels import has_triton
 
-    return has_triton()
+    return has_triton() and rows_fit_kernels(x)
+
+
+def rows_fit_kernels(x: torch.Tensor) -> bool:
+    """Whether ``x``'s rows (all but its last dimension) fit the HiRE kernels' grids: their blocks
+    of rows lie on a grid's second or third dimension, the FFN kernel's of 16 rows the shortest
+    (``kernels/sparse_ffn.MAX_ROWS``, about 1M rows). More run the plain-torch path."""
+    from topk_compiler.kernels import MAX_GRID_YZ
+    from topk_compiler.lowering.hire_cost_model import FFN_ROWS_PER_BLOCK
+
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    return rows <= MAX_GRID_YZ * FFN_ROWS_PER_BLOCK
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
