@@ -517,9 +517,9 @@ def precompile(shapes: list[Shape], jobs: int) -> None:
           flush=True)
 
 
-def _save_partial(report: dict, out: Path) -> None:
+def _write_json(report: dict, out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_topk.partial.json").write_text(json.dumps(report, indent=1))
+    (out / name).write_text(json.dumps(report, indent=1))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -549,7 +549,7 @@ def run(args: argparse.Namespace) -> dict:
         record = bench_shape(shape, device, bandwidth)
         report["shapes"].append(record)
         # A run cut short (a device call's time limit) keeps the shapes measured so far.
-        _save_partial(report, args.out)
+        _write_json(report, args.out, "bench_topk.partial.json")
         if device.type == "cuda":
             torch.cuda.empty_cache()
         ours = record["results"]["approx@0.95"]
@@ -585,8 +585,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_topk.json").write_text(json.dumps(report, indent=1))
+    _write_json(report, args.out, "bench_topk.json")
     (args.out / "bench_topk.partial.json").unlink(missing_ok=True)
     report_topk.write_report(report, args.out)
     print(report_topk.short_table(report), flush=True)

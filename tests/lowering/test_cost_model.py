@@ -6,7 +6,7 @@ import pytest
 import sympy
 import torch
 
-from topk_compiler.kernels import next_pow2
+from topk_compiler.kernels import MAX_GRID_YZ, next_pow2
 from topk_compiler.lowering import cost_model, plan
 from topk_compiler.lowering.calibration import CUDA_WEIGHTS
 
@@ -251,11 +251,10 @@ def test_filtered_costs_use_the_kernels_constants():
     assert cost_model.BOUND_BITS == BOUND_BITS
 
 
-
 def test_no_split_filtered_plan_past_the_grid(monkeypatch):
     """The split kernel's filtering pass puts a row's blocks on the grid's second dimension
     (at most 65535): a longer row gets no such plan, and its exact plans are others."""
-    longest = cost_model.SPLIT_FILTER_BLOCK * 65535
+    longest = cost_model.SPLIT_FILTER_BLOCK * MAX_GRID_YZ
     assert list(plan.split_filtered_options(1, longest, 2048, 2, 132))
     assert not list(plan.split_filtered_options(1, longest + 1, 2048, 2, 132))
     (_, shorter), (_, longer) = h100_shortlists(monkeypatch, (1, longest, 2048, torch.bfloat16),

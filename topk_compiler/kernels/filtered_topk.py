@@ -398,7 +398,7 @@ class SplitFilteredTopk:
         assert cdiv(n, block) <= MAX_GRID_YZ, (
             f"split_filtered_topk: a row of {n} elements is more than {MAX_GRID_YZ} blocks of {block}")
         slots, meta = stage1_meta(x2d, num_buckets, per_bucket_k, num_buckets // segments, 0, unroll, largest)
-        k_segment = -(-k // segments)
+        k_segment = cdiv(k, segments)
         assert num_buckets // segments * meta["KBP"] >= k_segment, (
             f"split_filtered_topk: {num_buckets // segments} x {per_bucket_k} survivors a segment hold fewer than "
             f"k / segments = {k_segment}")
@@ -416,7 +416,7 @@ class SplitFilteredTopk:
                             **{name: meta[name] for name in ("BLANES", "KB", "KBP", "UNROLL", "POS_BITS")}, **common,
                             SEGMENTS=segments, PACK32=packed, BOUND_BITS=bound_bits,
                             DIGIT_BITS=bound_digit_bits, num_warps=bound_warps)
-        self.filter_blocks = Launch(_filter_block_kernel, (rows, -(-n // block)), n=n, k=k, x_row_stride=x2d.stride(0),
+        self.filter_blocks = Launch(_filter_block_kernel, (rows, cdiv(n, block)), n=n, k=k, x_row_stride=x2d.stride(0),
                                     scratch_row_stride=self.scratch_shape[1], tie_row_stride=k, **common, BLOCK=block,
                                     SEGMENTS=segments, PACK32=packed, num_warps=filter_warps)
         self.select = Launch(_select_candidates_kernel, (rows,), n=n, k=k, x_row_stride=x2d.stride(0),

@@ -125,12 +125,11 @@ def uses_kernel(x: torch.Tensor) -> bool:
 def rows_fit_kernels(x: torch.Tensor) -> bool:
     """Whether ``x``'s rows (all but its last dimension) fit the HiRE kernels' grids: their blocks
     of rows lie on a grid's second or third dimension, the FFN kernel's of 16 rows the shortest
-    (``kernels/sparse_ffn.MAX_ROWS``, about 1M rows). More run the plain-torch path."""
-    from topk_compiler.kernels import MAX_GRID_YZ
-    from topk_compiler.lowering.hire_cost_model import FFN_ROWS_PER_BLOCK
+    (``kernels/sparse_ffn.MAX_ROWS``, about 1M rows). More run the plain-torch path. Needs Triton."""
+    from topk_compiler.kernels.sparse_ffn import MAX_ROWS
 
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    return rows <= MAX_GRID_YZ * FFN_ROWS_PER_BLOCK
+    return rows <= MAX_ROWS
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
