@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from topk_compiler import expected_recall, guaranteed_recall, measured_recall
 from topk_compiler.lowering.bucketed_reference import bucketed_topk_torch
-from topk_compiler.lowering.recall_model import bucket_sizes, survivors
+from topk_compiler.lowering.recall_model import (bucket_shares, bucket_sizes, expected_recall_of_shares,
+                                                 guaranteed_recall_of_shares, survivors)
 
 
 def poisson_recall(lam: float, kb: int) -> float:
@@ -38,6 +39,40 @@ def test_any_order_bound_is_below_random_order_value_and_above_poisson(n, k, b, 
     assert bound <= expected_recall(n, k, b, kb) + 1e-9
     if kb < -(-n // b):
         assert bound >= poisson_recall(k / b, kb) - 1e-9
+
+
+# (n, k, num_buckets): shares from 1 to 180 a bucket, k and n that b divides or not.
+SHARE_POINTS = [(14336, 1434, 8), (4096, 1000, 16), (3000, 333, 4), (2000, 64, 32), (1030, 200, 16)]
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "contiguous", "shuffled"])
+@pytest.mark.parametrize("n,k,b", SHARE_POINTS)
+def test_shares_model_matches_measured_recall_on_random_inputs(n, k, b, layout):
+    """Each bucket keeping its share of k: exactly k survive, and the recall measured on random
+    inputs is the model's (the any-order bound's for "shuffled", which sits just below it)."""
+    x = torch.randn(200, n)
+    _, idx = bucketed_topk_torch(x, k, largest=True, sorted=False, num_buckets=b, per_bucket_k=0, layout=layout,
+                                 seed=1, shares=True)
+    assert idx.shape == (200, k) and (idx.sort(1).values.diff(dim=1) > 0).all()
+    model = (guaranteed_recall_of_shares(n, k, b) if layout == "shuffled"
+             else expected_recall_of_shares(n, k, b, layout))
+    assert abs(measured_recall(x, idx, k) - model) < 0.02
+
+
+@given(k=st.integers(0, 5000), b=st.integers(1, 64))
+def test_bucket_shares_sum_to_k_and_differ_by_one_at_most(k, b):
+    shares = bucket_shares(k, b)
+    assert len(shares) == b and sum(shares) == k and max(shares) - min(shares) <= 1
+    assert shares == sorted(shares, reverse=True)
+
+
+@pytest.mark.parametrize("n,k,b", SHARE_POINTS)
+def test_shares_recall_lies_between_the_uniform_quotas_around_it(n, k, b):
+    """Shares of k // b and k // b + 1 keep fewer than quotas of k // b + 1 everywhere and more
+    than k // b everywhere: the recall lies between the two uniform models."""
+    shares = expected_recall_of_shares(n, k, b)
+    assert expected_recall(n, k, b, k // b) - 1e-12 <= shares <= expected_recall(n, k, b, -(-k // b)) + 1e-12
+    assert guaranteed_recall_of_shares(n, k, b) <= shares + 1e-9
 
 
 def test_large_n_tends_to_poisson_model():

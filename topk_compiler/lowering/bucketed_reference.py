@@ -19,16 +19,19 @@ def bucketed_topk_torch(
     per_bucket_k: int,
     layout: str,
     seed: int = 0,
+    shares: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of ``x2d`` ([rows, n]) through buckets; returns (values, int64 indices).
 
     With one slot per bucket, a tie in a bucket goes to its earlier element, as in the kernels;
-    with more, tied elements may survive in either order (their values are equal).
+    with more, tied elements may survive in either order (their values are equal). ``shares``:
+    bucket q keeps its share of k (k // b, one more for q < k % b; ``per_bucket_k`` is ignored),
+    so the survivors are exactly k, as ``kernels/wide_bucket_topk.WideShareTopk`` does.
     """
     rows, n = x2d.shape
     b = num_buckets
     slots = -(-n // b)
-    kb = min(per_bucket_k, slots)
+    kb = min(-(-k // b) if shares else per_bucket_k, slots)
     keys = order_keys(x2d, largest)
     padded = torch.full((rows, max(b * slots, n + 1)), torch.iinfo(keys.dtype).min, dtype=keys.dtype,
                         device=x2d.device)
@@ -46,6 +49,9 @@ def bucketed_topk_torch(
         top, top_slot = grid.topk(kb, dim=slot_dim)
     if slot_dim == 1:
         top, top_slot = top.transpose(1, 2), top_slot.transpose(1, 2)
+    if shares and k % b:
+        # The last of each bucket past the first k % b drops out: below every key, as padding is.
+        top[:, k % b:, -1] = torch.iinfo(keys.dtype).min
     candidates = members.expand(rows, -1, -1).gather(-1, top_slot)
     _, pick = top.reshape(rows, -1).topk(k, dim=-1, sorted=sorted)
     indices = candidates.reshape(rows, -1).gather(1, pick)

@@ -118,6 +118,52 @@ def guaranteed_recall(n: int, k: int, num_buckets: int, per_bucket_k: int) -> fl
     return min(1.0, _expected_min_binomial(runs, lam / runs, per_bucket_k) / lam)
 
 
+def _sizes_in_order(n: int, num_buckets: int, layout: str) -> list[int]:
+    """The size of each bucket in turn (``layouts.py``: the interleaved and shuffled layouts'
+    first n mod b buckets hold one more element; the contiguous layout's last ones are short)."""
+    b = num_buckets
+    if layout == "contiguous":
+        m = -(-n // b)
+        return [max(0, min(m, n - q * m)) for q in range(b)]
+    m, extra = divmod(n, b)
+    return [m + (q < extra) for q in range(b)]
+
+
+def bucket_shares(k: int, num_buckets: int) -> list[int]:
+    """How many elements each bucket keeps so that the survivors are exactly k: k // b, one more
+    in the first k % b buckets (those that also hold one more element of a row that b does not
+    divide, in the interleaved layout)."""
+    share, extra = divmod(k, num_buckets)
+    return [share + (q < extra) for q in range(num_buckets)]
+
+
+@functools.lru_cache(maxsize=4096)
+def expected_recall_of_shares(n: int, k: int, num_buckets: int, layout: str = "interleaved") -> float:
+    """Expected recall, input in random order, where bucket q keeps its share of k (k // b, one
+    more for q < k % b) and the survivors are exactly k (``kernels/wide_bucket_topk``): the sum
+    of E[min(X_q, share_q)] over the buckets, divided by k."""
+    _check(n, k, num_buckets, 1)
+    if k == 0:
+        return 1.0
+    kept = sum(_expected_min_hypergeometric(n, k, size, share)
+               for size, share in zip(_sizes_in_order(n, num_buckets, layout), bucket_shares(k, num_buckets)) if size)
+    return min(1.0, kept / k)
+
+
+@functools.lru_cache(maxsize=4096)
+def guaranteed_recall_of_shares(n: int, k: int, num_buckets: int) -> float:
+    """``guaranteed_recall``'s bound (the "shuffled" layout, any input order) where each bucket
+    keeps its share of k: the bound holds bucket by bucket, whatever it keeps."""
+    _check(n, k, num_buckets, 1)
+    if k == 0:
+        return 1.0
+    runs = -(-n // num_buckets)
+    lam = k / num_buckets
+    kept = sum(lam if share >= runs else _expected_min_binomial(runs, lam / runs, share)
+               for share in bucket_shares(k, num_buckets))
+    return min(1.0, kept / k)
+
+
 def _tail_hypergeometric(n: int, k: int, m: int, kb: int) -> float:
     """P(X >= kb) for X ~ hypergeometric (population n, k successes, m draws)."""
     if kb > min(m, k):
