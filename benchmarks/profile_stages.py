@@ -217,6 +217,7 @@ def topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=False) -> list[d
     if wide_only:
         if focus == "select" and rows < 132:
             wide(x, k, record)
+            shares(x, k, record)
         return out
     for b, kb in bucketings:
         default_warps = warps_for(b, b * triton.next_power_of_2(kb))
@@ -251,6 +252,7 @@ def topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=False) -> list[d
         sorts(rows, n, k, dtype, record)
         if rows < 132:
             wide(x, k, record)
+            shares(x, k, record)
     else:
         certified(x, k, record)
     return out
@@ -280,6 +282,22 @@ def wide(x, k, record):
                                      select="bitonic")
             record(f"wide:bitonic:w{warps}", b, kb, lambda r=network: r(x))
             record(f"wide:select:w{warps}:bitonic", b, kb, lambda r=network, e=entries: r.select(x, e))
+
+
+def shares(x, k, record):
+    """The wide buckets that each keep their share of k (``WideShareTopk``) at every bucket count
+    whose recall reaches 0.95: unsorted (its one launch), and sorted (then the rank sort)."""
+    from topk_compiler.kernels.wide_bucket_topk import WideShareTopk
+    from topk_compiler.lowering.plan import share_bucketings, warps_for
+
+    rows, n = x.shape
+    processors = torch.cuda.get_device_properties(x.device).multi_processor_count
+    for b, kb, recall in share_bucketings(rows, n, k, 0.95, "interleaved", processors):
+        warps = warps_for(triton.next_power_of_2(-(-n // b)))
+        for sorted_ in (False, True):
+            run = WideShareTopk(x, k, num_buckets=b, largest=True, sorted=sorted_, num_warps=warps)
+            record(f"shares:w{warps}:{'sorted' if sorted_ else 'unsorted'}:recall={recall:.3f}", b, kb,
+                   lambda r=run: r(x))
 
 
 def certified(x, k, record):

@@ -1,5 +1,6 @@
-"""The wide-bucket kernel (few buckets, a program each, then a merge by rank) against the
-plain-torch bucketed reference with the same buckets. Without a GPU these run in the Triton
+"""The wide-bucket kernels (few buckets, a program each, then a merge by rank; or each bucket
+keeping its share of k, written in one launch) against the plain-torch bucketed reference with
+the same buckets. Without a GPU these run in the Triton
 interpreter on CPU tensors; sizes stay small."""
 
 import pytest
@@ -7,10 +8,12 @@ import torch
 
 from tests.conftest import KERNEL_DEVICE
 from tests.kernels.test_bucketed_topk import assert_matches_reference, reference
+from topk_compiler.lowering.bucketed_reference import bucketed_topk_torch
 from tests.kernels.test_select_topk import special_rows
 from topk_compiler import expected_recall, measured_recall
-from topk_compiler.kernels.wide_bucket_topk import MAX_SLOTS, wide_bucket_topk
+from topk_compiler.kernels.wide_bucket_topk import MAX_SLOTS, wide_bucket_topk, wide_share_topk
 from topk_compiler.lowering.layouts import LAYOUT_IDS
+from topk_compiler.lowering.recall_model import expected_recall_of_shares
 
 # (rows, n, k, num_buckets, per_bucket_k): k from 1 to every survivor, buckets of 1 to 256 slots
 # kept, rows that buckets do not divide.
@@ -68,6 +71,62 @@ def test_bad_arguments_are_refused():
                          largest=True, select="bitonic")
     with pytest.raises(AssertionError, match="exceed"):
         wide_bucket_topk(torch.empty(1, 4 * MAX_SLOTS + 4), 100, num_buckets=4, per_bucket_k=30, largest=True)
+
+
+def share_reference(x, k, b, layout, largest, seed=11):
+    return bucketed_topk_torch(x.cpu(), k, largest=largest, sorted=True, num_buckets=b, per_bucket_k=0,
+                               layout=layout, seed=seed, shares=True)
+
+
+# (rows, n, k, num_buckets): shares from 1 to 125 (every element of a bucket), k and n that the
+# buckets divide or not.
+SHARE_CASES = [(3, 1000, 101, 8), (2, 1000, 1000, 8), (2, 513, 4, 4), (2, 300, 37, 16), (1, 1030, 200, 16)]
+
+
+@pytest.mark.parametrize("rows,n,k,b", SHARE_CASES)
+@pytest.mark.parametrize("layout,dtype,largest,sorted_", [
+    ("interleaved", torch.float32, True, False), ("interleaved", torch.bfloat16, False, True),
+    ("shuffled", torch.bfloat16, True, False), ("contiguous", torch.float32, False, True),
+    ("interleaved", torch.float16, True, True)])
+def test_shares_equal_the_reference_with_the_same_buckets(rows, n, k, b, layout, dtype, largest, sorted_):
+    x = torch.randn(rows, n).to(dtype).to(KERNEL_DEVICE)
+    ref_values, _ = share_reference(x, k, b, layout, largest)
+    values, indices = wide_share_topk(x, k, num_buckets=b, largest=largest, sorted=sorted_,
+                                      layout_id=LAYOUT_IDS[layout], seed=11)
+    assert values.shape == indices.shape == (rows, k) and indices.dtype == torch.int64
+    assert_matches_reference(values, indices, ref_values, x, sorted_=sorted_, largest=largest)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shares_nan_infinities_and_ties(dtype):
+    """NaN rows, infinities, rows of four values and an all-equal row: the reference's values,
+    each index once; sorted, NaN first for largest (as torch.topk) and the values descending."""
+    x = special_rows(dtype, 600)
+    for largest in (True, False):
+        ref_values, _ = share_reference(x, 150, 8, "interleaved", largest)
+        for sorted_ in (False, True):
+            values, indices = wide_share_topk(x, 150, num_buckets=8, largest=largest, sorted=sorted_)
+            assert_matches_reference(values, indices, ref_values, x, sorted_=sorted_, largest=largest)
+
+
+def test_shares_measured_recall_tracks_the_model():
+    n, k, b = 2048, 256, 16
+    x = torch.randn(4, n).to(KERNEL_DEVICE)
+    _, indices = wide_share_topk(x, k, num_buckets=b, largest=True, sorted=False)
+    model = expected_recall_of_shares(n, k, b)
+    assert model < 0.93  # shares of 16 a bucket cut many buckets' top items
+    assert abs(measured_recall(x.cpu(), indices.cpu(), k) - model) < 0.03  # 1024 top items: sd 0.006
+
+
+def test_shares_bad_arguments_are_refused():
+    x = torch.randn(2, 1000).to(KERNEL_DEVICE)
+    with pytest.raises(AssertionError, match="smallest bucket"):
+        wide_share_topk(x, 1001, num_buckets=8, largest=True, sorted=False)
+    with pytest.raises(AssertionError, match="smallest bucket"):
+        wide_share_topk(x, 900, num_buckets=16, largest=True, sorted=False, layout_id=2)  # last bucket 55, shares 57
+    wide_share_topk(x, 900, num_buckets=16, largest=True, sorted=False)  # interleaved: 62 at least
+    with pytest.raises(AssertionError, match="exceed"):
+        wide_share_topk(torch.empty(1, 4 * MAX_SLOTS + 4), 100, num_buckets=4, largest=True, sorted=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and chained launches need a GPU")

@@ -128,6 +128,11 @@ def _prepare(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkP
         return wide_kernels.WideBucketTopk(x2d, k, num_buckets=plan.num_buckets, per_bucket_k=plan.per_bucket_k,
                                            largest=largest, num_warps=plan.num_warps, select=plan.select,
                                            **layout_args)
+    if plan.kernel == "shares":
+        from topk_compiler.kernels import wide_bucket_topk as wide_kernels
+
+        return wide_kernels.WideShareTopk(x2d, k, num_buckets=plan.num_buckets, largest=largest, sorted=sorted,
+                                          num_warps=plan.num_warps, **layout_args)
     if plan.kernel == "fused":
         return bucketed_kernels.prepare_fused_bucketed_topk(x2d, k, num_warps=plan.num_warps,
                                                             max_registers=plan.max_registers, **bucketing,

@@ -246,12 +246,28 @@ def wide_time(rows, n, k, num_buckets, per_bucket_k, elem_bytes, select, p: Devi
     if select == "bitonic":
         top = _select(slots, per_bucket_k, _key_bits(elem_bytes), "bitonic", p)
     else:
-        rounds = _key_bits(elem_bytes) // WIDE_DIGIT_BITS
-        top = (slots * rounds * 2**WIDE_DIGIT_BITS * p.weight("bisect") + rounds * p.weight("sync")
-               + _sort_here(per_bucket_k, p))
+        top = _wide_threshold(slots, elem_bytes, p) + _sort_here(per_bucket_k, p)
     merge = num_buckets * _next_pow2(per_bucket_k) * _log2(per_bucket_k + 1) * p.weight("bisect")
     programs = rows * num_buckets
     return 2 * p.weight("launch") + _waves(programs, p) * (_stream(slots, elem_bytes, 0, p) + top + merge)
+
+
+def _wide_threshold(slots, elem_bytes, p: DeviceProfile):
+    """A wide bucket's threshold: WIDE_DIGIT_BITS bits a block-wide count, 2**WIDE_DIGIT_BITS
+    compares a slot each."""
+    rounds = _key_bits(elem_bytes) // WIDE_DIGIT_BITS
+    return slots * rounds * 2**WIDE_DIGIT_BITS * p.weight("bisect") + rounds * p.weight("sync")
+
+
+def shares_time(rows, n, k, num_buckets, elem_bytes, sorted_, p: DeviceProfile):
+    """``WideShareTopk``: ``wide_time``'s selection without its sort, each bucket's share written
+    straight to the output, no merge; sorted output then takes the rank sort. Priced with the
+    same borrowed terms, not yet calibrated on this kernel."""
+    slots = _next_pow2(_cdiv(n, num_buckets))
+    programs = rows * num_buckets
+    t = p.weight("launch") + _waves(programs, p) * (_stream(slots, elem_bytes, 0, p)
+                                                    + _wide_threshold(slots, elem_bytes, p))
+    return t + (rank_sort_time(rows, k, p) if sorted_ else 0)
 
 
 def _finish(rows, k, sorted_, select, sort_with, p: DeviceProfile):

@@ -21,7 +21,8 @@ import torch
 from topk_compiler.kernels import MAX_GRID_YZ, cdiv, next_pow2, smallest_bucket
 from topk_compiler.lowering import cost_model
 from topk_compiler.lowering.layouts import LAYOUT_IDS
-from topk_compiler.lowering.recall_model import expected_recall, guaranteed_recall, survivors, uncertified_probability
+from topk_compiler.lowering.recall_model import (expected_recall, expected_recall_of_shares, guaranteed_recall,
+                                                 guaranteed_recall_of_shares, survivors, uncertified_probability)
 
 # An approximate plan must be predicted (and, on the GPU, measured) at least this much faster
 # than exact top-k.
@@ -118,7 +119,9 @@ class TopkPlan:
             then stage 2), "select" (exact Triton selection of rows held in registers) or
             "filtered" (exact: a bucketed bound, a filtering pass, a selection), "certified"
             (exact: the fused kernel, whose rows are certified exact or recomputed), "wide"
-            (a few wide buckets, a program each, then a merge by rank: few rows of large k) or
+            (a few wide buckets, a program each, then a merge by rank: few rows of large k),
+            "shares" (as "wide", each bucket keeping its share of k: survivors exactly k, written
+            in one launch; ``per_bucket_k`` is the largest share) or
             "split_filtered" (exact: the filtered kernel's bound, filtering pass and selection
             as three launches of many programs).
         num_buckets, per_bucket_k: the bucketing (bucketed and filtered only).
@@ -178,6 +181,13 @@ def recall_of(n: int, k: int, num_buckets: int, per_bucket_k: int, layout: str) 
     if layout == "shuffled":
         return guaranteed_recall(n, k, num_buckets, per_bucket_k)
     return expected_recall(n, k, num_buckets, per_bucket_k, layout)
+
+
+def recall_of_shares(n: int, k: int, num_buckets: int, layout: str) -> float:
+    """``recall_of`` where each bucket keeps its share of k."""
+    if layout == "shuffled":
+        return guaranteed_recall_of_shares(n, k, num_buckets)
+    return expected_recall_of_shares(n, k, num_buckets, layout)
 
 
 def _triton_ok(device: str, dtype: torch.dtype) -> bool:
@@ -323,6 +333,22 @@ def wide_bucketings(rows: int, n: int, k: int, recall_target: float, layout: str
         yield b, lo, recall_of(n, k, b, lo, layout)
 
 
+def share_bucketings(rows: int, n: int, k: int, recall_target: float, layout: str, processors: int):
+    """(num_buckets, largest share, recall) for the wide buckets that each keep their share of k
+    (``kernels/wide_bucket_topk.WideShareTopk``): every bucket count of the wide kernel whose
+    recall reaches the target, each bucket holding its share."""
+    if k < WIDE_MIN_K:
+        return
+    for b in WIDE_BUCKET_CHOICES:
+        if cdiv(n, b) > MAX_WIDE_SLOTS or rows * b > WIDE_PROGRAMS_PER_SM * processors:
+            continue
+        if cdiv(k, b) > smallest_bucket(n, b, LAYOUT_IDS[layout]):
+            continue
+        recall = recall_of_shares(n, k, b, layout)
+        if recall >= recall_target:
+            yield b, cdiv(k, b), recall
+
+
 def certified_bucketings(rows: int, n: int, k: int, elem: int):
     """(num_buckets, per_bucket_k, probability that a call recomputes a row) for the certified
     exact kernel: per bucket count, the fewest slots (two or more) certifying a call's rows with
@@ -422,6 +448,10 @@ def _ranked(rows, n, k, dtype, device, recall_target, layout, sorted_, forced):
                     t = cost_model.wide_time(rows, n, k, b, kb, elem, select, profile)
                     approx.append(TopkPlan("bucketed", "wide", b, kb, 1, select, "program",
                                            warps_for(next_pow2(cdiv(n, b))), 1, recall, _us(t), torch_us))
+            for b, share, recall in share_bucketings(rows, n, k, recall_target, layout, profile.processors):
+                t = cost_model.shares_time(rows, n, k, b, elem, sorted_, profile)
+                approx.append(TopkPlan("bucketed", "shares", b, share, 1, "bisect", "rank" if sorted_ else "program",
+                                       warps_for(next_pow2(cdiv(n, b))), 1, recall, _us(t), torch_us))
     return sorted(approx, key=lambda p: p.predicted_us), exact
 
 
@@ -540,16 +570,17 @@ def _with_borrowed_prices(chosen: list[TopkPlan], plans: list[TopkPlan], few_row
     likewise the cheapest split filtered plan: their prices are borrowed from other kernels'
     terms, so the first call's timing, not the model, decides whether they win. With
     ``few_rows`` (fewer than half the SMs), also the cheapest split kernel sorting by rank and
-    the cheapest wide-bucket plan of each finish: they spread a row over many programs, where
-    the fused kernel streams and sorts each row in one (16 x 14336 fp32 k=1434 sorted 2048
-    entries a row in one program for 29 of its 45 us,
+    the cheapest wide-bucket plan of each finish and of shares: they spread a row over many
+    programs, where the fused kernel streams and sorts each row in one (16 x 14336 fp32 k=1434
+    sorted 2048 entries a row in one program for 29 of its 45 us,
     benchmarks/results/profile_stages_h200.json)."""
     extra = []
-    kinds = [lambda p: p.sort_with == "rank", lambda p: p.kernel == "split_filtered"]
+    kinds = [lambda p: p.sort_with == "rank" and p.kernel != "shares", lambda p: p.kernel == "split_filtered"]
     if few_rows:
         kinds += [lambda p: p.sort_with == "rank" and p.kernel == "split",
                   lambda p: p.kernel == "wide" and p.select == "bisect",
-                  lambda p: p.kernel == "wide" and p.select == "bitonic"]
+                  lambda p: p.kernel == "wide" and p.select == "bitonic",
+                  lambda p: p.kernel == "shares"]
     for kind in kinds:
         if not any(kind(p) for p in chosen + extra):
             extra += [p for p in plans if kind(p)][:1]
