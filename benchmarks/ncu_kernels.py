@@ -1,10 +1,11 @@
 """Launches of the kernels whose time issue 4's note cannot yet explain, for Nsight Compute to read.
 
     ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SourceCounters \
-        python3 benchmarks/ncu_kernels.py wide split
+        python3 benchmarks/ncu_kernels.py wide shares split
 
 ``wide``: the FFN shape's plan (16 x 14336 fp32, k=1434, 8 buckets of 180: ``WideBucketTopk``,
-its selection then its merge). ``split``: the exact plan at 1024 x 32768 bf16, k=2048
+its selection then its merge); ``shares``: the same buckets each keeping their share of k
+(``WideShareTopk``, sorted: its launch, then the rank sort). ``split``: the exact plan at 1024 x 32768 bf16, k=2048
 (``SplitFilteredTopk``: bound, filtering pass, selection). Each runs twice, the first call
 compiling, so that ``ncu --launch-skip`` can pass over it; outputs are checked against torch.topk
 so that a profile of a wrong kernel is not read. Timings come from the profiler, not from here.
@@ -18,7 +19,7 @@ import torch
 
 from topk_compiler.kernels import cdiv, next_pow2
 from topk_compiler.kernels.filtered_topk import SplitFilteredTopk
-from topk_compiler.kernels.wide_bucket_topk import WideBucketTopk
+from topk_compiler.kernels.wide_bucket_topk import WideBucketTopk, WideShareTopk
 from topk_compiler.lowering.plan import filtered_bucketings
 
 PROCESSORS = 132
@@ -27,6 +28,12 @@ PROCESSORS = 132
 def wide():
     x = torch.randn(16, 14336, device="cuda", dtype=torch.float32)
     op = WideBucketTopk(x, 1434, num_buckets=8, per_bucket_k=180, largest=True)
+    return x, 1434, op, False
+
+
+def shares():
+    x = torch.randn(16, 14336, device="cuda", dtype=torch.float32)
+    op = WideShareTopk(x, 1434, num_buckets=8, largest=True, sorted=True)
     return x, 1434, op, False
 
 
@@ -39,7 +46,7 @@ def split():
     return x, k, op, True
 
 
-PLANS = {"wide": wide, "split": split}
+PLANS = {"wide": wide, "shares": shares, "split": split}
 
 
 def main(argv=None):
