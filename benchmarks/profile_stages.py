@@ -16,7 +16,9 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
   then the selection and the rank sort; ``wide:...``: the wide-bucket kernel at the planner's
   bucketings, whole and each of its two launches alone (the selection ``:d<bits>`` deciding its
   threshold 1, 2 (as it runs) or 4 bits per count; ``:bitonic``, and ``wide:bitonic`` whole, keeping
-  each bucket's top by a bitonic network). ``--only wide`` runs these alone.
+  each bucket's top by a bitonic network); ``shares:...:unsorted`` / ``:sorted``: the wide
+  buckets each keeping their share of k (``WideShareTopk``: one launch, then the rank sort for
+  sorted output) at every bucket count reaching recall 0.95. ``--only wide`` runs these alone.
 * ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
   stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
   ``rank_sort``: ``rank_sort`` of them (many programs per row); ``torch_sort``: ``torch.sort``.
