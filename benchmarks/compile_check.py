@@ -194,7 +194,7 @@ def families() -> dict:
     from topk_compiler.kernels.quantized_scores import quantized_scores
     from topk_compiler.kernels.select_topk import exact_topk
     from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, sparse_ffn
-    from topk_compiler.kernels.wide_bucket_topk import wide_bucket_topk
+    from topk_compiler.kernels.wide_bucket_topk import wide_bucket_topk, wide_share_topk
 
     return {
         "fused, k=2048 of 32768, sorted in the program": (lambda: fused_bucketed_topk(
@@ -218,6 +218,10 @@ def families() -> dict:
             torch.empty(2, 14336), 1434, num_buckets=8, per_bucket_k=180, largest=True, select="bitonic"), True),
         "wide buckets bf16, k=2048 of 65536, 32 buckets of 68, bitonic network": (lambda: wide_bucket_topk(
             _bf16(2, 65536), 2048, num_buckets=32, per_bucket_k=68, largest=True, select="bitonic"), True),
+        "wide buckets fp32, k=1434 of 14336, 8 shares, unsorted": (lambda: wide_share_topk(
+            torch.empty(2, 14336), 1434, num_buckets=8, largest=True, sorted=False), True),
+        "wide buckets bf16, k=2048 of 65536, 32 shares, sorted by rank": (lambda: wide_share_topk(
+            _bf16(2, 65536), 2048, num_buckets=32, largest=True, sorted=True), True),
         "split, radix, sort launch": (lambda: split_bucketed_topk(
             torch.empty(2, 65536), 256, num_buckets=1024, per_bucket_k=2, segments=8, largest=False, sorted=True,
             select="radix", sort_with="launch"), False),
