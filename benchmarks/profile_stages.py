@@ -18,7 +18,8 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
   threshold 1, 2 (as it runs) or 4 bits per count; ``:bitonic``, and ``wide:bitonic`` whole, keeping
   each bucket's top by a bitonic network); ``shares:...:unsorted`` / ``:sorted``: the wide
   buckets each keeping their share of k (``WideShareTopk``: one launch, then the rank sort for
-  sorted output) at every bucket count reaching recall 0.95. ``--only wide`` runs these alone.
+  sorted output) at every bucket count reaching recall 0.95, unsorted also at 4 and 16 warps.
+  ``--only wide`` runs these alone.
 * ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
   stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
   ``rank_sort``: ``rank_sort`` of them (many programs per row); ``torch_sort``: ``torch.sort``.
@@ -295,8 +296,8 @@ def shares(x, k, record):
     rows, n = x.shape
     processors = torch.cuda.get_device_properties(x.device).multi_processor_count
     for b, kb, recall in share_bucketings(rows, n, k, 0.95, "interleaved", processors):
-        warps = warps_for(triton.next_power_of_2(-(-n // b)))
-        for sorted_ in (False, True):
+        planned = warps_for(triton.next_power_of_2(-(-n // b)))
+        for warps, sorted_ in [(planned, False), (planned, True)] + [(w, False) for w in (4, 16) if w != planned]:
             run = WideShareTopk(x, k, num_buckets=b, largest=True, sorted=sorted_, num_warps=warps)
             record(f"shares:w{warps}:{'sorted' if sorted_ else 'unsorted'}:recall={recall:.3f}", b, kb,
                    lambda r=run: r(x))
