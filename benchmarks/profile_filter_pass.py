@@ -2,29 +2,31 @@
 
     PYTHONPATH=. python3 benchmarks/profile_filter_pass.py --out $OUT
 
-At 1024 x 32768 bf16 k=2048 the pass took 121 us on an H100 (5.4x the HBM floor) with a
-program of one warp per 256 elements: 131072 programs, 0.12 us per 132 of them
-(``cost_model.SPLIT_FILTER_SHARE``). Loads in flight are not the limit: programs counting several
-blocks before one atomic add were slower (af96b6b). Instruction issue may be: its sm_90 code is
-664 instructions a program (``benchmarks/compile_check``), 87M warp instructions in all, which
-take 83 us at one a cycle on each of the 4 schedulers of 132 processors at the 1.98 GHz boost
-clock (an estimate, not a measurement). This script times variants of the pass, each as a CUDA-graph replay
-of the split kernel's bound launch followed by the variant, less the bound alone:
+At 1024 x 32768 bf16 k=2048 the pass took 120 us on an H100 (5.4x the HBM floor) with a
+program of one warp per 256 elements, 16-byte vector loads and every store masked. Its sm_90
+code was 664 instructions a program (``benchmarks/compile_check``), five layout conversions
+among them: the vector loads put 8 elements in a thread, the scattered stores one. This script
+times variants of the pass, each as a CUDA-graph replay of the split kernel's bound launch
+followed by the variant, less the bound alone:
 
-* ``pass:B/w/R/s``: the pass as it runs, except that a program walks R blocks of B elements (w
-  warps) one after another, each block reserving its slots with its own atomic add, the loop
-  pipelined over s stages (``tl.range(num_stages=s)``). R = 1, s = 1 is the kernel as it runs.
-  Each is checked: the op's own selection launch after it must return torch.topk's values.
-* ``...:scalar``: each thread's loads one element each (``tl.max_contiguous(offs, 1)``) instead of
-  one 16-byte vector: the layout the scattered stores take, so no layout conversion through
-  shared memory sits between the loads and the stores (sm_90 code: 568 instructions a program of
-  256 bf16 elements against 664, 2 shared-memory stores against 34).
-* ``lean:...``: the stores of the pass with the slot bound checked once a block where the block's
-  candidates all fit, and the ties' stores skipped in a block with none (most blocks).
+* ``pass:B/w/R/s``: the pass with the op's stores (``_store_passing``), except that a program
+  walks R blocks of B elements (w warps) one after another, each block reserving its slots with
+  its own atomic add, the loop pipelined over s stages (``tl.range(num_stages=s)``), and loads of
+  16-byte vectors. Each is checked: the op's own selection launch after it must return
+  torch.topk's values.
+* ``...:scalar``: each thread's loads one element each (``_row_keys(ONE_A_THREAD=True)``): the
+  layout the scattered stores take. ``pass:256/1/1/1:scalar`` is the kernel as it runs.
 * ``no_atomic:...``: the same, each block's slots at a place fixed by its number (no atomic).
 * ``no_store:...``: the atomic adds, and no candidate stored.
 * ``load_only:...``: the loads and the block's count alone (one word written a program).
 * ``read``: a plain read of the input (``x.sum(dim=1)``, for scale), and the HBM floor.
+
+At 8a87819 (benchmarks/results/profile_filter_pass_h100_8a87819.json; then ``pass`` stored
+every block's ties and checked the slot bound per element, and ``lean`` was the stores as they
+are now), the pass at 1024 x 32768 bf16 / 64 x 131072 bf16 / 1024 x 16384 fp32 took 120 / 29.3 /
+58.6 us with vector loads; 91.8 / 25.1 / 51.8 with scalar loads; 105 / 27.6 / 45.8 with the lean
+stores; 97.2 / 23.8 / 46.2 with both, which the kernel now runs. Loads and counts alone took
+81.2 / 21.7 / 41.6. Programs of several blocks, pipelined or not, were slower everywhere.
 """
 
 from __future__ import annotations
@@ -41,10 +43,8 @@ import triton.language as tl
 
 from benchmarks.profile_stages import save_results, timed
 from topk_compiler.kernels import cdiv, next_pow2
-from topk_compiler.kernels.filtered_topk import (SplitFilteredTopk, _entries, _passing, _row_bound, _row_counts,
-                                                 _row_keys, _store_passing)
-from topk_compiler.kernels.order_key import order_key
-from topk_compiler.kernels.select_topk import index_entry, key_pad
+from topk_compiler.kernels.filtered_topk import (SplitFilteredTopk, _passing, _row_bound, _row_counts, _row_keys,
+                                                 _store_passing)
 from topk_compiler.lowering.plan import filtered_bucketings
 
 SHAPES = [
@@ -54,32 +54,12 @@ SHAPES = [
 ]
 PROCESSORS = 132
 BANDWIDTH = 3.0e12
-FULL, NO_ATOMIC, NO_STORE, LOAD_ONLY, LEAN = 0, 1, 2, 3, 4
-MODES = {"pass": FULL, "no_atomic": NO_ATOMIC, "no_store": NO_STORE, "load_only": LOAD_ONLY, "lean": LEAN}
+FULL, NO_ATOMIC, NO_STORE, LOAD_ONLY = 0, 1, 2, 3
+MODES = {"pass": FULL, "no_atomic": NO_ATOMIC, "no_store": NO_STORE, "load_only": LOAD_ONLY}
 # (mode, elements a block, warps, blocks a program, pipeline stages, scalar loads)
-VARIANTS = [("pass", 256, 1, 1, 1, False), ("pass", 256, 1, 1, 1, True), ("lean", 256, 1, 1, 1, False),
-            ("lean", 256, 1, 1, 1, True), ("pass", 512, 1, 1, 1, False), ("lean", 512, 1, 1, 1, True),
-            ("lean", 1024, 1, 1, 1, True), ("pass", 256, 1, 16, 3, False), ("lean", 256, 1, 16, 3, True),
-            ("pass", 1024, 4, 4, 3, False), ("no_atomic", 256, 1, 1, 1, False), ("no_store", 256, 1, 1, 1, False),
-            ("load_only", 256, 1, 1, 1, False)]
-
-
-@triton.jit
-def _store_passing_lean(keys, offs, bound, total, above_base, tied_base, k, cand_row, tie_idx_row,
-                        CAP: tl.constexpr, PACK32: tl.constexpr):
-    above = keys > bound
-    passing = _passing(keys, bound)
-    packed = tl.cumsum(passing, axis=0)
-    above_pos = above_base + (packed & 0xFFFF) - above.to(tl.int32)
-    if above_base + (total & 0xFFFF) <= CAP:
-        tl.store(_entries(cand_row, PACK32) + above_pos, index_entry(keys, offs, PACK32), mask=above)
-    else:
-        tl.store(_entries(cand_row, PACK32) + above_pos, index_entry(keys, offs, PACK32),
-                 mask=above & (above_pos < CAP))
-    if (total >> 16) > 0:
-        tied = keys == bound
-        tied_pos = tied_base + (packed >> 16) - tied.to(tl.int32)
-        tl.store(tie_idx_row + tied_pos, offs.to(tl.int64), mask=tied & (tied_pos < k))
+VARIANTS = [("pass", 256, 1, 1, 1, True), ("pass", 256, 1, 1, 1, False), ("pass", 512, 1, 1, 1, True),
+            ("pass", 256, 1, 16, 3, True), ("pass", 1024, 4, 4, 3, False), ("no_atomic", 256, 1, 1, 1, True),
+            ("no_store", 256, 1, 1, 1, True), ("load_only", 256, 1, 1, 1, True)]
 
 
 @triton.jit
@@ -89,7 +69,7 @@ def _filter_variant_kernel(x_ptr, scratch_ptr, tie_idx_ptr,
                            LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
                            SEGMENTS: tl.constexpr, PACK32: tl.constexpr, BLOCKS: tl.constexpr,
                            STAGES: tl.constexpr, MODE: tl.constexpr, SCALAR_LOADS: tl.constexpr):
-    """The pass at one of MODES (its values: 0 the pass, 1 no atomic, 2 no store, 3 loads only, 4 lean)."""
+    """The pass at one of MODES (its values: 0 the pass, 1 no atomic, 2 no store, 3 loads only)."""
     row = tl.program_id(0).to(tl.int64)
     scratch_row = scratch_ptr + row * scratch_row_stride
     bound = _row_bound(scratch_row, CAP, SEGMENTS, PACK32)
@@ -97,13 +77,7 @@ def _filter_variant_kernel(x_ptr, scratch_ptr, tie_idx_ptr,
     seen = tl.zeros([], dtype=tl.int32)
     for i in tl.range(0, BLOCKS, num_stages=STAGES):
         block = tl.program_id(1) * BLOCKS + i
-        if SCALAR_LOADS:
-            offs = tl.max_contiguous(block * BLOCK + tl.arange(0, BLOCK), 1)
-            valid = offs < n
-            keys = tl.where(valid, order_key(tl.load(x_ptr + row * x_row_stride + offs, mask=valid, other=0.0),
-                                             LARGEST), key_pad(KEY_BITS))
-        else:
-            keys, offs = _row_keys(x_ptr + row * x_row_stride, block * BLOCK, n, BLOCK, LARGEST, KEY_BITS)
+        keys, offs = _row_keys(x_ptr + row * x_row_stride, block * BLOCK, n, BLOCK, LARGEST, KEY_BITS, SCALAR_LOADS)
         total = tl.sum(_passing(keys, bound), axis=0)
         if MODE == 3:
             seen += total
@@ -115,11 +89,8 @@ def _filter_variant_kernel(x_ptr, scratch_ptr, tie_idx_ptr,
             else:
                 above_base = tl.atomic_add(counts, total & 0xFFFF, sem="relaxed")
                 tied_base = tl.atomic_add(counts + 1, n_tied, mask=n_tied > 0, sem="relaxed")
-            if MODE == 4:
-                _store_passing_lean(keys, offs, bound, total, above_base, tied_base, k, scratch_row,
-                                    tie_idx_ptr + row * tie_row_stride, CAP, PACK32)
-            elif MODE != 2:
-                _store_passing(keys, offs, bound, above_base, tied_base, k, scratch_row,
+            if MODE != 2:
+                _store_passing(keys, offs, bound, total, above_base, tied_base, k, scratch_row,
                                tie_idx_ptr + row * tie_row_stride, CAP, PACK32)
     if MODE == 3:
         tl.store(tie_idx_ptr + row * tie_row_stride + tl.program_id(1) % k, seen.to(tl.int64))
@@ -165,7 +136,7 @@ def shape_rows(rows, n, k, dtype) -> list[dict]:
         mode = MODES[name]
         launch = variant_launch(op, x, k, block, warps, blocks, stages, mode, scalar)
         extra = {}
-        if mode in (FULL, LEAN):
+        if mode == FULL:
             try:
                 values, indices_, order = op.new_outputs()
                 check = op.new_scratch()

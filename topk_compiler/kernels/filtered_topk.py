@@ -84,8 +84,16 @@ def _entries(scratch_row, PACK32: tl.constexpr):
 
 
 @triton.jit
-def _row_keys(x_row_ptr, start, n, BLOCK: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr):
+def _row_keys(x_row_ptr, start, n, BLOCK: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr,
+              ONE_A_THREAD: tl.constexpr = False):
+    """Keys of elements start ... start + BLOCK of a row (padding past n). ONE_A_THREAD: each
+    thread's load takes one element, not a 16-byte vector: the layout of the scattered stores of
+    ``_store_passing``, so that their pointers and masks need not go through shared memory (the
+    split kernel's filtering pass at 1024 x 32768 bf16 took 92 us so against 120,
+    benchmarks/results/profile_filter_pass_h100_8a87819.json)."""
     offs = start + tl.arange(0, BLOCK)
+    if ONE_A_THREAD:
+        offs = tl.max_contiguous(offs, 1)
     valid = offs < n
     keys = tl.where(valid, order_key(tl.load(x_row_ptr + offs, mask=valid, other=0.0), LARGEST), key_pad(KEY_BITS))
     return keys, offs
@@ -143,18 +151,26 @@ def _passing(keys, bound):
 
 
 @triton.jit
-def _store_passing(keys, offs, bound, above_base, tied_base, k, cand_row, tie_idx_row,
+def _store_passing(keys, offs, bound, total, above_base, tied_base, k, cand_row, tie_idx_row,
                    CAP: tl.constexpr, PACK32: tl.constexpr):
     """Stores a block's candidates: its keys above ``bound`` (packed with their indices) after
     ``above_base`` others, within the CAP slots, and the indices of its keys equal to it after
-    ``tied_base`` others, within k."""
+    ``tied_base`` others, within k. ``total``: the block's ``_passing`` summed. The slot bound is
+    checked once for a block whose candidates all fit, and a block without ties (most) computes
+    no tie positions: the split kernel's filtering pass took 46 us so against 59 at 1024 x 16384
+    fp32 (``profile_filter_pass_h100_8a87819.json``)."""
     above = keys > bound
-    tied = keys == bound
     packed = tl.cumsum(_passing(keys, bound), axis=0)
     above_pos = above_base + (packed & 0xFFFF) - above.to(tl.int32)
-    tied_pos = tied_base + (packed >> 16) - tied.to(tl.int32)
-    tl.store(_entries(cand_row, PACK32) + above_pos, index_entry(keys, offs, PACK32), mask=above & (above_pos < CAP))
-    tl.store(tie_idx_row + tied_pos, offs.to(tl.int64), mask=tied & (tied_pos < k))
+    entries = _entries(cand_row, PACK32) + above_pos
+    if above_base + (total & 0xFFFF) <= CAP:
+        tl.store(entries, index_entry(keys, offs, PACK32), mask=above)
+    else:
+        tl.store(entries, index_entry(keys, offs, PACK32), mask=above & (above_pos < CAP))
+    if (total >> 16) > 0:
+        tied = keys == bound
+        tied_pos = tied_base + (packed >> 16) - tied.to(tl.int32)
+        tl.store(tie_idx_row + tied_pos, offs.to(tl.int64), mask=tied & (tied_pos < k))
 
 
 @triton.jit
@@ -215,8 +231,8 @@ def filter_and_select(x_row_ptr, bound, n, k, values_row_ptr, indices_row_ptr, o
     tied_base = tl.zeros([], dtype=tl.int32)
     for start in range(0, n, BLOCK):
         keys, offs = _row_keys(x_row_ptr, start, n, BLOCK, LARGEST, KEY_BITS)
-        _store_passing(keys, offs, bound, above_base, tied_base, k, cand_row, tie_idx_row, CAP, PACK32)
         total = tl.sum(_passing(keys, bound), axis=0)
+        _store_passing(keys, offs, bound, total, above_base, tied_base, k, cand_row, tie_idx_row, CAP, PACK32)
         above_base += total & 0xFFFF
         tied_base += total >> 16
     tl.debug_barrier()
@@ -340,15 +356,16 @@ def _filter_block_kernel(x_ptr, scratch_ptr, tie_idx_ptr,                       
     row = tl.program_id(0).to(tl.int64)
     scratch_row = scratch_ptr + row * scratch_row_stride
     bound = _row_bound(scratch_row, CAP, SEGMENTS, PACK32)
-    keys, offs = _row_keys(x_ptr + row * x_row_stride, tl.program_id(1) * BLOCK, n, BLOCK, LARGEST, KEY_BITS)
+    keys, offs = _row_keys(x_ptr + row * x_row_stride, tl.program_id(1) * BLOCK, n, BLOCK, LARGEST, KEY_BITS,
+                           ONE_A_THREAD=True)
     total = tl.sum(_passing(keys, bound), axis=0)
     n_tied = total >> 16
     counts = _row_counts(scratch_row, CAP, SEGMENTS, PACK32)
     above_base = tl.atomic_add(counts, total & 0xFFFF, sem="relaxed")
     # Ties are rare: most blocks reserve none (a masked atomic returns nothing, and none is stored).
     tied_base = tl.atomic_add(counts + 1, n_tied, mask=n_tied > 0, sem="relaxed")
-    _store_passing(keys, offs, bound, above_base, tied_base, k, scratch_row, tie_idx_ptr + row * tie_row_stride,
-                   CAP, PACK32)
+    _store_passing(keys, offs, bound, total, above_base, tied_base, k, scratch_row,
+                   tie_idx_ptr + row * tie_row_stride, CAP, PACK32)
 
 
 @triton.jit

@@ -344,10 +344,12 @@ SPLIT_FILTER_BLOCK = 256
 # The split kernel's filtering pass per element, as a share of the one-program kernel's ``filter``
 # weight: its light programs overlap their waits, where one program a row cannot. On an H100 the
 # pass took 0.12 us a wave of programs (256 elements each) at all four shapes of many rows, bf16
-# and fp32 alike, 2.6-2.9x below the full weight
+# and fp32 alike, 2.6-2.9x below the full weight, with vector loads and every store masked
 # (benchmarks/results/profile_large_k_h100_packed.json: 119 us at 1024 x 32768 bf16, 59 at
-# 1024 x 16384 fp32, 61 at 4096 x 4096, 30 at 64 x 131072).
-SPLIT_FILTER_SHARE = 0.33
+# 1024 x 16384 fp32, 61 at 4096 x 4096, 30 at 64 x 131072): a share of 0.33. With a thread's
+# element a load and lean stores (profile_filter_pass_h100_8a87819.json: 97.2, 46.2 and 23.8 us
+# at the first, second and fourth) the share beyond the bytes' time is 0.25 for bf16, 0.22 fp32.
+SPLIT_FILTER_SHARE = 0.25
 
 
 def split_filtered_time(rows, n, k, num_buckets, per_bucket_k, segments, elem_bytes, sorted_, select, sort_with,
