@@ -59,6 +59,29 @@ SELECTS = ("bisect", "bitonic")
 MAX_NETWORK_KB = 256
 
 
+@triton.jit
+def _bucket(x_ptr, row, q, n, slots, seed, x_row_stride, NUM_BUCKETS: tl.constexpr, SLOTS_POW2: tl.constexpr,
+            LAYOUT: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Bucket q of ``row`` in registers: (values, order keys, element indices, valid slots); a
+    padding slot's key is below every real one."""
+    g = tl.arange(0, SLOTS_POW2)
+    idx = element_index(row, q, g, NUM_BUCKETS, slots, seed, LAYOUT)
+    valid = (g < slots) & (idx < n)
+    v = tl.load(x_ptr + row * x_row_stride + idx, mask=valid, other=0.0)
+    return v, tl.where(valid, order_key(v, LARGEST), key_pad(KEY_BITS)), idx, valid
+
+
+@triton.jit
+def _bucket_top(keys, count, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    """(chosen, position) of the bucket's top ``count`` keys: those above its count-th largest
+    key, then the first ties, at positions 0 ... count - 1 in slot order."""
+    threshold = kth_key_by_digits(keys, count, KEY_BITS, DIGIT_BITS)
+    need = count - tl.sum((keys > threshold).to(tl.int32), axis=0)
+    zero = tl.zeros([], dtype=tl.int32)
+    chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
+    return chosen, position
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
                        n, per_bucket_k, slots, seed,              # sizes
@@ -74,11 +97,8 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     q = tl.program_id(1)
-    g = tl.arange(0, SLOTS_POW2)
-    idx = element_index(row, q, g, NUM_BUCKETS, slots, seed, LAYOUT)
-    valid = (g < slots) & (idx < n)
-    v = tl.load(x_ptr + row * x_row_stride + idx, mask=valid, other=0.0)
-    keys = tl.where(valid, order_key(v, LARGEST), key_pad(KEY_BITS))
+    _, keys, idx, valid = _bucket(x_ptr, row, q, n, slots, seed, x_row_stride, NUM_BUCKETS, SLOTS_POW2, LAYOUT,
+                                  LARGEST, KEY_BITS)
     out = entries_ptr + row * entries_row_stride + q * per_bucket_k
     o = tl.arange(0, KB_POW2)
     in_kb = o < per_bucket_k
@@ -86,10 +106,7 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
         # Padding slots rank last: the lowest key, and index 0 so that it stays out of the key's bits.
         top = top_entries(index_entry(keys, tl.where(valid, idx, 0), PACK32), KB_POW2)
     else:
-        threshold = kth_key_by_digits(keys, per_bucket_k, KEY_BITS, DIGIT_BITS)
-        need = per_bucket_k - tl.sum((keys > threshold).to(tl.int32), axis=0)
-        zero = tl.zeros([], dtype=tl.int32)
-        chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
+        chosen, position = _bucket_top(keys, per_bucket_k, KEY_BITS, DIGIT_BITS)
         # Compacted to the bucket's place, then sorted there (every load before any store).
         tl.store(out + position, index_entry(keys, idx, PACK32), mask=chosen)
         tl.debug_barrier()
@@ -107,22 +124,15 @@ def _bucket_share_kernel(x_ptr, values_ptr, indices_ptr, order_ptr,  # pointers
                          NUM_BUCKETS: tl.constexpr, SLOTS_POW2: tl.constexpr, LAYOUT: tl.constexpr,
                          LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr,
                          SORTED: tl.constexpr, ORDER32: tl.constexpr):
-    """Program (row, q): bucket q's top ``share`` (its share of k), written
-    to the outputs after the shares of the buckets before it, unsorted; with SORTED, also their
-    order entries for the rank sort. Every bucket holds its share at least (the launcher checks)."""
+    """Program (row, q): bucket q's top ``share`` (its share of k), written to the outputs after
+    the shares of the buckets before it, unsorted; with SORTED, also their order entries for the
+    rank sort. Every bucket holds its share at least (the launcher checks)."""
     row = tl.program_id(0).to(tl.int64)
     q = tl.program_id(1)
-    g = tl.arange(0, SLOTS_POW2)
-    idx = element_index(row, q, g, NUM_BUCKETS, slots, seed, LAYOUT)
-    valid = (g < slots) & (idx < n)
-    v = tl.load(x_ptr + row * x_row_stride + idx, mask=valid, other=0.0)
-    keys = tl.where(valid, order_key(v, LARGEST), key_pad(KEY_BITS))
+    v, keys, idx, _ = _bucket(x_ptr, row, q, n, slots, seed, x_row_stride, NUM_BUCKETS, SLOTS_POW2, LAYOUT, LARGEST,
+                              KEY_BITS)
     extra = k % NUM_BUCKETS
-    share = k // NUM_BUCKETS + (q < extra).to(tl.int32)
-    threshold = kth_key_by_digits(keys, share, KEY_BITS, DIGIT_BITS)
-    need = share - tl.sum((keys > threshold).to(tl.int32), axis=0)
-    zero = tl.zeros([], dtype=tl.int32)
-    chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
+    chosen, position = _bucket_top(keys, k // NUM_BUCKETS + (q < extra).to(tl.int32), KEY_BITS, DIGIT_BITS)
     position += q * (k // NUM_BUCKETS) + tl.minimum(q, extra)
     out = row * out_row_stride + position
     # The loaded values themselves: no key to rebuild, no NaN to load again.
