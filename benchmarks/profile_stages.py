@@ -21,9 +21,10 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
   sorted output) at every bucket count reaching recall 0.95, unsorted also at 4 and 16 warps;
   ``shares:...:bits<n>``: that kernel unsorted with another threshold (``_share_prefix_kernel``):
   ``bits0`` exact, its rounds stopping once exactly the share lies at or above the threshold
-  (sm_90: 952 instructions, 11 barriers, 2 layout conversions as a loop, against 2896, 56 and 17
-  unrolled; on random normal fp32 buckets of 1792, 9 rounds on average and 13 at most, not 16),
-  and 12-20 leading bits only (approximate in a bucket; each row's measured recall in its name).
+  (sm_90, the loop body counted once: 952 instructions, 11 barriers, 2 layout conversions,
+  against 2896, 56 and 17 unrolled; on random normal fp32 buckets of 1792, 9 rounds on average
+  and 13 at most, not 16), and 12-20 leading bits only (approximate in a bucket; each row's
+  measured recall in its name).
   ``--only wide`` runs these alone.
 * ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
   stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
