@@ -218,10 +218,10 @@ def families() -> dict:
             torch.empty(2, 14336), 1434, num_buckets=8, per_bucket_k=180, largest=True, select="bitonic"), True),
         "wide buckets bf16, k=2048 of 65536, 32 buckets of 68, bitonic network": (lambda: wide_bucket_topk(
             _bf16(2, 65536), 2048, num_buckets=32, per_bucket_k=68, largest=True, select="bitonic"), True),
-        "wide buckets fp32, k=1434 of 14336, 8 shares, unsorted": (lambda: wide_share_topk(
-            torch.empty(2, 14336), 1434, num_buckets=8, largest=True, sorted=False), True),
-        "wide buckets bf16, k=2048 of 65536, 32 shares, sorted by rank": (lambda: wide_share_topk(
-            _bf16(2, 65536), 2048, num_buckets=32, largest=True, sorted=True), True),
+        "wide buckets fp32, k=1434 of 14336, 8 shares": (lambda: wide_share_topk(
+            torch.empty(2, 14336), 1434, num_buckets=8, largest=True), True),
+        "wide buckets bf16, k=2048 of 65536, 32 shares, shuffled": (lambda: wide_share_topk(
+            _bf16(2, 65536), 2048, num_buckets=32, largest=False, layout_id=1, seed=3), True),
         "split, radix, sort launch": (lambda: split_bucketed_topk(
             torch.empty(2, 65536), 256, num_buckets=1024, per_bucket_k=2, segments=8, largest=False, sorted=True,
             select="radix", sort_with="launch"), False),

@@ -16,9 +16,9 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
   then the selection and the rank sort; ``wide:...``: the wide-bucket kernel at the planner's
   bucketings, whole and each of its two launches alone (the selection ``:d<bits>`` deciding its
   threshold 1, 2 (as it runs) or 4 bits per count; ``:bitonic``, and ``wide:bitonic`` whole, keeping
-  each bucket's top by a bitonic network); ``shares:...:unsorted`` / ``:sorted``: the wide
-  buckets each keeping their share of k (``WideShareTopk``: one launch, then the rank sort for
-  sorted output) at every bucket count reaching recall 0.95, unsorted also at 4 and 16 warps;
+  each bucket's top by a bitonic network); ``shares:...:unsorted``: the wide buckets each keeping
+  their share of k (``WideShareTopk``: one launch, unsorted) at every bucket count reaching recall
+  0.95, at the planner's warps, 4 and 16 (at 8a87819 also sorted by the rank sort after it);
   ``shares:...:bits<n>``: that kernel unsorted with another threshold (``_share_prefix_kernel``):
   ``bits0`` exact, its rounds stopping once exactly the share lies at or above the threshold
   (sm_90, the loop body counted once: 952 instructions, 11 barriers, 2 layout conversions,
@@ -296,8 +296,8 @@ def wide(x, k, record):
 
 
 def shares(x, k, record):
-    """The wide buckets that each keep their share of k (``WideShareTopk``) at every bucket count
-    whose recall reaches 0.95: unsorted (its one launch), and sorted (then the rank sort)."""
+    """The wide buckets that each keep their share of k (``WideShareTopk``, unsorted: one launch)
+    at every bucket count whose recall reaches 0.95, at the planner's warps, 4 and 16."""
     from topk_compiler.kernels.wide_bucket_topk import WideShareTopk
     from topk_compiler.lowering.plan import share_bucketings, warps_for
 
@@ -305,10 +305,9 @@ def shares(x, k, record):
     processors = torch.cuda.get_device_properties(x.device).multi_processor_count
     for b, kb, recall in share_bucketings(rows, n, k, 0.95, "interleaved", processors):
         planned = warps_for(triton.next_power_of_2(-(-n // b)))
-        for warps, sorted_ in [(planned, False), (planned, True)] + [(w, False) for w in (4, 16) if w != planned]:
-            run = WideShareTopk(x, k, num_buckets=b, largest=True, sorted=sorted_, num_warps=warps)
-            record(f"shares:w{warps}:{'sorted' if sorted_ else 'unsorted'}:recall={recall:.3f}", b, kb,
-                   lambda r=run: r(x))
+        for warps in [planned] + [w for w in (4, 16) if w != planned]:
+            run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps)
+            record(f"shares:w{warps}:unsorted:recall={recall:.3f}", b, kb, lambda r=run: r(x))
 
 
 @triton.jit

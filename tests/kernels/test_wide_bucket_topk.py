@@ -84,35 +84,32 @@ SHARE_CASES = [(3, 1000, 101, 8), (2, 1000, 1000, 8), (2, 513, 4, 4), (2, 300, 3
 
 
 @pytest.mark.parametrize("rows,n,k,b", SHARE_CASES)
-@pytest.mark.parametrize("layout,dtype,largest,sorted_", [
-    ("interleaved", torch.float32, True, False), ("interleaved", torch.bfloat16, False, True),
-    ("shuffled", torch.bfloat16, True, False), ("contiguous", torch.float32, False, True),
-    ("interleaved", torch.float16, True, True)])
-def test_shares_equal_the_reference_with_the_same_buckets(rows, n, k, b, layout, dtype, largest, sorted_):
+@pytest.mark.parametrize("layout,dtype,largest", [
+    ("interleaved", torch.float32, True), ("interleaved", torch.bfloat16, False), ("shuffled", torch.bfloat16, True),
+    ("contiguous", torch.float32, False), ("interleaved", torch.float16, True)])
+def test_shares_equal_the_reference_with_the_same_buckets(rows, n, k, b, layout, dtype, largest):
     x = torch.randn(rows, n).to(dtype).to(KERNEL_DEVICE)
     ref_values, _ = share_reference(x, k, b, layout, largest)
-    values, indices = wide_share_topk(x, k, num_buckets=b, largest=largest, sorted=sorted_,
-                                      layout_id=LAYOUT_IDS[layout], seed=11)
+    values, indices = wide_share_topk(x, k, num_buckets=b, largest=largest, layout_id=LAYOUT_IDS[layout], seed=11)
     assert values.shape == indices.shape == (rows, k) and indices.dtype == torch.int64
-    assert_matches_reference(values, indices, ref_values, x, sorted_=sorted_, largest=largest)
+    assert_matches_reference(values, indices, ref_values, x, sorted_=False, largest=largest)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_shares_nan_infinities_and_ties(dtype):
-    """NaN rows, infinities, rows of four values and an all-equal row: the reference's values,
-    each index once; sorted, NaN first for largest (as torch.topk) and the values descending."""
+    """NaN rows, infinities, rows of four values and an all-equal row: the reference's values
+    (NaN kept as torch.topk ranks it: largest), each index once."""
     x = special_rows(dtype, 600)
     for largest in (True, False):
         ref_values, _ = share_reference(x, 150, 8, "interleaved", largest)
-        for sorted_ in (False, True):
-            values, indices = wide_share_topk(x, 150, num_buckets=8, largest=largest, sorted=sorted_)
-            assert_matches_reference(values, indices, ref_values, x, sorted_=sorted_, largest=largest)
+        values, indices = wide_share_topk(x, 150, num_buckets=8, largest=largest)
+        assert_matches_reference(values, indices, ref_values, x, sorted_=False, largest=largest)
 
 
 def test_shares_measured_recall_tracks_the_model():
     n, k, b = 2048, 256, 16
     x = torch.randn(4, n).to(KERNEL_DEVICE)
-    _, indices = wide_share_topk(x, k, num_buckets=b, largest=True, sorted=False)
+    _, indices = wide_share_topk(x, k, num_buckets=b, largest=True)
     model = expected_recall_of_shares(n, k, b)
     assert model < 0.93  # shares of 16 a bucket cut many buckets' top items
     assert abs(measured_recall(x.cpu(), indices.cpu(), k) - model) < 0.03  # 1024 top items: sd 0.006
@@ -121,12 +118,12 @@ def test_shares_measured_recall_tracks_the_model():
 def test_shares_bad_arguments_are_refused():
     x = torch.randn(2, 1000).to(KERNEL_DEVICE)
     with pytest.raises(AssertionError, match="smallest bucket"):
-        wide_share_topk(x, 1001, num_buckets=8, largest=True, sorted=False)
+        wide_share_topk(x, 1001, num_buckets=8, largest=True)
     with pytest.raises(AssertionError, match="smallest bucket"):
-        wide_share_topk(x, 900, num_buckets=16, largest=True, sorted=False, layout_id=2)  # last bucket 55, shares 57
-    wide_share_topk(x, 900, num_buckets=16, largest=True, sorted=False)  # interleaved: 62 at least
+        wide_share_topk(x, 900, num_buckets=16, largest=True, layout_id=2)  # last bucket 55, shares 57
+    wide_share_topk(x, 900, num_buckets=16, largest=True)  # interleaved: 62 at least
     with pytest.raises(AssertionError, match="exceed"):
-        wide_share_topk(torch.empty(1, 4 * MAX_SLOTS + 4), 100, num_buckets=4, largest=True, sorted=False)
+        wide_share_topk(torch.empty(1, 4 * MAX_SLOTS + 4), 100, num_buckets=4, largest=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and chained launches need a GPU")

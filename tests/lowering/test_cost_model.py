@@ -263,12 +263,12 @@ def test_no_split_filtered_plan_past_the_grid(monkeypatch):
     assert longer and all(p.kernel != "split_filtered" for p in longer)
 
 
-def test_share_plans_race_for_few_rows_of_large_k_only(monkeypatch):
-    """Each bucket keeping its share of k (one launch unsorted, the rank sort after it sorted) is
-    among the plans a first call times for few rows of large k, at a bucket count whose recall
-    meets the target, beside (not instead of) the other kernels' rank sort; not for many rows or
-    small k."""
-    for sorted_ in (True, False):
+def test_share_plans_race_for_unsorted_few_rows_of_large_k_only(monkeypatch):
+    """Each bucket keeping its share of k (one launch, unsorted) is among the plans a first call
+    times for few rows of large k, at bucket counts whose recall meets the target; never for
+    sorted output (sorted by rank after it, it measured twice the wide kernel's time), many rows
+    or small k."""
+    for sorted_ in (False, True):
         monkeypatch.setattr(cost_model, "device_profile", lambda device: H100)
         monkeypatch.setattr(plan, "_triton_ok", lambda device, dtype: True)
         plan.shortlist.cache_clear()
@@ -280,15 +280,10 @@ def test_share_plans_race_for_few_rows_of_large_k_only(monkeypatch):
         finally:
             plan.shortlist.cache_clear()
         shares = [p for p in few_rows if p.kernel == "shares"]
-        assert shares
+        assert bool(shares) == (not sorted_)
         for share in shares:
             b = share.num_buckets
             assert share.per_bucket_k == -(-1434 // b) and share.expected_recall >= 0.95
-            assert share.sort_with == ("rank" if sorted_ else "program")
             assert plan.recall_of_shares(14336, 1434, b, "interleaved") == share.expected_recall
-        if sorted_:
-            assert any(p.sort_with == "rank" and p.kernel not in ("shares",) for p in few_rows)
         assert not any(p.kernel == "shares" for p in many_rows + small_k)
-    assert (cost_model.shares_time(16, 14336, 1434, 8, 4, True, H100)
-            == pytest.approx(cost_model.shares_time(16, 14336, 1434, 8, 4, False, H100)
-                             + cost_model.rank_sort_time(16, 1434, H100)))
+    assert cost_model.shares_time(32, 14336, 1434, 8, 4, H100) > cost_model.shares_time(16, 14336, 1434, 8, 4, H100)

@@ -30,9 +30,11 @@ entry each, 4 for 16-bit keys of rows up to 2**16).
 Where k / ``num_buckets`` is large, each bucket can keep just its share of k
 (``recall_model.bucket_shares``: k // b, one more in the first k % b buckets; ``WideShareTopk``): the survivors are then exactly
 k, so stage 2 has nothing to drop and the survivors are the output. One launch writes them
-straight to their place, unsorted; for sorted output the rank sort (``select_topk``) follows. The
-recall is ``recall_model.expected_recall_of_shares``: 0.974 at 16 x 14336, k=1434, 8 buckets,
-against 0.976 for 8 x 180 survivors.
+straight to their place, unsorted. The recall is ``recall_model.expected_recall_of_shares``:
+0.974 at 16 x 14336, k=1434, 8 buckets, against 0.976 for 8 x 180 survivors. There it took 12.8
+us on an H100 against the wide kernel's 21.0 (sorted). Sorted by the rank sort after it, it took
+42-48 us (benchmarks/results/profile_stages_h100_wide_shares_8a87819.json): it is for unsorted
+output only.
 """
 
 import torch
@@ -44,9 +46,8 @@ from topk_compiler.kernels import cdiv, chains_launches, next_pow2, smallest_buc
 from topk_compiler.kernels.bucket_layout import element_index
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
-from topk_compiler.kernels.select_topk import (RANK_SORT_WARPS, compact_positions, entry_pad, finisher_for, index_entry,
-                                               key_pad, kth_key_by_digits, order32, order_entry, outputs_maker, pack32,
-                                               top_entries, unpack_index_entry, values_of)
+from topk_compiler.kernels.select_topk import (compact_positions, entry_pad, index_entry, key_pad, kth_key_by_digits,
+                                               pack32, top_entries, unpack_index_entry, values_of)
 
 # A bucket is held in registers: at most this many slots (16 keys a thread at 8 warps).
 MAX_SLOTS = 4096
@@ -118,15 +119,14 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _bucket_share_kernel(x_ptr, values_ptr, indices_ptr, order_ptr,  # pointers
-                         n, k, slots, seed,                           # sizes
-                         x_row_stride, out_row_stride,                # strides
+def _bucket_share_kernel(x_ptr, values_ptr, indices_ptr,  # pointers
+                         n, k, slots, seed,                # sizes
+                         x_row_stride, out_row_stride,     # strides
                          NUM_BUCKETS: tl.constexpr, SLOTS_POW2: tl.constexpr, LAYOUT: tl.constexpr,
-                         LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr,
-                         SORTED: tl.constexpr, ORDER32: tl.constexpr):
+                         LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
     """Program (row, q): bucket q's top ``share`` (its share of k), written to the outputs after
-    the shares of the buckets before it, unsorted; with SORTED, also their order entries for the
-    rank sort. Every bucket holds its share at least (the launcher checks)."""
+    the shares of the buckets before it, unsorted. Every bucket holds its share at least (the
+    launcher checks)."""
     row = tl.program_id(0).to(tl.int64)
     q = tl.program_id(1)
     v, keys, idx, _ = _bucket(x_ptr, row, q, n, slots, seed, x_row_stride, NUM_BUCKETS, SLOTS_POW2, LAYOUT, LARGEST,
@@ -138,8 +138,6 @@ def _bucket_share_kernel(x_ptr, values_ptr, indices_ptr, order_ptr,  # pointers
     # The loaded values themselves: no key to rebuild, no NaN to load again.
     tl.store(values_ptr + out, v, mask=chosen)
     tl.store(indices_ptr + out, idx, mask=chosen)
-    if SORTED:
-        tl.store(order_ptr + out, order_entry(keys, position, ORDER32), mask=chosen)
 
 
 @triton.jit
@@ -188,13 +186,12 @@ def merge_warps(num_buckets: int, kb_pow2: int) -> int:
 
 class WideShareTopk:
     """Top-k through ``num_buckets`` wide buckets that each keep their share of k (module
-    docstring), prepared for inputs of one shape, dtype and row stride: call it with x2d for
-    (values, indices). ``select`` is its launch, on (x2d, values, indices, order entries);
-    sorted output is then sorted by ``select_topk``'s rank sort. ``digit_bits``: the threshold's
-    bits decided per block-wide count (``kth_key_by_digits``; 1, 2 or 4)."""
+    docstring), unsorted, prepared for inputs of one shape, dtype and row stride: call it with x2d
+    for (values, indices). ``select`` is its launch, on (x2d, values, indices). ``digit_bits``:
+    the threshold's bits decided per block-wide count (``kth_key_by_digits``; 1, 2 or 4)."""
 
-    def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, largest: bool, sorted: bool,
-                 layout_id: int = 0, seed: int = 0, num_warps: int = 8, digit_bits: int = DIGIT_BITS):
+    def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, largest: bool, layout_id: int = 0,
+                 seed: int = 0, num_warps: int = 8, digit_bits: int = DIGIT_BITS):
         assert x2d.dim() == 2 and x2d.stride(1) == 1, "wide_share_topk: x2d must be [rows, n], unit last stride"
         assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {x2d.dtype}"
         assert num_buckets & (num_buckets - 1) == 0, f"num_buckets must be a power of two, got {num_buckets}"
@@ -205,27 +202,24 @@ class WideShareTopk:
         assert slots <= MAX_SLOTS, f"wide_share_topk: buckets of {slots} slots exceed {MAX_SLOTS}"
         assert 0 < k and cdiv(k, num_buckets) <= smallest_bucket(n, num_buckets, layout_id), (
             f"wide_share_topk: shares of k={k} in {num_buckets} buckets exceed the smallest bucket of {n} elements")
-        key_bits = 16 if x2d.element_size() == 2 else 32
         self.select = Launch(_bucket_share_kernel, (rows, num_buckets), n=n, k=k, slots=slots, seed=seed,
                              x_row_stride=x2d.stride(0), out_row_stride=k, NUM_BUCKETS=num_buckets,
-                             SLOTS_POW2=next_pow2(slots), LAYOUT=layout_id, LARGEST=largest, KEY_BITS=key_bits,
-                             DIGIT_BITS=digit_bits, SORTED=sorted, ORDER32=order32(key_bits, k),
+                             SLOTS_POW2=next_pow2(slots), LAYOUT=layout_id, LARGEST=largest,
+                             KEY_BITS=16 if x2d.element_size() == 2 else 32, DIGIT_BITS=digit_bits,
                              num_warps=num_warps)
-        self.new_outputs = outputs_maker(x2d, k, key_bits, sorted)
-        self.finish = finisher_for(rows, k, order32_entries=order32(key_bits, k), sorted=sorted, select="bisect",
-                                   sort_with="rank", sort_warps=RANK_SORT_WARPS)
-        self._rows = rows
+        self._rows, self._k, self._dtype, self._device = rows, k, x2d.dtype, x2d.device
 
     def __call__(self, x2d: torch.Tensor):
-        values, indices, order = self.new_outputs()
+        values = torch.empty((self._rows, self._k), dtype=self._dtype, device=self._device)
+        indices = torch.empty((self._rows, self._k), dtype=torch.int64, device=self._device)
         if self._rows:
-            self.select(x2d, values, indices, order)
-        return self.finish(values, indices, order)
+            self.select(x2d, values, indices)
+        return values, indices
 
 
 def wide_share_topk(x2d: torch.Tensor, k: int, **options):
     """Bucketed top-k of each row of ``x2d`` through few wide buckets each keeping its share of k
-    (module docstring). ``options``: those of ``WideShareTopk``."""
+    (module docstring), unsorted. ``options``: those of ``WideShareTopk``."""
     return WideShareTopk(x2d, k, **options)(x2d)
 
 

@@ -131,7 +131,8 @@ def _prepare(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkP
     if plan.kernel == "shares":
         from topk_compiler.kernels import wide_bucket_topk as wide_kernels
 
-        return wide_kernels.WideShareTopk(x2d, k, num_buckets=plan.num_buckets, largest=largest, sorted=sorted,
+        assert not sorted, "the share kernel's output is unsorted"
+        return wide_kernels.WideShareTopk(x2d, k, num_buckets=plan.num_buckets, largest=largest,
                                           num_warps=plan.num_warps, **layout_args)
     if plan.kernel == "fused":
         return bucketed_kernels.prepare_fused_bucketed_topk(x2d, k, num_warps=plan.num_warps,

@@ -259,15 +259,14 @@ def _wide_threshold(slots, elem_bytes, p: DeviceProfile):
     return slots * rounds * 2**WIDE_DIGIT_BITS * p.weight("bisect") + rounds * p.weight("sync")
 
 
-def shares_time(rows, n, k, num_buckets, elem_bytes, sorted_, p: DeviceProfile):
+def shares_time(rows, n, k, num_buckets, elem_bytes, p: DeviceProfile):
     """``WideShareTopk``: ``wide_time``'s selection without its sort, each bucket's share written
-    straight to the output, no merge; sorted output then takes the rank sort. Priced with the
-    same borrowed terms, not yet calibrated on this kernel."""
+    straight to the output, no merge. Priced with the same borrowed terms, not calibrated on this
+    kernel (16 x 14336 fp32 k=1434, 8 buckets: 20.4 us predicted, 12.8 measured on an H100)."""
     slots = _next_pow2(_cdiv(n, num_buckets))
     programs = rows * num_buckets
-    t = p.weight("launch") + _waves(programs, p) * (_stream(slots, elem_bytes, 0, p)
-                                                    + _wide_threshold(slots, elem_bytes, p))
-    return t + (rank_sort_time(rows, k, p) if sorted_ else 0)
+    return p.weight("launch") + _waves(programs, p) * (_stream(slots, elem_bytes, 0, p)
+                                                       + _wide_threshold(slots, elem_bytes, p))
 
 
 def _finish(rows, k, sorted_, select, sort_with, p: DeviceProfile):

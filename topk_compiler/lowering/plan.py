@@ -121,7 +121,7 @@ class TopkPlan:
             (exact: the fused kernel, whose rows are certified exact or recomputed), "wide"
             (a few wide buckets, a program each, then a merge by rank: few rows of large k),
             "shares" (as "wide", each bucket keeping its share of k: survivors exactly k, written
-            in one launch; ``per_bucket_k`` is the largest share) or
+            unsorted in one launch; ``per_bucket_k`` is the largest share) or
             "split_filtered" (exact: the filtered kernel's bound, filtering pass and selection
             as three launches of many programs).
         num_buckets, per_bucket_k: the bucketing (bucketed and filtered only).
@@ -333,11 +333,14 @@ def wide_bucketings(rows: int, n: int, k: int, recall_target: float, layout: str
         yield b, lo, recall_of(n, k, b, lo, layout)
 
 
-def share_bucketings(rows: int, n: int, k: int, recall_target: float, layout: str, processors: int):
+def share_bucketings(rows: int, n: int, k: int, recall_target: float, layout: str, processors: int,
+                     sorted_: bool = False):
     """(num_buckets, largest share, recall) for the wide buckets that each keep their share of k
     (``kernels/wide_bucket_topk.WideShareTopk``): every bucket count of the wide kernel whose
-    recall reaches the target, each bucket holding its share."""
-    if k < WIDE_MIN_K:
+    recall reaches the target, each bucket holding its share. Unsorted output only: sorted by
+    rank after it, it took twice the wide kernel's time at 16 x 14336 fp32 k=1434 (42-48 us
+    against 21, benchmarks/results/profile_stages_h100_wide_shares_8a87819.json)."""
+    if k < WIDE_MIN_K or sorted_:
         return
     for b in WIDE_BUCKET_CHOICES:
         if cdiv(n, b) > MAX_WIDE_SLOTS or rows * b > WIDE_PROGRAMS_PER_SM * processors:
@@ -448,9 +451,10 @@ def _ranked(rows, n, k, dtype, device, recall_target, layout, sorted_, forced):
                     t = cost_model.wide_time(rows, n, k, b, kb, elem, select, profile)
                     approx.append(TopkPlan("bucketed", "wide", b, kb, 1, select, "program",
                                            warps_for(next_pow2(cdiv(n, b))), 1, recall, _us(t), torch_us))
-            for b, share, recall in share_bucketings(rows, n, k, recall_target, layout, profile.processors):
-                t = cost_model.shares_time(rows, n, k, b, elem, sorted_, profile)
-                approx.append(TopkPlan("bucketed", "shares", b, share, 1, "bisect", "rank" if sorted_ else "program",
+            for b, share, recall in share_bucketings(rows, n, k, recall_target, layout, profile.processors,
+                                                     sorted_):
+                t = cost_model.shares_time(rows, n, k, b, elem, profile)
+                approx.append(TopkPlan("bucketed", "shares", b, share, 1, "bisect", "program",
                                        warps_for(next_pow2(cdiv(n, b))), 1, recall, _us(t), torch_us))
     return sorted(approx, key=lambda p: p.predicted_us), exact
 
@@ -575,7 +579,7 @@ def _with_borrowed_prices(chosen: list[TopkPlan], plans: list[TopkPlan], few_row
     sorted 2048 entries a row in one program for 29 of its 45 us,
     benchmarks/results/profile_stages_h200.json)."""
     extra = []
-    kinds = [lambda p: p.sort_with == "rank" and p.kernel != "shares", lambda p: p.kernel == "split_filtered"]
+    kinds = [lambda p: p.sort_with == "rank", lambda p: p.kernel == "split_filtered"]
     if few_rows:
         kinds += [lambda p: p.sort_with == "rank" and p.kernel == "split",
                   lambda p: p.kernel == "wide" and p.select == "bisect",
