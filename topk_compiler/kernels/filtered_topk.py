@@ -89,7 +89,7 @@ def _row_keys(x_row_ptr, start, n, BLOCK: tl.constexpr, LARGEST: tl.constexpr, K
     """Keys of elements start ... start + BLOCK of a row (padding past n). ONE_A_THREAD: each
     thread's load takes one element, not a 16-byte vector: the layout of the scattered stores of
     ``_store_passing``, so that their pointers and masks need not go through shared memory (the
-    split kernel's filtering pass at 1024 x 32768 bf16 took 92 us so against 120,
+    split kernel's filtering pass at 1024 x 32768 bf16 took 92 us with it, 120 without,
     benchmarks/results/profile_filter_pass_h100_8a87819.json)."""
     offs = start + tl.arange(0, BLOCK)
     if ONE_A_THREAD:
@@ -157,8 +157,8 @@ def _store_passing(keys, offs, bound, total, above_base, tied_base, k, cand_row,
     ``above_base`` others, within the CAP slots, and the indices of its keys equal to it after
     ``tied_base`` others, within k. ``total``: the block's ``_passing`` summed. The slot bound is
     checked once for a block whose candidates all fit, and a block without ties (most) computes
-    no tie positions: the split kernel's filtering pass took 46 us so against 59 at 1024 x 16384
-    fp32 (``profile_filter_pass_h100_8a87819.json``)."""
+    no tie positions: the split kernel's filtering pass took 46 us so, 59 otherwise, at
+    1024 x 16384 fp32 (``profile_filter_pass_h100_8a87819.json``)."""
     above = keys > bound
     packed = tl.cumsum(_passing(keys, bound), axis=0)
     above_pos = above_base + (packed & 0xFFFF) - above.to(tl.int32)
