@@ -126,33 +126,19 @@ def test_shares_bad_arguments_are_refused():
         wide_share_topk(torch.empty(1, 4 * MAX_SLOTS + 4), 100, num_buckets=4, largest=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and chained launches need a GPU")
-def test_chained_launches_replay_in_a_cuda_graph():
-    """On Hopper the merge launches as a programmatic dependent of the selection; captured and
-    replayed over new inputs it equals eager calls bit for bit."""
-    from topk_compiler.kernels.wide_bucket_topk import WideBucketTopk
-
-    x = torch.randn(16, 14336, device="cuda")
-    run = WideBucketTopk(x, 1434, num_buckets=8, per_bucket_k=180, largest=True)
-    run(x)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        values, indices = run(x)
-    for _ in range(3):
-        x.normal_()
-        graph.replay()
-        expected_values, expected_indices = run(x)
-        assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_shares_replay_in_a_cuda_graph():
-    """No host synchronisation: captured and replayed over new inputs, the share kernel equals
-    eager calls bit for bit."""
-    from topk_compiler.kernels.wide_bucket_topk import WideShareTopk
+@pytest.mark.parametrize("kernel", ["wide", "shares"])
+def test_replays_in_a_cuda_graph(kernel):
+    """No host synchronisation (and on Hopper the wide kernel's merge launches as a programmatic
+    dependent of its selection): captured and replayed over new inputs, each kernel equals eager
+    calls bit for bit."""
+    from topk_compiler.kernels.wide_bucket_topk import WideBucketTopk, WideShareTopk
 
     x = torch.randn(16, 14336, device="cuda")
-    run = WideShareTopk(x, 1434, num_buckets=8, largest=True)
+    if kernel == "wide":
+        run = WideBucketTopk(x, 1434, num_buckets=8, per_bucket_k=180, largest=True)
+    else:
+        run = WideShareTopk(x, 1434, num_buckets=8, largest=True)
     run(x)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
