@@ -312,15 +312,21 @@ def filtered_bucketings(n: int, k: int, elem: int):
                 break
 
 
+def _wide_bucket_counts(rows: int, n: int, k: int, processors: int):
+    """Bucket counts of the wide kernels, for k of WIDE_MIN_K or more: buckets of at most
+    MAX_WIDE_SLOTS, rows x buckets within WIDE_PROGRAMS_PER_SM a processor."""
+    if k < WIDE_MIN_K:
+        return
+    for b in WIDE_BUCKET_CHOICES:
+        if cdiv(n, b) <= MAX_WIDE_SLOTS and rows * b <= WIDE_PROGRAMS_PER_SM * processors:
+            yield b
+
+
 def wide_bucketings(rows: int, n: int, k: int, recall_target: float, layout: str, processors: int):
     """(num_buckets, per_bucket_k, recall) for the wide-bucket kernel: per bucket count, the
     fewest slots per bucket meeting the target (recall grows with them: found by bisection),
     where every bucket holds that many and the survivors hold k."""
-    if k < WIDE_MIN_K:
-        return
-    for b in WIDE_BUCKET_CHOICES:
-        if cdiv(n, b) > MAX_WIDE_SLOTS or rows * b > WIDE_PROGRAMS_PER_SM * processors:
-            continue
+    for b in _wide_bucket_counts(rows, n, k, processors):
         lo, hi = cdiv(k, b), smallest_bucket(n, b, LAYOUT_IDS[layout])
         if lo > hi or recall_of(n, k, b, hi, layout) < recall_target:
             continue
@@ -340,11 +346,9 @@ def share_bucketings(rows: int, n: int, k: int, recall_target: float, layout: st
     recall reaches the target, each bucket holding its share. Unsorted output only: sorted by
     rank after it, it took twice the wide kernel's time at 16 x 14336 fp32 k=1434 (42-48 us
     against 21, benchmarks/results/profile_stages_h100_wide_shares_8a87819.json)."""
-    if k < WIDE_MIN_K or sorted_:
+    if sorted_:
         return
-    for b in WIDE_BUCKET_CHOICES:
-        if cdiv(n, b) > MAX_WIDE_SLOTS or rows * b > WIDE_PROGRAMS_PER_SM * processors:
-            continue
+    for b in _wide_bucket_counts(rows, n, k, processors):
         if cdiv(k, b) > smallest_bucket(n, b, LAYOUT_IDS[layout]):
             continue
         recall = recall_of_shares(n, k, b, layout)
