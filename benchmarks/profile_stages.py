@@ -347,9 +347,9 @@ def _share_prefix_kernel(x_ptr, values_ptr, indices_ptr, n, k, slots, seed, x_ro
     share = k // NUM_BUCKETS + (q < extra).to(tl.int32)
     if BITS == 0:
         threshold = kth_key_early_exit(keys, share, KEY_BITS, DIGIT_BITS)
+        need = share - tl.sum((keys > threshold).to(tl.int32), axis=0)
         zero = tl.zeros([], dtype=tl.int32)
-        chosen, position, _, _ = compact_positions(keys, threshold, share - tl.sum((keys > threshold).to(tl.int32),
-                                                                                   axis=0), zero, zero)
+        chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
     else:
         low = key_lower_bound(keys, share, KEY_BITS, BITS, DIGIT_BITS).to(tl.int64)
         above = keys.to(tl.int64) >= low + (1 << (KEY_BITS - BITS))
