@@ -78,9 +78,10 @@ def share_reference(x, k, b, layout, largest, seed=11):
                                layout=layout, seed=seed, shares=True)
 
 
-# (rows, n, k, num_buckets): shares from 1 to 125 (every element of a bucket), k and n that the
+# (rows, n, k, num_buckets): shares from 0 to 125 (every element of a bucket), k and n that the
 # buckets divide or not.
-SHARE_CASES = [(3, 1000, 101, 8), (2, 1000, 1000, 8), (2, 513, 4, 4), (2, 300, 37, 16), (1, 1030, 200, 16)]
+SHARE_CASES = [(3, 1000, 101, 8), (2, 1000, 1000, 8), (2, 513, 4, 4), (2, 300, 37, 16), (1, 1030, 200, 16),
+               (2, 300, 5, 16)]
 
 
 @pytest.mark.parametrize("rows,n,k,b", SHARE_CASES)

@@ -96,9 +96,29 @@ def key_lower_bound(keys, k, KEY_BITS: tl.constexpr, BITS: tl.constexpr, DIGIT_B
 
 @triton.jit
 def kth_key_by_digits(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
-    """``kth_key_bisect``'s threshold, DIGIT_BITS bits a block-wide count (``key_lower_bound``):
-    for a program whose few candidates leave it latency-bound."""
-    return key_lower_bound(keys, k, KEY_BITS, KEY_BITS, DIGIT_BITS)
+    """A threshold T for the top k keys, DIGIT_BITS bits a block-wide count (as
+    ``key_lower_bound``), for a program whose few candidates leave it latency-bound. The rounds
+    stop at the first threshold with exactly k keys at or above it, which is then below the k-th
+    key with none between; else T is the k-th key. Either way the keys above T, then its first ties
+    up to k, are the top k (``compact_positions``). On random normal buckets of 1792 keys the
+    rounds stop after 9 on average, 13 at most, not 16 (32-bit keys): at 16 x 14336 fp32 k=1434
+    the share kernel took 11.2-12.1 us, not 12.4-13.5 (H200, profile_stages_h200_shares_early_exit.json)."""
+    half = tl.full([], 1, tl.int64) << (KEY_BITS - 1)
+    digits = tl.arange(0, 1 << DIGIT_BITS)
+    t_off = tl.zeros([], dtype=tl.int64)
+    shift = tl.full([], KEY_BITS, tl.int64)
+    # k = 0 (a bucket's share of a small k) still takes a round: its threshold is above every key.
+    at_or_above = tl.full([], -1, tl.int32)
+    while (shift > 0) & (at_or_above != k):
+        shift -= DIGIT_BITS
+        cand = (t_off + (digits.to(tl.int64) << shift) - half).to(tl.int32)
+        count = tl.sum((keys[:, None] >= cand[None, :]).to(tl.int32), axis=0)
+        # Digit 0 keeps the threshold so far, whose count is at least k: the max is defined, and
+        # the counts fall as the digit grows, so the chosen digit's count is the least of those >= k.
+        digit = tl.max(tl.where(count >= k, digits, 0), axis=0)
+        at_or_above = tl.min(tl.where(count >= k, count, 2147483647), axis=0)
+        t_off += digit.to(tl.int64) << shift
+    return (t_off - half).to(tl.int32)
 
 
 @triton.jit

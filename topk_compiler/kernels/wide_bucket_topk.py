@@ -5,9 +5,10 @@ The bucketed algorithm with ``num_buckets`` of 4-32 buckets and ``per_bucket_k``
 
 1. One program per (row, bucket) holds its bucket in registers and writes its top
    ``per_bucket_k`` as (key, inverted index) entries, sorted. ``select="bisect"``: it finds the
-   bucket's ``per_bucket_k``-th largest key two bits at a time (``kth_key_by_digits``: 16
-   block-wide counts for 32-bit keys, where bisection waits on 32), compacts the entries above it
-   to memory and sorts them there. ``select="bitonic"`` (``per_bucket_k`` up to 256): a bitonic
+   bucket's threshold for its top ``per_bucket_k`` two bits at a time (``kth_key_by_digits``: at
+   most 16 block-wide counts for 32-bit keys, where bisection waits on 32, and fewer where a
+   threshold above the k-th key's last bits already parts the top from the rest), compacts the
+   entries above it to memory and sorts them there. ``select="bitonic"`` (``per_bucket_k`` up to 256): a bitonic
    top-k network (``tl.topk``) over all of the bucket's entries, in registers, with no count and
    no round trip through memory.
 2. One program per (row, bucket) ranks its bucket's entries among the row's survivors: an
