@@ -18,13 +18,10 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
   threshold 1, 2 (as it runs) or 4 bits per count; ``:bitonic``, and ``wide:bitonic`` whole, keeping
   each bucket's top by a bitonic network); ``shares:...:unsorted``: the wide buckets each keeping
   their share of k (``WideShareTopk``: one launch, unsorted) at every bucket count reaching recall
-  0.95, at the planner's warps, 4 and 16 (at 8a87819 also sorted by the rank sort after it);
-  ``shares:...:bits<n>``: that kernel unsorted with another threshold (``_share_prefix_kernel``):
-  ``bits0`` exact, its rounds stopping once exactly the share lies at or above the threshold
-  (sm_90, the loop body counted once: 952 instructions, 11 barriers, 2 layout conversions,
-  against 2896, 56 and 17 unrolled; on random normal fp32 buckets of 1792, 9 rounds on average
-  and 13 at most, not 16), and 12-20 leading bits only (approximate in a bucket; each row's
-  measured recall in its name).
+  0.95, at the planner's warps, 4 and 16 (at 8a87819 also sorted by the rank sort after it).
+  At 6b9091a this also timed that kernel with thresholds of 12-20 leading key bits only
+  (``_share_prefix_kernel``; profile_stages_h200_shares_variants.json), not adopted: see
+  benchmarks/results/measurements.md.
   ``--only wide`` runs these alone.
 * ``sort_launch:<warps>``: ``sort_selected`` alone on [rows, k] random entries (gathers and
   stores included); ``register_sort:<warps>``: ``tl.sort`` of those entries, loaded and stored;
@@ -89,11 +86,10 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from topk_compiler.kernels import wide_bucket_topk as wide_kernels
 from topk_compiler.kernels.bucketed_topk import (bucket_survivors_of, fused_bucketed_topk, split_bucketed_topk,
                                                  stage1_meta)
 from topk_compiler.kernels.filtered_topk import filtered_topk
-from topk_compiler.kernels.select_topk import (compact_positions, key_lower_bound, kth_key_bisect, kth_key_radix,
+from topk_compiler.kernels.select_topk import (compact_positions, kth_key_bisect, kth_key_radix,
                                                 rank_sort, select_meta, sort_selected)
 from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, sparse_ffn
 from topk_compiler.lowering import device_timing
@@ -228,7 +224,6 @@ def topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=False) -> list[d
         if focus == "select" and rows < 132:
             wide(x, k, record)
             shares(x, k, record)
-            share_prefixes(x, k, record)
         return out
     for b, kb in bucketings:
         default_warps = warps_for(b, b * triton.next_power_of_2(kb))
@@ -308,91 +303,6 @@ def shares(x, k, record):
         for warps in [planned] + [w for w in (4, 16) if w != planned]:
             run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps)
             record(f"shares:w{warps}:unsorted:recall={recall:.3f}", b, kb, lambda r=run: r(x))
-
-
-@triton.jit
-def kth_key_early_exit(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
-    """``kth_key_by_digits``, stopping at the first round whose threshold has exactly k keys at or
-    above it: those are then the top k, so the compaction after it (keys above the threshold,
-    then ties up to k) keeps exactly them. A block-wide loop of as many rounds as the keys need."""
-    half = tl.full([], 1, tl.int64) << (KEY_BITS - 1)
-    digits = tl.arange(0, 1 << DIGIT_BITS)
-    t_off = tl.zeros([], dtype=tl.int64)
-    shift = tl.full([], KEY_BITS, tl.int64)
-    at_or_above = tl.full([], 0, tl.int32)
-    while (shift > 0) & (at_or_above != k):
-        shift -= DIGIT_BITS
-        cand = (t_off + (digits.to(tl.int64) << shift) - half).to(tl.int32)
-        count = tl.sum((keys[:, None] >= cand[None, :]).to(tl.int32), axis=0)
-        digit = tl.max(tl.where(count >= k, digits, 0), axis=0)
-        at_or_above = tl.min(tl.where(count >= k, count, 2147483647), axis=0)
-        t_off += digit.to(tl.int64) << shift
-    return (t_off - half).to(tl.int32)
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _share_prefix_kernel(x_ptr, values_ptr, indices_ptr, n, k, slots, seed, x_row_stride, out_row_stride,
-                         NUM_BUCKETS: tl.constexpr, SLOTS_POW2: tl.constexpr, LAYOUT: tl.constexpr,
-                         LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
-    """The share kernel (unsorted) with another threshold. BITS < KEY_BITS: only its BITS leading
-    bits (``key_lower_bound``: BITS / DIGIT_BITS block-wide counts): every key above the
-    threshold's bin is kept, then keys of the bin in slot order up to the share, which need not be
-    the bin's largest (its recall is measured, not modelled). BITS = 0: exact, with
-    ``kth_key_early_exit``."""
-    row = tl.program_id(0).to(tl.int64)
-    q = tl.program_id(1)
-    v, keys, idx, _ = wide_kernels._bucket(x_ptr, row, q, n, slots, seed, x_row_stride, NUM_BUCKETS, SLOTS_POW2,
-                                           LAYOUT, LARGEST, KEY_BITS)
-    extra = k % NUM_BUCKETS
-    share = k // NUM_BUCKETS + (q < extra).to(tl.int32)
-    if BITS == 0:
-        threshold = kth_key_early_exit(keys, share, KEY_BITS, DIGIT_BITS)
-        need = share - tl.sum((keys > threshold).to(tl.int32), axis=0)
-        zero = tl.zeros([], dtype=tl.int32)
-        chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
-    else:
-        low = key_lower_bound(keys, share, KEY_BITS, BITS, DIGIT_BITS).to(tl.int64)
-        above = keys.to(tl.int64) >= low + (1 << (KEY_BITS - BITS))
-        in_bin = (keys.to(tl.int64) >= low) & (~above)
-        need = share - tl.sum(above.to(tl.int32), axis=0)
-        packed = tl.cumsum(above.to(tl.int32) + (in_bin.to(tl.int32) << 16), axis=0)
-        binned_before = (packed >> 16) - in_bin.to(tl.int32)
-        chosen = above | (in_bin & (binned_before < need))
-        position = (packed & 0xFFFF) - above.to(tl.int32) + tl.minimum(binned_before, need)
-    out = row * out_row_stride + q * (k // NUM_BUCKETS) + tl.minimum(q, extra) + position
-    tl.store(values_ptr + out, v, mask=chosen)
-    tl.store(indices_ptr + out, idx, mask=chosen)
-
-
-def share_prefix_topk(x, k, num_buckets, bits, num_warps, digit_bits=2):
-    """(values, indices) of ``_share_prefix_kernel`` over the rows of x (interleaved buckets)."""
-    rows, n = x.shape
-    slots = -(-n // num_buckets)
-    values = torch.empty(rows, k, dtype=x.dtype, device=x.device)
-    indices = torch.empty(rows, k, dtype=torch.int64, device=x.device)
-    _share_prefix_kernel[(rows, num_buckets)](
-        x, values, indices, n, k, slots, 0, x.stride(0), k, NUM_BUCKETS=num_buckets,
-        SLOTS_POW2=triton.next_power_of_2(slots), LAYOUT=0, LARGEST=True, KEY_BITS=8 * x.element_size(), BITS=bits,
-        DIGIT_BITS=digit_bits, num_warps=num_warps)
-    return values, indices
-
-
-def share_prefixes(x, k, record):
-    """``_share_prefix_kernel`` at the share bucketings, exact with early exit (``bits0``) and
-    deciding 12, 16 or 20 leading bits (16-bit keys: 8 or 12), each with the recall measured on
-    its output."""
-    from topk_compiler import measured_recall
-    from topk_compiler.lowering.plan import share_bucketings
-
-    rows, n = x.shape
-    key_bits = 8 * x.element_size()
-    processors = torch.cuda.get_device_properties(x.device).multi_processor_count
-    for b, kb, _ in share_bucketings(rows, n, k, 0.95, "interleaved", processors):
-        warps = warps_for(triton.next_power_of_2(-(-n // b)))
-        for bits in ((0, 12, 16, 20) if key_bits == 32 else (0, 8, 12)):
-            run = lambda b=b, bits=bits: share_prefix_topk(x, k, b, bits, warps)
-            recall = measured_recall(x, run()[1], k)
-            record(f"shares:w{warps}:unsorted:bits{bits}:measured_recall={recall:.3f}", b, kb, run)
 
 
 def certified(x, k, record):
