@@ -285,5 +285,7 @@ def test_share_plans_race_for_unsorted_few_rows_of_large_k_only(monkeypatch):
             b = share.num_buckets
             assert share.per_bucket_k == -(-1434 // b) and share.expected_recall >= 0.95
             assert plan.recall_of_shares(14336, 1434, b, "interleaved") == share.expected_recall
+            # 8 keys a thread: 4 warps over buckets of 1024 slots, 8 over 2048 and 4096.
+            assert share.num_warps == {16: 4, 8: 8, 4: 8}[b]
         assert not any(p.kernel == "shares" for p in many_rows + small_k)
     assert cost_model.shares_time(32, 14336, 1434, 8, 4, H100) > cost_model.shares_time(16, 14336, 1434, 8, 4, H100)

@@ -225,6 +225,15 @@ def warps_for(lanes: int, candidates: int = 0) -> int:
     return min(16 if candidates > 4096 else 8, max(1, lanes // 32))
 
 
+def share_warps(slots: int) -> int:
+    """Warps of the share kernel's program over a bucket of ``slots`` (a power of two): one per 256
+    slots (8 keys a thread), 1 to 8. Its program waits on block-wide counts, not on streaming: at
+    16 x 14336 fp32 k=1434 on an H200, 4 warps took 10.8-11.0 us over buckets of 1024 slots where
+    8 took 11.3-11.4, 8 warps 12.3 over 2048 where 4 took 12.8-12.9, and over 4096 8 and 16
+    warps were within 0.2 us (profile_stages_h200_shares_early_exit.json)."""
+    return min(8, max(1, slots // 256))
+
+
 def fused_warps(rows: int, lanes: int, candidates: int, processors: int) -> int:
     """Warps of a fused program chosen for stage 1's streaming: as few as keep
     ``RESIDENT_WARPS_PER_SM`` warps per SM busy over the rows (fewer warps give each thread more
@@ -459,7 +468,7 @@ def _ranked(rows, n, k, dtype, device, recall_target, layout, sorted_, forced):
                                                      sorted_):
                 t = cost_model.shares_time(rows, n, k, b, elem, profile)
                 approx.append(TopkPlan("bucketed", "shares", b, share, 1, "bisect", "program",
-                                       warps_for(next_pow2(cdiv(n, b))), 1, recall, _us(t), torch_us))
+                                       share_warps(next_pow2(cdiv(n, b))), 1, recall, _us(t), torch_us))
     return sorted(approx, key=lambda p: p.predicted_us), exact
 
 
