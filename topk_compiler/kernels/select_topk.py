@@ -101,8 +101,10 @@ def kth_key_by_digits(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr)
     stop at the first threshold with exactly k keys at or above it, which is then below the k-th
     key with none between; else T is the k-th key. Either way the keys above T, then its first ties
     up to k, are the top k (``compact_positions``). On random normal buckets of 1792 keys the
-    rounds stop after 9 on average, 13 at most, not 16 (32-bit keys): at 16 x 14336 fp32 k=1434
-    the share kernel took 11.2-12.1 us, not 12.4-13.5 (H200, profile_stages_h200_shares_early_exit.json)."""
+    rounds stop after 9 on average, 13 at most, not 16 (32-bit keys). At 16 x 14336 fp32 k=1434 on
+    H200s, 8 warps over buckets of 1024 and 2048 slots: the share kernel took 11.3-12.4 us, not
+    12.4-13.6 (benchmarks/results/profile_stages_h200_shares_early_exit.json, against the base runs
+    of profile_stages_h200_shares_variants.json)."""
     half = tl.full([], 1, tl.int64) << (KEY_BITS - 1)
     digits = tl.arange(0, 1 << DIGIT_BITS)
     t_off = tl.zeros([], dtype=tl.int64)
