@@ -109,7 +109,8 @@ def kth_key_by_digits(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr)
     digits = tl.arange(0, 1 << DIGIT_BITS)
     t_off = tl.zeros([], dtype=tl.int64)
     shift = tl.full([], KEY_BITS, tl.int64)
-    # k = 0 (a bucket's share of a small k) still takes a round: its threshold is above every key.
+    # From -1, so that k = 0 (a bucket's share of a small k) still runs rounds: they end with no
+    # key above the threshold, and the compaction keeps none of its ties.
     at_or_above = tl.full([], -1, tl.int32)
     while (shift > 0) & (at_or_above != k):
         shift -= DIGIT_BITS

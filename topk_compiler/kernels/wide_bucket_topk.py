@@ -8,9 +8,9 @@ The bucketed algorithm with ``num_buckets`` of 4-32 buckets and ``per_bucket_k``
    bucket's threshold for its top ``per_bucket_k`` two bits at a time (``kth_key_by_digits``: at
    most 16 block-wide counts for 32-bit keys, where bisection waits on 32, and fewer where a
    threshold above the k-th key's last bits already parts the top from the rest), compacts the
-   entries above it to memory and sorts them there. ``select="bitonic"`` (``per_bucket_k`` up to 256): a bitonic
-   top-k network (``tl.topk``) over all of the bucket's entries, in registers, with no count and
-   no round trip through memory.
+   entries above it to memory and sorts them there. ``select="bitonic"`` (``per_bucket_k`` up to
+   256): a bitonic top-k network (``tl.topk``) over all of the bucket's entries, in registers, with
+   no count and no round trip through memory.
 2. One program per (row, bucket) ranks its bucket's entries among the row's survivors: an
    entry's rank is the number of entries above it in every bucket's sorted list, each count a
    binary search (``per_bucket_k`` entries: about 8 probes a list). The searches in all lists
