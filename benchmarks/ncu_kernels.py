@@ -5,10 +5,13 @@
 
 ``wide``: the FFN shape's plan (16 x 14336 fp32, k=1434, 8 buckets of 180: ``WideBucketTopk``,
 its selection then its merge); ``shares``: the same buckets each keeping their share of k
-(``WideShareTopk``, unsorted: one launch; at 8a87819 sorted, the rank sort after it). ``split``: the exact plan at 1024 x 32768 bf16, k=2048
-(``SplitFilteredTopk``: bound, filtering pass, selection). Each runs twice, the first call
-compiling, so that ``ncu --launch-skip`` can pass over it; outputs are checked against torch.topk
-so that a profile of a wrong kernel is not read. Timings come from the profiler, not from here.
+(``WideShareTopk``, unsorted: one launch; at 8a87819 sorted, the rank sort after it);
+``shares16``: 16 buckets each keeping its share, at the planner's warps (``plan.share_warps``: 4),
+the fastest share plan measured (profile_stages_h200_shares_early_exit.json). ``split``: the exact
+plan at 1024 x 32768 bf16, k=2048 (``SplitFilteredTopk``: bound, filtering pass, selection).
+Each runs twice, the first call compiling, so that ``ncu --launch-skip`` can pass over it;
+outputs are checked against torch.topk so that a profile of a wrong kernel is not read. Timings
+come from the profiler, not from here.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from topk_compiler.kernels import cdiv, next_pow2
 from topk_compiler.kernels.filtered_topk import SplitFilteredTopk
 from topk_compiler.kernels.wide_bucket_topk import WideBucketTopk, WideShareTopk
-from topk_compiler.lowering.plan import filtered_bucketings
+from topk_compiler.lowering.plan import filtered_bucketings, share_warps
 
 PROCESSORS = 132
 
@@ -31,10 +34,14 @@ def wide():
     return x, 1434, op, False
 
 
-def shares():
+def shares(num_buckets=8, num_warps=8):
     x = torch.randn(16, 14336, device="cuda", dtype=torch.float32)
-    op = WideShareTopk(x, 1434, num_buckets=8, largest=True)
+    op = WideShareTopk(x, 1434, num_buckets=num_buckets, largest=True, num_warps=num_warps)
     return x, 1434, op, False
+
+
+def shares16():
+    return shares(16, share_warps(next_pow2(cdiv(14336, 16))))
 
 
 def split():
@@ -46,7 +53,7 @@ def split():
     return x, k, op, True
 
 
-PLANS = {"wide": wide, "shares": shares, "split": split}
+PLANS = {"wide": wide, "shares": shares, "shares16": shares16, "split": split}
 
 
 def main(argv=None):
