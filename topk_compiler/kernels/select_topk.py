@@ -83,15 +83,24 @@ def key_lower_bound(keys, k, KEY_BITS: tl.constexpr, BITS: tl.constexpr, DIGIT_B
             count = tl.sum((keys >= (cand_off - half).to(tl.int32)).to(tl.int32), axis=0)
             t_off = tl.where(count >= k, cand_off, t_off)
     else:
-        digits = tl.arange(0, 1 << DIGIT_BITS)
         for r in tl.static_range(BITS // DIGIT_BITS):
             shift = KEY_BITS - DIGIT_BITS * (r + 1)
-            cand = (t_off + (digits.to(tl.int64) << shift) - half).to(tl.int32)
-            count = tl.sum((keys[:, None] >= cand[None, :]).to(tl.int32), axis=0)
-            # Digit 0 keeps the threshold so far, whose count is at least k: the max is defined.
-            digit = tl.max(tl.where(count >= k, digits, 0), axis=0)
+            digit, _ = _next_digit(keys, k, t_off, shift, half, DIGIT_BITS)
             t_off += digit.to(tl.int64) << shift
     return (t_off - half).to(tl.int32)
+
+
+@triton.jit
+def _next_digit(keys, k, t_off, shift, half, DIGIT_BITS: tl.constexpr):
+    """One round of a threshold search by digits: counting the keys at or above every value of
+    the next digit at once (one reduction over [keys, 2**DIGIT_BITS]), the largest digit whose
+    count is at least k, and that count (the least of those >= k: counts fall as the digit grows).
+    Digit 0 keeps the threshold so far, whose count is at least k, so both are defined."""
+    digits = tl.arange(0, 1 << DIGIT_BITS)
+    cand = (t_off + (digits.to(tl.int64) << shift) - half).to(tl.int32)
+    count = tl.sum((keys[:, None] >= cand[None, :]).to(tl.int32), axis=0)
+    return (tl.max(tl.where(count >= k, digits, 0), axis=0),
+            tl.min(tl.where(count >= k, count, 2147483647), axis=0))
 
 
 @triton.jit
@@ -106,7 +115,6 @@ def kth_key_by_digits(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr)
     12.4-13.6 (benchmarks/results/profile_stages_h200_shares_early_exit.json, against the base runs
     of profile_stages_h200_shares_variants.json)."""
     half = tl.full([], 1, tl.int64) << (KEY_BITS - 1)
-    digits = tl.arange(0, 1 << DIGIT_BITS)
     t_off = tl.zeros([], dtype=tl.int64)
     shift = tl.full([], KEY_BITS, tl.int64)
     # From -1, so that k = 0 (a bucket's share of a small k) still runs rounds: they end with no
@@ -114,12 +122,7 @@ def kth_key_by_digits(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr)
     at_or_above = tl.full([], -1, tl.int32)
     while (shift > 0) & (at_or_above != k):
         shift -= DIGIT_BITS
-        cand = (t_off + (digits.to(tl.int64) << shift) - half).to(tl.int32)
-        count = tl.sum((keys[:, None] >= cand[None, :]).to(tl.int32), axis=0)
-        # Digit 0 keeps the threshold so far, whose count is at least k: the max is defined, and
-        # the counts fall as the digit grows, so the chosen digit's count is the least of those >= k.
-        digit = tl.max(tl.where(count >= k, digits, 0), axis=0)
-        at_or_above = tl.min(tl.where(count >= k, count, 2147483647), axis=0)
+        digit, at_or_above = _next_digit(keys, k, t_off, shift, half, DIGIT_BITS)
         t_off += digit.to(tl.int64) << shift
     return (t_off - half).to(tl.int32)
 

@@ -185,6 +185,20 @@ def merge_warps(num_buckets: int, kb_pow2: int) -> int:
     return 8 if num_buckets * kb_pow2 > 2048 else 4
 
 
+def _checked_buckets(name: str, x2d: torch.Tensor, num_buckets: int, layout_id: int, digit_bits: int):
+    """(rows, n, slots a bucket, key bits) of x2d in ``num_buckets`` wide buckets, after the checks
+    both wide kernels make of their arguments."""
+    assert x2d.dim() == 2 and x2d.stride(1) == 1, f"{name}: x2d must be [rows, n], unit last stride"
+    assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {x2d.dtype}"
+    assert num_buckets & (num_buckets - 1) == 0, f"num_buckets must be a power of two, got {num_buckets}"
+    assert layout_id in (0, 1, 2), f"unknown layout id {layout_id}"
+    assert digit_bits in (1, 2, 4), f"digit_bits must be 1, 2 or 4, got {digit_bits}"
+    rows, n = x2d.shape
+    slots = cdiv(n, num_buckets)
+    assert slots <= MAX_SLOTS, f"{name}: buckets of {slots} slots exceed {MAX_SLOTS}"
+    return rows, n, slots, 16 if x2d.element_size() == 2 else 32
+
+
 class WideShareTopk:
     """Top-k through ``num_buckets`` wide buckets that each keep their share of k (module
     docstring), unsorted, prepared for inputs of one shape, dtype and row stride: call it with x2d
@@ -193,21 +207,13 @@ class WideShareTopk:
 
     def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, largest: bool, layout_id: int = 0,
                  seed: int = 0, num_warps: int = 8, digit_bits: int = DIGIT_BITS):
-        assert x2d.dim() == 2 and x2d.stride(1) == 1, "wide_share_topk: x2d must be [rows, n], unit last stride"
-        assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {x2d.dtype}"
-        assert num_buckets & (num_buckets - 1) == 0, f"num_buckets must be a power of two, got {num_buckets}"
-        assert layout_id in (0, 1, 2), f"unknown layout id {layout_id}"
-        assert digit_bits in (1, 2, 4), f"digit_bits must be 1, 2 or 4, got {digit_bits}"
-        rows, n = x2d.shape
-        slots = cdiv(n, num_buckets)
-        assert slots <= MAX_SLOTS, f"wide_share_topk: buckets of {slots} slots exceed {MAX_SLOTS}"
+        rows, n, slots, key_bits = _checked_buckets("wide_share_topk", x2d, num_buckets, layout_id, digit_bits)
         assert 0 < k and cdiv(k, num_buckets) <= smallest_bucket(n, num_buckets, layout_id), (
             f"wide_share_topk: shares of k={k} in {num_buckets} buckets exceed the smallest bucket of {n} elements")
         self.select = Launch(_bucket_share_kernel, (rows, num_buckets), n=n, k=k, slots=slots, seed=seed,
                              x_row_stride=x2d.stride(0), out_row_stride=k, NUM_BUCKETS=num_buckets,
                              SLOTS_POW2=next_pow2(slots), LAYOUT=layout_id, LARGEST=largest,
-                             KEY_BITS=16 if x2d.element_size() == 2 else 32, DIGIT_BITS=digit_bits,
-                             num_warps=num_warps)
+                             KEY_BITS=key_bits, DIGIT_BITS=digit_bits, num_warps=num_warps)
         self._rows, self._k, self._dtype, self._device = rows, k, x2d.dtype, x2d.device
 
     def __call__(self, x2d: torch.Tensor):
@@ -234,19 +240,11 @@ class WideBucketTopk:
     def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
                  layout_id: int = 0, seed: int = 0, num_warps: int = 8, select: str = "bisect",
                  digit_bits: int = DIGIT_BITS):
-        assert x2d.dim() == 2 and x2d.stride(1) == 1, "wide_bucket_topk: x2d must be [rows, n], unit last stride"
-        assert x2d.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {x2d.dtype}"
-        assert num_buckets & (num_buckets - 1) == 0, f"num_buckets must be a power of two, got {num_buckets}"
-        assert layout_id in (0, 1, 2), f"unknown layout id {layout_id}"
-        rows, n = x2d.shape
-        slots = cdiv(n, num_buckets)
-        assert slots <= MAX_SLOTS, f"wide_bucket_topk: buckets of {slots} slots exceed {MAX_SLOTS}"
+        rows, n, slots, key_bits = _checked_buckets("wide_bucket_topk", x2d, num_buckets, layout_id, digit_bits)
         assert 0 < per_bucket_k <= smallest_bucket(n, num_buckets, layout_id), (
             f"wide_bucket_topk: per_bucket_k={per_bucket_k} above the smallest bucket of {n} elements in {num_buckets}")
         survivors = num_buckets * per_bucket_k
         assert 0 < k <= survivors, f"wide_bucket_topk: need 0 < k <= {survivors} survivors, got k={k}"
-        key_bits = 16 if x2d.element_size() == 2 else 32
-        assert digit_bits in (1, 2, 4), f"digit_bits must be 1, 2 or 4, got {digit_bits}"
         assert select in SELECTS, f"select must be one of {SELECTS}, got {select!r}"
         assert select != "bitonic" or per_bucket_k <= MAX_NETWORK_KB, (
             f"wide_bucket_topk: a bitonic network keeps at most {MAX_NETWORK_KB} a bucket, got {per_bucket_k}")
