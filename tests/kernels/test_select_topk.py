@@ -170,8 +170,10 @@ def _kth_key_kernel(keys_ptr, out_ptr, k, m, NS: tl.constexpr, KEY_BITS: tl.cons
     row = tl.program_id(0)
     f = tl.arange(0, NS)
     keys = tl.load(keys_ptr + row * m + f, mask=f < m, other=key_pad(KEY_BITS))
-    tl.store(out_ptr + 2 * row, kth_key_bisect(keys, k, KEY_BITS))
-    tl.store(out_ptr + 2 * row + 1, kth_key_by_digits(keys, k, KEY_BITS, DIGIT_BITS))
+    tl.store(out_ptr + 3 * row, kth_key_bisect(keys, k, KEY_BITS))
+    threshold, at_or_above = kth_key_by_digits(keys, k, KEY_BITS, DIGIT_BITS)
+    tl.store(out_ptr + 3 * row + 1, threshold)
+    tl.store(out_ptr + 3 * row + 2, at_or_above)
 
 
 @pytest.mark.parametrize("key_bits", [16, 32])
@@ -179,7 +181,8 @@ def _kth_key_kernel(keys_ptr, out_ptr, k, m, NS: tl.constexpr, KEY_BITS: tl.cons
 def test_thresholds_part_the_top_k_from_the_rest(key_bits, digit_bits):
     """Bisection returns the k-th largest key; the search by digits a threshold T with at most k
     keys above it and at least k at or above it (the k-th key, or one below it where exactly k
-    lie at or above), so the keys above T then T's first ties are the top k. On rows of ties, of
+    lie at or above), so the keys above T then T's first ties are the top k, with the count at or
+    above T it returns. On rows of ties, of
     the extreme keys, and of fewer candidates than the block (padding below every key); the
     random row of 32-bit keys stops early (k = 1 and 37: T below the k-th key)."""
     lo, hi = -(2 ** (key_bits - 1)) + 1, 2 ** (key_bits - 1) - 1
@@ -189,12 +192,13 @@ def test_thresholds_part_the_top_k_from_the_rest(key_bits, digit_bits):
     keys[2, :50], keys[2, 50:] = lo, hi
     keys[3] = 7
     for k in (1, 37, m):
-        out = torch.empty(5, 2, dtype=torch.int32, device=KERNEL_DEVICE)
+        out = torch.empty(5, 3, dtype=torch.int32, device=KERNEL_DEVICE)
         _kth_key_kernel[(5,)](keys.to(torch.int32).to(KERNEL_DEVICE), out, k, m, NS=128, KEY_BITS=key_bits,
                               DIGIT_BITS=digit_bits)
         expected = keys.sort(dim=1, descending=True).values[:, k - 1].to(torch.int32)
         assert torch.equal(out.cpu()[:, 0], expected)
-        by_digits = out.cpu()[:, 1:].to(torch.int64)
+        by_digits = out.cpu()[:, 1:2].to(torch.int64)
         assert ((keys > by_digits).sum(1) <= k).all() and ((keys >= by_digits).sum(1) >= k).all()
+        assert torch.equal(out.cpu()[:, 2].to(torch.int64), (keys >= by_digits).sum(1))
         if key_bits == 32 and k < m:
             assert by_digits[0, 0] < expected[0]

@@ -77,8 +77,12 @@ def _bucket(x_ptr, row, q, n, slots, seed, x_row_stride, NUM_BUCKETS: tl.constex
 def _bucket_top(keys, count, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
     """(chosen, position) of the bucket's top ``count`` keys: those above its count-th largest
     key, then the first ties, at positions 0 ... count - 1 in slot order."""
-    threshold = kth_key_by_digits(keys, count, KEY_BITS, DIGIT_BITS)
-    need = count - tl.sum((keys > threshold).to(tl.int32), axis=0)
+    threshold, at_or_above = kth_key_by_digits(keys, count, KEY_BITS, DIGIT_BITS)
+    # Where exactly ``count`` keys lie at or above the threshold (the rounds stopped early, or no
+    # tie straddles it) every tie is kept: one block-wide count fewer on the program's chain.
+    need = count
+    if at_or_above != count:
+        need = count - tl.sum((keys > threshold).to(tl.int32), axis=0)
     zero = tl.zeros([], dtype=tl.int32)
     chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
     return chosen, position
