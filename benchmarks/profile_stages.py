@@ -18,7 +18,8 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
   threshold 1, 2 (as it runs) or 4 bits per count; ``:bitonic``, and ``wide:bitonic`` whole, keeping
   each bucket's top by a bitonic network); ``shares:...:unsorted``: the wide buckets each keeping
   their share of k (``WideShareTopk``: one launch, unsorted) at every bucket count reaching recall
-  0.95, at the planner's warps, 4, 8 and 16 (at 8a87819 also sorted by the rank sort after it).
+  0.95, at the planner's warps, 4, 8 and 16, ``:d4`` 4 bits a count (at 8a87819 also sorted by
+  the rank sort after it).
   At 6b9091a this also timed that kernel with thresholds of 12-20 leading key bits only
   (``_share_prefix_kernel``; profile_stages_h200_shares_variants.json), not adopted: see
   benchmarks/results/measurements.md.
@@ -292,7 +293,9 @@ def wide(x, k, record):
 
 def shares(x, k, record):
     """The wide buckets that each keep their share of k (``WideShareTopk``, unsorted: one launch)
-    at every bucket count whose recall reaches 0.95, at the planner's warps, 4, 8 and 16."""
+    at every bucket count whose recall reaches 0.95, at the planner's warps, 4, 8 and 16, each
+    deciding its threshold 2 bits a block-wide count (as it runs) and 4 (``:d4``: half the
+    rounds, 16 compares a slot each)."""
     from topk_compiler.kernels.wide_bucket_topk import WideShareTopk
     from topk_compiler.lowering.plan import share_bucketings, share_warps
 
@@ -303,6 +306,8 @@ def shares(x, k, record):
         for warps in [planned] + [w for w in (4, 8, 16) if w != planned]:
             run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps)
             record(f"shares:w{warps}:unsorted:recall={recall:.3f}", b, kb, lambda r=run: r(x))
+            run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps, digit_bits=4)
+            record(f"shares:w{warps}:d4:unsorted", b, kb, lambda r=run: r(x))
 
 
 def certified(x, k, record):
