@@ -587,20 +587,24 @@ def _with_borrowed_prices(chosen: list[TopkPlan], plans: list[TopkPlan], few_row
     likewise the cheapest split filtered plan: their prices are borrowed from other kernels'
     terms, so the first call's timing, not the model, decides whether they win. With
     ``few_rows`` (fewer than half the SMs), also the cheapest split kernel sorting by rank and
-    the cheapest wide-bucket plan of each finish and of shares: they spread a row over many
-    programs, where the fused kernel streams and sorts each row in one (16 x 14336 fp32 k=1434
-    sorted 2048 entries a row in one program for 29 of its 45 us,
-    benchmarks/results/profile_stages_h200.json)."""
+    the cheapest wide-bucket plan of each finish, and the share plan of every bucket count: they
+    spread a row over many programs, where the fused kernel streams and sorts each row in one (16 x
+    14336 fp32 k=1434 sorted 2048 entries a row in one program for 29 of its 45 us,
+    benchmarks/results/profile_stages_h200.json). The model prices the share kernel's programs
+    in waves of one an SM, so it prefers 8 buckets there (128 programs) to 16 (256); on an H100
+    16 buckets of 4 warps took 10.5 us and 8 of 8 warps 11.9
+    (benchmarks/results/profile_stages_h100_shares_skip_count_1feb989.json)."""
     extra = []
     kinds = [lambda p: p.sort_with == "rank", lambda p: p.kernel == "split_filtered"]
     if few_rows:
         kinds += [lambda p: p.sort_with == "rank" and p.kernel == "split",
                   lambda p: p.kernel == "wide" and p.select == "bisect",
-                  lambda p: p.kernel == "wide" and p.select == "bitonic",
-                  lambda p: p.kernel == "shares"]
+                  lambda p: p.kernel == "wide" and p.select == "bitonic"]
     for kind in kinds:
         if not any(kind(p) for p in chosen + extra):
             extra += [p for p in plans if kind(p)][:1]
+    if few_rows:
+        extra += [p for p in plans if p.kernel == "shares" and p not in chosen + extra]
     return chosen + extra
 
 
