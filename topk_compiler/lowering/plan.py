@@ -101,7 +101,11 @@ RANK_SORT_MIN_K = 512
 RANK_SORT_MAX_PAIRS = 2**26
 # The wide-bucket kernel (kernels/wide_bucket_topk.py): 4-32 buckets of up to MAX_WIDE_SLOTS
 # slots held in registers, a program per (row, bucket), for large k of rows too few to fill the
-# GPU with one program each (rows x buckets within WIDE_PROGRAMS_PER_SM a processor).
+# GPU with one program each (rows x buckets within WIDE_PROGRAMS_PER_SM a processor). Where rows
+# fill the GPU its programs (90-200 registers a thread, a few an SM) come in tens of waves:
+# at 1024 x 32768 bf16 k=2048 on an H100 the share kernel took 429-729 us and the wide kernel
+# 625-1897 (bisecting), against 68 and 129 for the fused kernel, unsorted and sorted
+# (benchmarks/results/profile_wide_many_rows_h100_1feb989.json).
 WIDE_BUCKET_CHOICES = (4, 8, 16, 32)
 MAX_WIDE_SLOTS = 4096
 WIDE_MIN_K = 256
