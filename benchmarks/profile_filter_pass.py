@@ -31,17 +31,13 @@ stores; 97.2 / 23.8 / 46.2 with both, which the kernel now runs. Loads and count
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import time
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from benchmarks.profile_stages import save_results, timed
+from benchmarks.profile_stages import profile_shapes, timed
 from topk_compiler.kernels import cdiv, next_pow2
 from topk_compiler.kernels.filtered_topk import (SplitFilteredTopk, _passing, _row_bound, _row_counts, _row_keys,
                                                  _store_passing)
@@ -156,15 +152,8 @@ def shape_rows(rows, n, k, dtype) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
-    parser.add_argument("--shapes", nargs="+", metavar="ROWSxN", help="shapes to profile (default: all)")
-    args = parser.parse_args(argv)
-    start = time.time()
-    results = [r for rows, n, k, dtype in SHAPES if not args.shapes or f"{rows}x{n}" in args.shapes
-               for r in shape_rows(rows, n, k, dtype)]
-    command = "PYTHONPATH=. python3 benchmarks/profile_filter_pass.py " + " ".join(argv or [])
-    save_results(args.out, "profile_filter_pass.json", command, start, rows=results)
+    results = profile_shapes(argv, __doc__, SHAPES, shape_rows, "profile_filter_pass.json",
+                             "benchmarks.profile_filter_pass")
     for r in results:
         print(f"{r['rows']}x{r['n']} {r['dtype']:9s} {r['variant']:28s} {r.get('us', float('nan')):8.1f} us "
               f"pass {r.get('pass_us', float('nan')):7.1f} us {r.get('pass_x_floor', '')} {r.get('exact', '')}")

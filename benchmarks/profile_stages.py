@@ -170,6 +170,21 @@ def save_results(out: Path, name: str, command: str, start: float, **fields) -> 
     (out / name).write_text(json.dumps(payload, indent=1) + "\n")
 
 
+def profile_shapes(argv, doc: str, shapes, rows_of, name: str, module: str, key: str = "rows") -> list[dict]:
+    """The main of a script profiling ``rows_of(rows, n, k, dtype)`` over ``shapes`` (``--shapes``
+    picks some), saved as ``--out``/``name`` under ``key``; returns the rows."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    parser.add_argument("--shapes", nargs="+", metavar="ROWSxN", help="shapes to profile (default: all)")
+    args = parser.parse_args(argv)
+    start = time.time()
+    results = [r for rows, n, k, dtype in shapes if not args.shapes or f"{rows}x{n}" in args.shapes
+               for r in rows_of(rows, n, k, dtype)]
+    command = f"PYTHONPATH=. python3 -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+    save_results(args.out, name, command, start, **{key: results})
+    return results
+
+
 def timed(fn, replayed: bool = True) -> dict:
     """do_bench's median (20th, 80th percentiles) of ``fn``; ``replayed``: of a CUDA graph of it,
     so that the host's work per call cannot stretch a short kernel's time. Eagerly, a call

@@ -30,16 +30,11 @@ Usage (one device call):
 ``PYTHONPATH=. python3 -m benchmarks.profile_wide_many_rows --out $OUT``
 """
 
-import argparse
 import json
-import os
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.profile_stages import save_results, timed
+from benchmarks.profile_stages import profile_shapes, timed
 from topk_compiler import approx_topk, measured_recall
 from topk_compiler.kernels import cdiv, next_pow2, smallest_bucket
 from topk_compiler.kernels.wide_bucket_topk import MAX_NETWORK_KB, MAX_SLOTS, WideBucketTopk, WideShareTopk
@@ -98,16 +93,8 @@ def profile_shape(rows, n, k, dtype) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
-    parser.add_argument("--shapes", nargs="+", metavar="ROWSxN", help="shapes to profile (default: all)")
-    args = parser.parse_args(argv)
-    start = time.time()
-    results = [r for rows, n, k, dtype in SHAPES if not args.shapes or f"{rows}x{n}" in args.shapes
-               for r in profile_shape(rows, n, k, dtype)]
-    save_results(args.out, "profile_wide_many_rows.json",
-                 "PYTHONPATH=. python3 -m benchmarks.profile_wide_many_rows " + " ".join(argv or sys.argv[1:]),
-                 start, results=results)
+    profile_shapes(argv, __doc__, SHAPES, profile_shape, "profile_wide_many_rows.json",
+                   "benchmarks.profile_wide_many_rows", key="results")
 
 
 if __name__ == "__main__":
