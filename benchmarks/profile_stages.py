@@ -94,6 +94,7 @@ from topk_compiler.kernels.select_topk import (compact_positions, kth_key_bisect
                                                 rank_sort, select_meta, sort_selected)
 from topk_compiler.kernels.sparse_ffn import lowrank_sparse_ffn_row, sparse_ffn
 from topk_compiler.lowering import device_timing
+from topk_compiler.lowering.recall_model import measured_recall
 from topk_compiler.lowering.hire_cost_model import expected_union
 from topk_compiler.lowering.hire_predictor import predictor_for, transposed_copy
 from topk_compiler.lowering.plan import warps_for
@@ -207,16 +208,19 @@ def timed(fn, replayed: bool = True) -> dict:
     return dict(us=1e3 * med, p20_us=1e3 * p20, p80_us=1e3 * p80, timing=how)
 
 
-def timed_row(x: torch.Tensor, k: int, b: int, kb: int, variant: str, fn) -> dict:
-    """One printed result row: ``fn`` on ``x`` ``timed``, with its read bandwidth; a variant that
-    fails to compile is recorded with its error rather than losing the others."""
+def timed_row(x: torch.Tensor, k: int, b: int, kb: int, variant: str, fn, recall: bool = False, **fields) -> dict:
+    """One printed result row: ``fn`` on ``x`` ``timed``, with its read bandwidth, ``fields``, and
+    with ``recall`` the recall of the indices it returns; a variant that fails to compile is
+    recorded with its error rather than losing the others."""
     try:
         t = timed(fn)
+        if recall:
+            t["recall"] = measured_recall(x, fn()[1], k)
     except Exception as e:
         t = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
     rows, n = x.shape
     row = dict(rows=rows, n=n, k=k, dtype=str(x.dtype).split(".")[-1], num_buckets=b, per_bucket_k=kb,
-               variant=variant, **t)
+               variant=variant, **fields, **t)
     if "us" in t:
         row["read_tb_s"] = x.numel() * x.element_size() / t["us"] / 1e6
     print(json.dumps(row), flush=True)

@@ -30,12 +30,10 @@ Usage (one device call):
 ``PYTHONPATH=. python3 -m benchmarks.profile_wide_many_rows --out $OUT``
 """
 
-import json
-
 import torch
 
-from benchmarks.profile_stages import profile_shapes, timed
-from topk_compiler import approx_topk, measured_recall
+from benchmarks.profile_stages import profile_shapes, timed_row
+from topk_compiler import approx_topk
 from topk_compiler.kernels import cdiv, next_pow2, smallest_bucket
 from topk_compiler.kernels.wide_bucket_topk import MAX_NETWORK_KB, MAX_SLOTS, WideBucketTopk, WideShareTopk
 from topk_compiler.lowering.plan import share_warps, warps_for
@@ -47,40 +45,26 @@ BUCKET_COUNTS = (4, 8, 16, 32)
 MIN_RECALL = 0.93
 
 
-def row(x, k, variant, fn, **fields) -> dict:
-    try:
-        t = timed(fn)
-        _, indices = fn()
-        t["recall"] = measured_recall(x, indices, k)
-    except Exception as e:  # a variant that fails to compile or launch must not lose the others
-        t = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-    rows, n = x.shape
-    out = dict(rows=rows, n=n, k=k, dtype=str(x.dtype).split(".")[-1], variant=variant, **fields, **t)
-    if "us" in t:
-        out["read_tb_s"] = x.numel() * x.element_size() / t["us"] / 1e6
-    print(json.dumps(out), flush=True)
-    return out
-
-
 def profile_shape(rows, n, k, dtype) -> list[dict]:
     x = torch.randn(rows, n, device="cuda", dtype=dtype)
-    out = [row(x, k, f"torch.topk:{'sorted' if s else 'unsorted'}", lambda s=s: torch.topk(x, k, sorted=s))
-           for s in (True, False)]
-    out += [row(x, k, f"op@0.95:{'sorted' if s else 'unsorted'}",
-                lambda s=s: approx_topk(x, k, recall_target=0.95, sorted=s)) for s in (True, False)]
+    out = [timed_row(x, k, None, None, f"torch.topk:{'sorted' if s else 'unsorted'}",
+                     lambda s=s: torch.topk(x, k, sorted=s), recall=True) for s in (True, False)]
+    out += [timed_row(x, k, None, None, f"op@0.95:{'sorted' if s else 'unsorted'}",
+                      lambda s=s: approx_topk(x, k, recall_target=0.95, sorted=s), recall=True)
+            for s in (True, False)]
     for b in BUCKET_COUNTS:
         slots = cdiv(n, b)
         share = cdiv(k, b)
         if slots > MAX_SLOTS or share > smallest_bucket(n, b, 0):
             continue
-        recall = expected_recall_of_shares(n, k, b)
-        if recall < MIN_RECALL:
+        expected = round(expected_recall_of_shares(n, k, b), 4)
+        if expected < MIN_RECALL:
             continue
         planned = share_warps(next_pow2(slots))
-        fields = dict(num_buckets=b, share=share, expected_recall=round(recall, 4))
         for layout, warps in ((0, planned), (0, 4 if planned != 4 else 8), (2, planned)):
             run = WideShareTopk(x, k, num_buckets=b, largest=True, layout_id=layout, num_warps=warps)
-            out.append(row(x, k, f"shares:L{layout}:w{warps}", lambda r=run: r(x), **fields))
+            out.append(timed_row(x, k, b, share, f"shares:L{layout}:w{warps}", lambda r=run: r(x), recall=True,
+                                 expected_recall=expected))
         warps = warps_for(next_pow2(slots))
         for layout, select in ((0, "bisect"), (2, "bisect"), (0, "bitonic")):
             if select == "bitonic" and next_pow2(share) > MAX_NETWORK_KB:
@@ -88,7 +72,8 @@ def profile_shape(rows, n, k, dtype) -> list[dict]:
             run = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=share, largest=True, layout_id=layout,
                                  num_warps=warps, select=select)
             suffix = ":bitonic" if select == "bitonic" else ""
-            out.append(row(x, k, f"wide:L{layout}:w{warps}{suffix}", lambda r=run: r(x), **fields))
+            out.append(timed_row(x, k, b, share, f"wide:L{layout}:w{warps}{suffix}", lambda r=run: r(x), recall=True,
+                                 expected_recall=expected))
     return out
 
 

@@ -608,7 +608,8 @@ def _with_borrowed_prices(chosen: list[TopkPlan], plans: list[TopkPlan], few_row
         if not any(kind(p) for p in chosen + extra):
             extra += [p for p in plans if kind(p)][:1]
     if few_rows:
-        extra += [p for p in plans if p.kernel == "shares" and p not in chosen + extra]
+        taken = chosen + extra
+        extra += [p for p in plans if p.kernel == "shares" and p not in taken]
     return chosen + extra
 
 
