@@ -142,6 +142,9 @@ class TopkPassConfig:
         rewrite: "auto" rewrites a site only where the cost model predicts a speed-up on the
             input's device; "always" rewrites every eligible site (useful to measure the effect of
             the approximation on model quality, e.g. on a CPU machine).
+        skip_unobserved_sort: run a site unsorted where it asks for sorted output but nothing
+            downstream can observe the order (a scatter into zeros, a weighted sum of gathered
+            rows; ``passes/output_order.py``). Only at recall targets below 1.
     """
 
     enabled: bool = True
@@ -151,10 +154,13 @@ class TopkPassConfig:
     per_bucket_k: int | None = None
     seed: int = 0
     rewrite: str = "auto"
+    skip_unobserved_sort: bool = True
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
             raise ValueError(f"rewrite_topk must be a bool, got {self.enabled!r}")
+        if not isinstance(self.skip_unobserved_sort, bool):
+            raise ValueError(f"skip_unobserved_sort must be a bool, got {self.skip_unobserved_sort!r}")
         check_layout(self.layout)
         _check_nonnegative_int(self.min_elements, "min_elements")
         _check_optional_positive_int(self.num_buckets, "num_buckets")
@@ -268,6 +274,7 @@ _TOPK_OPTIONS = {
     "per_bucket_k": "per_bucket_k",
     "seed": "seed",
     "rewrite": "rewrite",
+    "skip_unobserved_sort": "skip_unobserved_sort",
 }
 _TOP_LEVEL_OPTIONS = ("recall_target", "site_overrides", "hire", "inductor", "mode")
 # Inductor's compile modes. torch.compile refuses mode= beside options=, so ours carries it.

@@ -228,3 +228,54 @@ def test_a_site_planned_as_torch_topk_is_rewritten_where_our_kernels_race_it(mon
     monkeypatch.setattr(topk_rewrite, "races_torch", lambda *args: False)
     _, after, _, _ = snapshot(lambda x: torch.topk(x, 64), x, recall_target=1.0)
     assert after == {"topk": 1, "bucketed_topk": 0}
+
+
+def scatter_of_topk(x):
+    t = torch.topk(x, 64)
+    return torch.zeros_like(x).scatter(-1, t.indices, t.values.relu())
+
+
+def passes_on(fn, *inputs, **options):
+    """(fn's graph after our passes, the report, fn's compiled outputs)."""
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["report"] = run_passes(gm, example_inputs, ApproxTopkConfig.from_options(options))
+        seen["gm"] = gm
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*inputs)
+    return seen["gm"], seen["report"], out
+
+
+def topk_nodes(gm):
+    return [n for n in gm.graph.nodes
+            if n.target in (torch.topk, "topk", torch.ops.topk_compiler.bucketed_topk.default)]
+
+
+def test_a_site_whose_order_nothing_observes_runs_unsorted():
+    x = torch.randn(*BIG)
+    gm, report, out = passes_on(scatter_of_topk, x, **ALWAYS)
+    (op,) = topk_nodes(gm)
+    assert op.target is torch.ops.topk_compiler.bucketed_topk.default and op.args[4] is False
+    assert "its order is not observed: it ends in scatter" in report[0].details["sorted"]
+    assert "sorted=no" in str(report[0])
+    kept = out != 0
+    assert (kept.sum(1) <= 64).all() and torch.equal(out[kept], x[kept]) and (x[kept] > 0).all()
+
+    gm, report, _ = passes_on(scatter_of_topk, x, skip_unobserved_sort=False, **ALWAYS)
+    assert topk_nodes(gm)[0].args[4] is True and "sorted" not in report[0].details
+
+
+def test_an_exact_site_keeps_its_order_and_a_site_kept_as_torch_topk_drops_it():
+    x = torch.randn(*BIG)
+    gm, report, out = passes_on(scatter_of_topk, x, recall_target=1.0)
+    (node,) = topk_nodes(gm)
+    assert node.target is torch.topk and "sorted" not in node.kwargs and "sorted" not in report[0].details
+    # On a CPU torch.topk is predicted faster than the bucketed op: the site stays torch.topk,
+    # asked for its outputs unsorted, and computes what the model did.
+    gm, report, out = passes_on(scatter_of_topk, x, recall_target=0.9)
+    (node,) = topk_nodes(gm)
+    assert not report[0].rewritten and node.target is torch.topk and node.kwargs["sorted"] is False
+    assert torch.equal(out, scatter_of_topk(x))

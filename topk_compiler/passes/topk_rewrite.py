@@ -9,6 +9,11 @@ eligible. A latency-bound site of a graph that will not replay as CUDA graphs is
 compile time, our op against torch.topk, each as a call from Python: there each call pays the
 host's dispatch, which can outweigh what the kernels save. Everything else stays exact, with
 the reason recorded.
+
+A site asked for sorted output whose order nothing downstream can observe
+(``output_order.unobserved_order``: a scatter into zeros, a weighted sum of gathered rows) is
+planned and run unsorted when its recall target is below 1 (``skip_unobserved_sort``); an exact
+site keeps torch.topk's order, since which of tied values it selects may differ unsorted.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from topk_compiler.passes.base import (
     size_hint,
     source_location,
 )
+from topk_compiler.passes.output_order import unobserved_order
 
 _TOPK_PARAMS = ("input", "k", "dim", "largest", "sorted")
 _DEFAULTS = {"dim": -1, "largest": True, "sorted": True}
@@ -123,6 +129,12 @@ class TopkRewritePass(ApproxTopkPass):
         if not dynamic_length and (k_hint == 0 or k_hint >= n_hint):
             return keep("nothing to approximate (k = 0 or k = n)")
 
+        order = None
+        if sorted_ and recall_target < 1.0 and self.config.skip_unobserved_sort:
+            order = unobserved_order(node, dim)
+        if order is not None:
+            sorted_ = False
+            info["details"] = {"sorted": f"no (its order is not observed: it ends in {order})"}
         plan = plan_topk(rows_hint, n_hint, k_hint, x.dtype, str(x.device), recall_target, layout, sorted_,
                          num_buckets, per_bucket_k, self.config.rewrite)
         estimates = dict(expected_recall=plan.expected_recall, predicted_us=plan.predicted_us,
@@ -133,6 +145,8 @@ class TopkRewritePass(ApproxTopkPass):
                  and x.is_contiguous() and races_torch(rows_hint, n_hint, k_hint, x.dtype, str(x.device),
                                                        recall_target, layout, sorted_, num_buckets, per_bucket_k))
         if plan.kernel == "torch" and not (dynamic_length and recall_target < 1.0) and not races:
+            if order is not None:
+                node.args, node.kwargs = (bound["input"], k), dict(dim=dim, largest=largest, sorted=False)
             return keep(plan.reason, **estimates)
         measured = ""
         if (not (dynamic_length or self.replays_cuda_graphs or num_buckets) and self.config.rewrite == "auto"
