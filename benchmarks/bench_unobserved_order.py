@@ -1,0 +1,118 @@
+"""A TopK activation compiled whole: Inductor alone, approx_topk keeping torch.topk's sort, and
+approx_topk running the site unsorted because nothing downstream observes the order
+(``passes/output_order.py``, option ``skip_unobserved_sort``).
+
+The model is the activation of a TopK sparse autoencoder or sparse FFN: the k largest of each row
+scattered into zeros. Each variant is compiled with ``mode="reduce-overhead"`` (CUDA graphs) and
+timed by do_bench (L2 flushed) on calls of the compiled model, beside the HBM floor (the input
+read once) and torch.topk alone. Recall is the fraction of each row's true top k whose place in
+the output is nonzero.
+
+    PYTHONPATH=. python3 -m benchmarks.bench_unobserved_order [--shapes 16x14336 ...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import topk_compiler
+from benchmarks.bench_topk import DTYPES, environment, measure_copy, time_us
+
+SHAPES = (  # rows, n, k, dtype
+    (16, 14336, 1434, "fp32"),
+    (1024, 32768, 2048, "bf16"),
+    (64, 131072, 2048, "bf16"),
+    (4096, 4096, 512, "bf16"),
+)
+RECALL_TARGET = 0.95
+VARIANTS = {
+    "inductor": None,
+    "approx, sorted": {"skip_unobserved_sort": False},
+    "approx, order unobserved": {},
+}
+
+
+def topk_activation(h: torch.Tensor, k: int) -> torch.Tensor:
+    values, indices = torch.topk(h, k)
+    return torch.zeros_like(h).scatter(-1, indices, values)
+
+
+def compiled(variant: dict | None, k: int):
+    torch.compiler.reset()
+    model = lambda h: topk_activation(h, k)  # noqa: E731
+    if variant is None:
+        return torch.compile(model, mode="reduce-overhead", dynamic=False)
+    options = {"recall_target": RECALL_TARGET, "mode": "reduce-overhead", **variant}
+    return torch.compile(model, backend="approx_topk", options=options, dynamic=False)
+
+
+def recall_of(out: torch.Tensor, x: torch.Tensor, k: int) -> float:
+    true = torch.topk(x, k).indices
+    return out.gather(-1, true).ne(0).float().mean().item()
+
+
+def bench_shape(rows: int, n: int, k: int, dtype: str, bandwidth: float, device: torch.device) -> dict:
+    x = torch.randn(rows, n, device=device, dtype=DTYPES[dtype])
+    record = {"shape": f"{rows}x{n} k={k} {dtype}", "floor_us": x.numel() * x.element_size() / bandwidth * 1e6,
+              "torch.topk": time_us(lambda: torch.topk(x, k), device)["median_us"],
+              "torch.topk unsorted": time_us(lambda: torch.topk(x, k, sorted=False), device)["median_us"]}
+    for name, variant in VARIANTS.items():
+        model = compiled(variant, k)
+        report = None if variant is None else str(topk_compiler.explain(
+            lambda h: topk_activation(h, k), x, recall_target=RECALL_TARGET, mode="reduce-overhead", **variant))
+        for _ in range(3):  # compile, record the CUDA graph, replay
+            out = model(x)
+        # Before the next replay overwrites it.
+        recall = recall_of(out, x, k)
+        record[name] = {**time_us(lambda: model(x), device), "recall": recall, "report": report}
+        record[name]["x_floor"] = record[name]["median_us"] / record["floor_us"]
+    print(json.dumps({key: value for key, value in record.items()}, default=str)[:600], flush=True)
+    return record
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# A TopK activation compiled whole ({env['device']}, torch {env['torch']}, triton {env['triton']}, "
+             f"{env['date']})", "", f"Command: `{env['command']}`", "",
+             "`zeros_like(h).scatter(-1, i, v)` of `v, i = torch.topk(h, k)`, compiled with "
+             f"`mode=\"reduce-overhead\"`; approx_topk at recall target {RECALL_TARGET}. Median of do_bench "
+             "(L2 flushed) over calls of the compiled model; ×F = times the HBM floor; r = recall.", "",
+             "| shape | floor | torch.topk (sorted / unsorted) | " + " | ".join(VARIANTS) + " |",
+             "|---|---|---|" + "---|" * len(VARIANTS)]
+    for r in report["shapes"]:
+        cells = [f"{r[v]['median_us']:.1f} µs · {r[v]['x_floor']:.1f}×F · r {r[v]['recall']:.3f}" for v in VARIANTS]
+        lines.append(f"| {r['shape']} | {r['floor_us']:.2f} µs | {r['torch.topk']:.1f} / "
+                     f"{r['torch.topk unsorted']:.1f} µs | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    parser.add_argument("--shapes", nargs="+", metavar="ROWSxN", help="shapes to run (default: all)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bandwidth = measure_copy(device, 1024**3 if device.type == "cuda" else 2**26)["read_write_bytes_per_s"]
+    start = time.time()
+    shapes = [s for s in SHAPES if not args.shapes or f"{s[0]}x{s[1]}" in args.shapes]
+    report = {"environment": {**environment(device, bandwidth), "command": shlex.join(
+        ["python3", "-m", "benchmarks.bench_unobserved_order", *(sys.argv[1:] if argv is None else argv)])},
+        "shapes": [bench_shape(*s, bandwidth, device) for s in shapes]}
+    report["seconds"] = round(time.time() - start, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_unobserved_order.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "bench_unobserved_order.md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
