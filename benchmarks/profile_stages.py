@@ -312,21 +312,26 @@ def wide(x, k, record):
 
 def shares(x, k, record):
     """The wide buckets that each keep their share of k (``WideShareTopk``, unsorted: one launch)
-    at every bucket count whose recall reaches 0.95, at the planner's warps, 4, 8 and 16, each
-    deciding its threshold 2 bits a block-wide count (as it runs) and 4 (``:d4``: half the
-    rounds, 16 compares a slot each)."""
+    at every bucket count whose recall reaches 0.95, at the planner's warps and at 2, 4, 8 and 16
+    (one warp spills at 8 and 16 buckets of 16 x 14336 fp32 on sm_90), and at the planner's warps
+    over contiguous buckets (``:contiguous``: coalesced loads, where interleaved buckets read every
+    b-th element).
+    4-bit digits were slower at every bucket and warp count on an H100
+    (profile_stages_h100_shares_skip_count_1feb989.json)."""
     from topk_compiler.kernels.wide_bucket_topk import WideShareTopk
+    from topk_compiler.lowering.layouts import LAYOUT_IDS
     from topk_compiler.lowering.plan import share_bucketings, share_warps
 
     rows, n = x.shape
     processors = torch.cuda.get_device_properties(x.device).multi_processor_count
     for b, kb, recall in share_bucketings(rows, n, k, 0.95, "interleaved", processors):
         planned = share_warps(triton.next_power_of_2(-(-n // b)))
-        for warps in [planned] + [w for w in (4, 8, 16) if w != planned]:
+        for warps in [planned] + [w for w in (2, 4, 8, 16) if w != planned]:
             run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps)
             record(f"shares:w{warps}:unsorted:recall={recall:.3f}", b, kb, lambda r=run: r(x))
-            run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps, digit_bits=4)
-            record(f"shares:w{warps}:d4:unsorted", b, kb, lambda r=run: r(x))
+        run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=planned,
+                            layout_id=LAYOUT_IDS["contiguous"])
+        record(f"shares:w{planned}:contiguous", b, kb, lambda r=run: r(x))
 
 
 def certified(x, k, record):
