@@ -104,6 +104,11 @@ def one_row(x):
     return v @ W2T[i], torch.gather(x[1], 0, i).mul(v).sum()
 
 
+def sparse_decoder(x):
+    a, i = x.topk(8)
+    return F.embedding_bag(i, W2T, per_sample_weights=a.relu(), mode="sum"), F.embedding_bag(i, EMB, mode="max")
+
+
 def own_axis_then_sum(x):
     v, i = x.topk(8)
     rows = W2T[i].softmax(-1).amax(-1)  # over the gathered rows' own axis: still permuted
@@ -114,7 +119,7 @@ UNOBSERVED = [  # (function, exact)
     (sae, True), (scatter_then_matmul, True), (scatter_add_of_casts, True), (mask_of_selected, True),
     (gathered_rows_weighted, False), (gathered_rows_contracted, False), (embedding_bag, False),
     (expected_value, False), (largest_and_any, True), (along_rows, True), (three_dims, False), (one_row, False),
-    (own_axis_then_sum, False),
+    (own_axis_then_sum, False), (sparse_decoder, False),
 ]
 
 ORDER_DEPENDENT = [
@@ -128,6 +133,7 @@ ORDER_DEPENDENT = [
     lambda x: torch.zeros_like(x).scatter(-1, x.topk(8).indices, torch.arange(8.0).expand(3, 8)),
     lambda x: torch.gather(COLUMNS, 0, x.topk(8).indices).sum(-1),  # row i[r, j] of column j
     lambda x: (x.topk(8).values * x[:, :8]).sum(-1),
+    lambda x: F.embedding_bag(x.topk(8).indices, W2T, per_sample_weights=torch.arange(8.0).expand(3, 8), mode="sum"),
 ]
 
 

@@ -157,6 +157,8 @@ class _Analysis:
             return self._indexed_rows(node)
         if fn in _GATHER_FUNCTIONS or method in ("gather", "take_along_dim"):
             return self._gather(node)
+        if fn is F.embedding_bag:
+            return self._embedding_bag(node)
         return None
 
     # -- helpers -------------------------------------------------------------------------------
@@ -327,6 +329,23 @@ class _Analysis:
         if self._reduced_position(axes) != along % len(axes):
             return None
         return _Carrier(axes)
+
+
+    def _embedding_bag(self, node):
+        """``embedding_bag(indices, table, per_sample_weights=values)`` with a row's k as its bag
+        (sparse autoencoders' decoders): a sum, mean or max over the permuted axis."""
+        index, table = node.args[0], self._arg(node, 1, "weight")
+        weights, mode = node.kwargs.get("per_sample_weights"), node.kwargs.get("mode", "mean")
+        if len(node.args) > 2 or set(node.kwargs) - {"weight", "per_sample_weights", "mode"}:
+            return None  # offsets, norms, padding: bags other than the rows
+        if not self._carries(index) or self._carries(table) or mode not in ("sum", "mean", "max"):
+            return None
+        axes = self.carriers[index].axes
+        if len(axes) != 2 or axes[1] != self.reduced:
+            return None
+        if weights is not None and (not self._carries(weights) or self.carriers[weights].axes != axes):
+            return None
+        return self._free(f"embedding_bag({mode})", mode == "max")
 
 
 _FREE = object()
