@@ -303,6 +303,10 @@ def wide(x, k, record):
             other = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=warps,
                                    digit_bits=digit_bits)
             record(f"wide:select:w{warps}:d{digit_bits}", b, kb, lambda r=other, e=entries: r.select(x, e))
+        bracketed = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=warps,
+                                   search="bracket")
+        record(f"wide:w{warps}:bracket", b, kb, lambda r=bracketed: r(x))
+        record(f"wide:select:w{warps}:bracket", b, kb, lambda r=bracketed, e=entries: r.select(x, e))
         if triton.next_power_of_2(kb) <= MAX_NETWORK_KB:
             network = WideBucketTopk(x, k, num_buckets=b, per_bucket_k=kb, largest=True, num_warps=warps,
                                      select="bitonic")
@@ -315,7 +319,8 @@ def shares(x, k, record):
     at every bucket count whose recall reaches 0.95, at the planner's warps and at 2, 4, 8 and 16
     (one warp spills at 8 and 16 buckets of 16 x 14336 fp32 on sm_90), and at the planner's warps
     over contiguous buckets (``:contiguous``: coalesced loads, where interleaved buckets read every
-    b-th element).
+    b-th element); and at each warp count searching each bucket's threshold between two of its
+    keys (``:bracket``, ``kth_key_bracketed``) instead of by digits.
     4-bit digits were slower at every bucket and warp count on an H100
     (profile_stages_h100_shares_skip_count_1feb989.json)."""
     from topk_compiler.kernels.wide_bucket_topk import WideShareTopk
@@ -329,6 +334,8 @@ def shares(x, k, record):
         for warps in [planned] + [w for w in (2, 4, 8, 16) if w != planned]:
             run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps)
             record(f"shares:w{warps}:unsorted:recall={recall:.3f}", b, kb, lambda r=run: r(x))
+            run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps, search="bracket")
+            record(f"shares:w{warps}:bracket", b, kb, lambda r=run: r(x))
         run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=planned,
                             layout_id=LAYOUT_IDS["contiguous"])
         record(f"shares:w{planned}:contiguous", b, kb, lambda r=run: r(x))

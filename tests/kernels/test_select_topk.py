@@ -8,8 +8,8 @@ import triton.language as tl
 
 from tests.conftest import KERNEL_DEVICE
 from tests.kernels.test_bucketed_topk import FINISHES
-from topk_compiler.kernels.select_topk import (exact_topk, key_pad, kth_key_bisect, kth_key_by_digits, new_outputs,
-                                               select_topk, sort_selected)
+from topk_compiler.kernels.select_topk import (exact_topk, key_pad, kth_key_bisect, kth_key_bracketed,
+                                               kth_key_by_digits, new_outputs, select_topk, sort_selected)
 from topk_compiler.lowering.order_keys import order_keys
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -202,3 +202,44 @@ def test_thresholds_part_the_top_k_from_the_rest(key_bits, digit_bits):
         assert torch.equal(out.cpu()[:, 2].to(torch.int64), (keys >= by_digits).sum(1))
         if key_bits == 32 and k < m:
             assert by_digits[0, 0] < expected[0]
+
+
+@triton.jit
+def _bracketed_kernel(keys_ptr, out_ptr, k, m, NS: tl.constexpr, KEY_BITS: tl.constexpr, GROUPS: tl.constexpr,
+                      VALUE_ROUNDS: tl.constexpr):
+    row = tl.program_id(0)
+    f = tl.arange(0, NS)
+    keys = tl.load(keys_ptr + row * m + f, mask=f < m, other=key_pad(KEY_BITS))
+    threshold, at_or_above = kth_key_bracketed(keys, k, KEY_BITS, GROUPS, VALUE_ROUNDS)
+    tl.store(out_ptr + 2 * row, threshold)
+    tl.store(out_ptr + 2 * row + 1, at_or_above)
+
+
+@pytest.mark.parametrize("key_bits", [16, 32])
+@pytest.mark.parametrize("groups", [4, 32, 128])
+@pytest.mark.parametrize("value_rounds", [0, 4, 99])
+def test_bracketed_thresholds_part_the_top_k_from_the_rest(key_bits, groups, value_rounds):
+    """The search between two keys returns a threshold T as the search by digits does (at most k
+    keys above, at least k at or above, and that count), whether its first bracket holds the top k
+    (k <= groups, every group holding a key) or not (k > groups, or groups of padding alone past
+    100 keys in 128 slots: it widens), cutting its span in key order, in value for a few rounds, or
+    in value throughout. Rows of random keys, of ties, of the extreme keys (the keys of NaN and
+    -inf among 32-bit ones), of one key, of keys over a narrow range, and of random normal floats."""
+    lo, hi = -(2 ** (key_bits - 1)) + 1, 2 ** (key_bits - 1) - 1
+    m = 100
+    keys = torch.randint(lo, hi, (7, m), dtype=torch.int64)
+    keys[1] = torch.randint(-3, 3, (m,))
+    keys[2, :50], keys[2, 50:] = lo, hi
+    keys[3] = 7
+    keys[4] = torch.randint(1000, 1040, (m,))
+    if key_bits == 32:
+        keys[5] = order_keys(torch.randn(m), largest=True).to(torch.int64)
+        keys[5, :3] = order_keys(torch.tensor([float("nan"), float("-inf"), float("inf")]), largest=True)
+        keys[6] = order_keys(torch.randn(m) * 1e-30, largest=False).to(torch.int64)
+    for k in (1, 2, 37, 99, m):
+        out = torch.empty(7, 2, dtype=torch.int32, device=KERNEL_DEVICE)
+        _bracketed_kernel[(7,)](keys.to(torch.int32).to(KERNEL_DEVICE), out, k, m, NS=128, KEY_BITS=key_bits,
+                                GROUPS=groups, VALUE_ROUNDS=value_rounds)
+        threshold = out.cpu()[:, 0:1].to(torch.int64)
+        assert ((keys > threshold).sum(1) <= k).all() and ((keys >= threshold).sum(1) >= k).all()
+        assert torch.equal(out.cpu()[:, 1].to(torch.int64), (keys >= threshold).sum(1))

@@ -11,7 +11,7 @@ from tests.kernels.test_bucketed_topk import assert_matches_reference, reference
 from topk_compiler.lowering.bucketed_reference import bucketed_topk_torch
 from tests.kernels.test_select_topk import special_rows
 from topk_compiler import expected_recall, measured_recall
-from topk_compiler.kernels.wide_bucket_topk import MAX_SLOTS, wide_bucket_topk, wide_share_topk
+from topk_compiler.kernels.wide_bucket_topk import MAX_SLOTS, SEARCHES, wide_bucket_topk, wide_share_topk
 from topk_compiler.lowering.layouts import LAYOUT_IDS
 from topk_compiler.lowering.recall_model import expected_recall_of_shares
 
@@ -38,16 +38,18 @@ def test_equals_the_reference_with_the_same_buckets(rows, n, k, b, kb, layout, d
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("select", ["bisect", "bitonic"])
-def test_nan_infinities_and_ties(dtype, select):
+@pytest.mark.parametrize("select,search", [("bisect", "digits"), ("bisect", "bracket"), ("bitonic", "digits")])
+def test_nan_infinities_and_ties(dtype, select, search):
     """NaN rows, infinities, rows of four values and an all-equal row: the output follows the
     reference, each index once, ties to the smaller index within the values' order."""
     x = special_rows(dtype, 600)
     for largest in (True, False):
         ref_values, _ = reference(x, 150, 8, 30, "interleaved", largest)
-        values, indices = wide_bucket_topk(x, 150, num_buckets=8, per_bucket_k=30, largest=largest, select=select)
+        values, indices = wide_bucket_topk(x, 150, num_buckets=8, per_bucket_k=30, largest=largest, select=select,
+                                           search=search)
         assert_matches_reference(values, indices, ref_values, x, sorted_=True, largest=largest)
-    values, indices = wide_bucket_topk(x[3:4], 150, num_buckets=8, per_bucket_k=30, largest=True, select=select)
+    values, indices = wide_bucket_topk(x[3:4], 150, num_buckets=8, per_bucket_k=30, largest=True, select=select,
+                                       search=search)
     assert torch.equal(indices.cpu(), indices.cpu().sort(1).values)  # all equal: by index
 
 
@@ -88,22 +90,25 @@ SHARE_CASES = [(3, 1000, 101, 8), (2, 1000, 1000, 8), (2, 513, 4, 4), (2, 300, 3
 @pytest.mark.parametrize("layout,dtype,largest", [
     ("interleaved", torch.float32, True), ("interleaved", torch.bfloat16, False), ("shuffled", torch.bfloat16, True),
     ("contiguous", torch.float32, False), ("interleaved", torch.float16, True)])
-def test_shares_equal_the_reference_with_the_same_buckets(rows, n, k, b, layout, dtype, largest):
+@pytest.mark.parametrize("search", SEARCHES)
+def test_shares_equal_the_reference_with_the_same_buckets(rows, n, k, b, layout, dtype, largest, search):
     x = torch.randn(rows, n).to(dtype).to(KERNEL_DEVICE)
     ref_values, _ = share_reference(x, k, b, layout, largest)
-    values, indices = wide_share_topk(x, k, num_buckets=b, largest=largest, layout_id=LAYOUT_IDS[layout], seed=11)
+    values, indices = wide_share_topk(x, k, num_buckets=b, largest=largest, layout_id=LAYOUT_IDS[layout], seed=11,
+                                      search=search)
     assert values.shape == indices.shape == (rows, k) and indices.dtype == torch.int64
     assert_matches_reference(values, indices, ref_values, x, sorted_=False, largest=largest)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_shares_nan_infinities_and_ties(dtype):
+@pytest.mark.parametrize("search", SEARCHES)
+def test_shares_nan_infinities_and_ties(dtype, search):
     """NaN rows, infinities, rows of four values and an all-equal row: the reference's values
     (NaN kept as torch.topk ranks it: largest), each index once."""
     x = special_rows(dtype, 600)
     for largest in (True, False):
         ref_values, _ = share_reference(x, 150, 8, "interleaved", largest)
-        values, indices = wide_share_topk(x, 150, num_buckets=8, largest=largest)
+        values, indices = wide_share_topk(x, 150, num_buckets=8, largest=largest, search=search)
         assert_matches_reference(values, indices, ref_values, x, sorted_=False, largest=largest)
 
 

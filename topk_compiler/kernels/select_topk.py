@@ -129,6 +129,70 @@ def kth_key_by_digits(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr)
 
 
 @triton.jit
+def _least_and_most(least_a, most_a, least_b, most_b):
+    return tl.minimum(least_a, least_b), tl.maximum(most_a, most_b)
+
+
+@triton.jit
+def _quarter_points(lo, hi, by_value):
+    """lo and three points that cut [lo, hi) in four: evenly in key order, or with ``by_value`` (32-bit
+    keys) evenly in the value that a key's bits hold as a float, where those points lie strictly
+    inside and in order (NaNs and infinities as ends can break either); each round then leaves a
+    strictly smaller part of [lo, hi)."""
+    span = hi - lo
+    first, second, third = lo + span // 4, lo + span // 2, lo + span * 3 // 4
+    if by_value:
+        least, most = lo.to(tl.int32), (hi - 1).to(tl.int32)
+        low = (least ^ ((least >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        width = (most ^ ((most >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True) - low
+        a = order_key(low + width * 0.25, True).to(tl.int64)
+        b = order_key(low + width * 0.5, True).to(tl.int64)
+        c = order_key(low + width * 0.75, True).to(tl.int64)
+        inside = (lo < a) & (a <= b) & (b <= c) & (c < hi)
+        first, second, third = tl.where(inside, a, first), tl.where(inside, b, second), tl.where(inside, c, third)
+    return first, second, third
+
+
+@triton.jit
+def kth_key_bracketed(keys, k, KEY_BITS: tl.constexpr, GROUPS: tl.constexpr, VALUE_ROUNDS: tl.constexpr):
+    """(T, the count of keys at or above T) as ``kth_key_by_digits``, searched between two of the
+    block's keys instead of over every key value. The slots split into GROUPS strided groups (j,
+    j + GROUPS, ...); the least of the groups' largest keys, ``lo``, has a key of each group at
+    or above it, so k keys where k <= GROUPS and every group holds a key, and no key lies above
+    the largest, ``hi - 1``. Each round counts the keys at or above lo and three points inside
+    [lo, hi) at once (one reduction over [keys, 4], as a round of digits) and keeps the part where
+    the count falls below k, until a point has exactly k at or above it or one value is left (the
+    k-th key). The first VALUE_ROUNDS rounds of 32-bit keys cut the span evenly in value, later
+    ones in key order: a bucket's values crowd around a few binades, which key order spreads
+    over hundreds of millions of keys (lo, about the bucket's median, often lies near 0). Where
+    the first count finds fewer than k at or above ``lo`` (k > GROUPS, or padding), the search
+    widens to every key below it."""
+    slots: tl.constexpr = keys.shape[0]
+    tops = tl.max(tl.reshape(keys, [slots // GROUPS, GROUPS]), axis=0)
+    least, most = tl.reduce((tops, tops), 0, _least_and_most)  # one block-wide reduction, not two
+    lo = least.to(tl.int64)
+    hi = most.to(tl.int64) + 1
+    part = tl.arange(0, 4)
+    # -1 until a round has counted the keys at or above lo: the first always runs.
+    at_or_above = tl.full([], -1, tl.int32)
+    rounds = tl.zeros([], dtype=tl.int32)
+    while ((hi - lo > 1) | (at_or_above < 0)) & (at_or_above != k):
+        first, second, third = _quarter_points(lo, hi, (KEY_BITS == 32) & (rounds < VALUE_ROUNDS))
+        points = tl.where(part == 0, lo, tl.where(part == 1, first, tl.where(part == 2, second, third)))
+        count = tl.sum((keys[:, None] >= points.to(tl.int32)[None, :]).to(tl.int32), axis=0)
+        j = tl.max(tl.where(count >= k, part, -1), axis=0)
+        rounds += 1
+        if j < 0:
+            hi = lo
+            lo = tl.full([], key_pad(KEY_BITS), tl.int64)
+        else:
+            at_or_above = tl.min(tl.where(count >= k, count, 2147483647), axis=0)
+            hi = tl.where(j == 3, hi, tl.where(j == 2, third, tl.where(j == 1, second, first)))
+            lo = tl.where(j == 0, lo, tl.where(j == 1, first, tl.where(j == 2, second, third)))
+    return lo.to(tl.int32), at_or_above
+
+
+@triton.jit
 def radix_digit(keys, P: tl.constexpr, KEY_BITS: tl.constexpr):
     """Digit ``P`` (0 = most significant, 8 bits) of the offset-binary form of int32 ``keys``."""
     digit = (keys >> (KEY_BITS - 8 * (P + 1))) & 0xFF

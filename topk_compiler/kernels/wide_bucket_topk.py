@@ -47,8 +47,8 @@ from topk_compiler.kernels import cdiv, chains_launches, next_pow2, smallest_buc
 from topk_compiler.kernels.bucket_layout import element_index
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
-from topk_compiler.kernels.select_topk import (compact_positions, entry_pad, index_entry, key_pad, kth_key_by_digits,
-                                               pack32, top_entries, unpack_index_entry, values_of)
+from topk_compiler.kernels.select_topk import (compact_positions, entry_pad, index_entry, key_pad, kth_key_bracketed,
+                                               kth_key_by_digits, pack32, top_entries, unpack_index_entry, values_of)
 
 # A bucket is held in registers: at most this many slots (16 keys a thread at 8 warps).
 MAX_SLOTS = 4096
@@ -57,6 +57,15 @@ MAX_SLOTS = 4096
 # sm_90 (benchmarks/compile_check.py); 2 bits take 78-144.
 DIGIT_BITS = 2
 SELECTS = ("bisect", "bitonic")
+# How "bisect" finds a bucket's threshold: by digits of the key from its top bit
+# (``kth_key_by_digits``), or between the least of its groups' largest keys and its largest
+# (``kth_key_bracketed``).
+SEARCHES = ("digits", "bracket")
+# Rounds of the bracketed search that cut its span in value before key order. Simulated on
+# random normal fp32 buckets of 16 x 14336, k=1434 (the kernel's arithmetic in numpy): 4 took
+# 5.5 rounds on average and 7.3 at the slowest of 16 buckets (8 buckets: 6.1 and 7.5), where the
+# digits take 8.2 and 10.4 (8.8 and 10.5), and cutting in key order alone 7.6 and 10.6.
+BRACKET_VALUE_ROUNDS = tl.constexpr(4)
 # Most entries a bucket's bitonic network keeps (the fused kernel's bound, plan.MAX_BITONIC_K).
 MAX_NETWORK_KB = 256
 
@@ -74,10 +83,14 @@ def _bucket(x_ptr, row, q, n, slots, seed, x_row_stride, NUM_BUCKETS: tl.constex
 
 
 @triton.jit
-def _bucket_top(keys, count, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+def _bucket_top(keys, count, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr, GROUPS: tl.constexpr):
     """(chosen, position) of the bucket's top ``count`` keys: those above its count-th largest
-    key, then the first ties, at positions 0 ... count - 1 in slot order."""
-    threshold, at_or_above = kth_key_by_digits(keys, count, KEY_BITS, DIGIT_BITS)
+    key, then the first ties, at positions 0 ... count - 1 in slot order. GROUPS > 0: the
+    threshold searched between two keys (``kth_key_bracketed``), else by digits."""
+    if GROUPS > 0:
+        threshold, at_or_above = kth_key_bracketed(keys, count, KEY_BITS, GROUPS, BRACKET_VALUE_ROUNDS)
+    else:
+        threshold, at_or_above = kth_key_by_digits(keys, count, KEY_BITS, DIGIT_BITS)
     # Where exactly ``count`` keys lie at or above the threshold (the rounds stopped early, or no
     # tie straddles it) every tie is kept: one block-wide count fewer on the program's chain. At
     # 16 x 14336 fp32 k=1434 on an H100 the share kernel took 10.5 us (16 buckets, 4 warps) and
@@ -97,8 +110,8 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
                        x_row_stride, entries_row_stride,          # strides
                        NUM_BUCKETS: tl.constexpr, SLOTS_POW2: tl.constexpr, KB_POW2: tl.constexpr,
                        LAYOUT: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr,
-                       PACK32: tl.constexpr, DIGIT_BITS: tl.constexpr, NETWORK: tl.constexpr,
-                       CHAINED: tl.constexpr):
+                       PACK32: tl.constexpr, DIGIT_BITS: tl.constexpr, GROUPS: tl.constexpr,
+                       NETWORK: tl.constexpr, CHAINED: tl.constexpr):
     """Program (row, q): bucket q's top ``per_bucket_k`` entries, sorted descending, at
     q * per_bucket_k ... of the row's entries (every bucket holds that many elements at least:
     the launcher checks). CHAINED: the merge may launch at once (it waits for these writes)."""
@@ -115,7 +128,7 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
         # Padding slots rank last: the lowest key, and index 0 so that it stays out of the key's bits.
         top = top_entries(index_entry(keys, tl.where(valid, idx, 0), PACK32), KB_POW2)
     else:
-        chosen, position = _bucket_top(keys, per_bucket_k, KEY_BITS, DIGIT_BITS)
+        chosen, position = _bucket_top(keys, per_bucket_k, KEY_BITS, DIGIT_BITS, GROUPS)
         # Compacted to the bucket's place, then sorted there (every load before any store).
         tl.store(out + position, index_entry(keys, idx, PACK32), mask=chosen)
         tl.debug_barrier()
@@ -131,7 +144,8 @@ def _bucket_share_kernel(x_ptr, values_ptr, indices_ptr,  # pointers
                          n, k, slots, seed,                # sizes
                          x_row_stride, out_row_stride,     # strides
                          NUM_BUCKETS: tl.constexpr, SLOTS_POW2: tl.constexpr, LAYOUT: tl.constexpr,
-                         LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+                         LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                         GROUPS: tl.constexpr):
     """Program (row, q): bucket q's top ``share`` (its share of k), written to the outputs after
     the shares of the buckets before it, unsorted. Every bucket holds its share at least (the
     launcher checks)."""
@@ -140,7 +154,7 @@ def _bucket_share_kernel(x_ptr, values_ptr, indices_ptr,  # pointers
     v, keys, idx, _ = _bucket(x_ptr, row, q, n, slots, seed, x_row_stride, NUM_BUCKETS, SLOTS_POW2, LAYOUT, LARGEST,
                               KEY_BITS)
     extra = k % NUM_BUCKETS
-    chosen, position = _bucket_top(keys, k // NUM_BUCKETS + (q < extra).to(tl.int32), KEY_BITS, DIGIT_BITS)
+    chosen, position = _bucket_top(keys, k // NUM_BUCKETS + (q < extra).to(tl.int32), KEY_BITS, DIGIT_BITS, GROUPS)
     position += q * (k // NUM_BUCKETS) + tl.minimum(q, extra)
     out = row * out_row_stride + position
     # The loaded values themselves: no key to rebuild, no NaN to load again.
@@ -192,6 +206,13 @@ def merge_warps(num_buckets: int, kb_pow2: int) -> int:
     return 8 if num_buckets * kb_pow2 > 2048 else 4
 
 
+def _bracket_groups(search: str, slots: int, count: int) -> int:
+    """``kth_key_bracketed``'s groups for a bucket of ``slots`` keeping ``count``: at least
+    ``count`` (its bracket then holds them), as many as the slots at most; 0 for digits."""
+    assert search in SEARCHES, f"search must be one of {SEARCHES}, got {search!r}"
+    return min(next_pow2(slots), next_pow2(count)) if search == "bracket" else 0
+
+
 def _checked_buckets(name: str, x2d: torch.Tensor, num_buckets: int, layout_id: int, digit_bits: int):
     """(rows, n, slots a bucket, key bits) of x2d in ``num_buckets`` wide buckets, after the checks
     both wide kernels make of their arguments."""
@@ -209,18 +230,20 @@ def _checked_buckets(name: str, x2d: torch.Tensor, num_buckets: int, layout_id: 
 class WideShareTopk:
     """Top-k through ``num_buckets`` wide buckets that each keep their share of k (module
     docstring), unsorted, prepared for inputs of one shape, dtype and row stride: call it with x2d
-    for (values, indices). ``select`` is its launch, on (x2d, values, indices). ``digit_bits``:
-    the threshold's bits decided per block-wide count (``kth_key_by_digits``; 1, 2 or 4)."""
+    for (values, indices). ``select`` is its launch, on (x2d, values, indices). ``search``: how a
+    bucket's threshold is found (``SEARCHES``); ``digit_bits``: by digits, the threshold's bits
+    decided per block-wide count (``kth_key_by_digits``; 1, 2 or 4)."""
 
     def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, largest: bool, layout_id: int = 0,
-                 seed: int = 0, num_warps: int = 8, digit_bits: int = DIGIT_BITS):
+                 seed: int = 0, num_warps: int = 8, digit_bits: int = DIGIT_BITS, search: str = "digits"):
         rows, n, slots, key_bits = _checked_buckets("wide_share_topk", x2d, num_buckets, layout_id, digit_bits)
         assert 0 < k and cdiv(k, num_buckets) <= smallest_bucket(n, num_buckets, layout_id), (
             f"wide_share_topk: shares of k={k} in {num_buckets} buckets exceed the smallest bucket of {n} elements")
         self.select = Launch(_bucket_share_kernel, (rows, num_buckets), n=n, k=k, slots=slots, seed=seed,
                              x_row_stride=x2d.stride(0), out_row_stride=k, NUM_BUCKETS=num_buckets,
                              SLOTS_POW2=next_pow2(slots), LAYOUT=layout_id, LARGEST=largest,
-                             KEY_BITS=key_bits, DIGIT_BITS=digit_bits, num_warps=num_warps)
+                             KEY_BITS=key_bits, DIGIT_BITS=digit_bits,
+                             GROUPS=_bracket_groups(search, slots, cdiv(k, num_buckets)), num_warps=num_warps)
         self._rows, self._k, self._dtype, self._device = rows, k, x2d.dtype, x2d.device
 
     def __call__(self, x2d: torch.Tensor):
@@ -241,12 +264,13 @@ class WideBucketTopk:
     """``wide_bucket_topk`` prepared for inputs of one shape, dtype and row stride: call it with
     x2d for (values, indices); ``select`` and ``merge`` are its two launches (``launch.Launch``),
     on (x2d, entries) and (entries, x2d, values, indices). ``select``: how each bucket's top is
-    found (module docstring); ``digit_bits``: with "bisect", the threshold's bits decided per
-    block-wide count (``kth_key_by_digits``; 1, 2 or 4)."""
+    found (module docstring); with "bisect", ``search`` how its threshold is found (``SEARCHES``)
+    and ``digit_bits`` the threshold's bits decided per block-wide count by digits
+    (``kth_key_by_digits``; 1, 2 or 4)."""
 
     def __init__(self, x2d: torch.Tensor, k: int, *, num_buckets: int, per_bucket_k: int, largest: bool,
                  layout_id: int = 0, seed: int = 0, num_warps: int = 8, select: str = "bisect",
-                 digit_bits: int = DIGIT_BITS):
+                 digit_bits: int = DIGIT_BITS, search: str = "digits"):
         rows, n, slots, key_bits = _checked_buckets("wide_bucket_topk", x2d, num_buckets, layout_id, digit_bits)
         assert 0 < per_bucket_k <= smallest_bucket(n, num_buckets, layout_id), (
             f"wide_bucket_topk: per_bucket_k={per_bucket_k} above the smallest bucket of {n} elements in {num_buckets}")
@@ -264,7 +288,8 @@ class WideBucketTopk:
                              seed=seed, x_row_stride=x2d.stride(0), entries_row_stride=survivors,
                              NUM_BUCKETS=num_buckets, SLOTS_POW2=next_pow2(slots), KB_POW2=kb_pow2, LAYOUT=layout_id,
                              LARGEST=largest, KEY_BITS=key_bits, PACK32=packed, DIGIT_BITS=digit_bits,
-                             NETWORK=select == "bitonic", CHAINED=chained, num_warps=num_warps)
+                             GROUPS=_bracket_groups(search, slots, per_bucket_k), NETWORK=select == "bitonic",
+                             CHAINED=chained, num_warps=num_warps)
         self.merge = Launch(_merge_by_rank_kernel, (rows, num_buckets), per_bucket_k=per_bucket_k, k=k,
                             entries_row_stride=survivors, x_row_stride=x2d.stride(0), out_row_stride=k,
                             NUM_BUCKETS=num_buckets, KB_POW2=kb_pow2, LOG_KB=kb_pow2.bit_length() - 1,
