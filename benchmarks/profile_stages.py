@@ -580,7 +580,32 @@ def register_caps(shapes=None) -> list[dict]:
     return out
 
 
-PARTS = ("topk", "wide", "registers", "hire", "host")
+# (rows, n, k, dtype, num_buckets, per_bucket_k, warps, register cap): the fused plans the H100
+# quick run of 1feb989 ran at recall 0.95 (bench_topk_h100_quick_1feb989.md), large k first.
+SELECT_PLANS = [(1024, 32768, 2048, torch.bfloat16, 1024, 4, 8, 64), (64, 131072, 2048, torch.bfloat16, 4096, 2, 16, 0),
+                (4096, 4096, 512, torch.bfloat16, 256, 4, 2, 64), (1024, 65536, 100, torch.float32, 1024, 1, 4, 0)]
+
+
+def selects(shapes=None) -> list[dict]:
+    """The fused kernel at each plan of SELECT_PLANS, sorted and unsorted, finding the k-th
+    survivor key by bisection (one block-wide count a bit, as it runs), by digits (two bits a
+    count, stopping where exactly k lie at or above) and between two survivor keys
+    (``kth_key_bracketed``); ``shapes``: only those ("ROWSxN")."""
+    out = []
+    for rows, n, k, dtype, b, kb, warps, cap in SELECT_PLANS:
+        if shapes and f"{rows}x{n}" not in shapes:
+            continue
+        x = torch.randn(rows, n, device="cuda", dtype=dtype)
+        for sorted_ in (False, True):
+            for select in ("bisect", "digits", "bracket"):
+                out.append(timed_row(x, k, b, kb, f"{'sorted' if sorted_ else 'unsorted'}:{select}:w{warps}:r{cap}",
+                                     lambda s=select, o=sorted_: fused_bucketed_topk(
+                                         x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=o, select=s,
+                                         num_warps=warps, max_registers=cap), recall=True))
+    return out
+
+
+PARTS = ("topk", "wide", "registers", "selects", "hire", "host")
 
 
 def main(argv=None):
@@ -601,6 +626,8 @@ def main(argv=None):
                          for row in topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=True)]
     if "registers" in args.only:
         parts["registers"] = register_caps(args.shapes)
+    if "selects" in args.only:
+        parts["selects"] = selects(args.shapes)
     if "hire" in args.only:
         parts["hire_ffn"] = hire_ffn_kernels()
     if "host" in args.only:

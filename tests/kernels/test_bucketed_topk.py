@@ -38,7 +38,7 @@ def assert_matches_reference(values, indices, ref_values, x, sorted_, largest=Tr
 
 # Ways to finish stage 2: (select, sort_with); the sort runs in the program or as its own launch.
 FINISHES = [("bisect", "program"), ("bisect", "launch"), ("radix", "program"), ("radix", "launch"),
-            ("bitonic", "program"), ("bisect", "rank")]
+            ("bitonic", "program"), ("bisect", "rank"), ("digits", "program"), ("bracket", "launch")]
 
 
 @pytest.mark.parametrize("rows,n,k,b,kb", CASES)

@@ -39,7 +39,8 @@ def special_rows(dtype, n):
 
 # Odd lengths, k = 1 and k = n, each with one way to finish (every finish appears).
 EXACT_CASES = [(1023, 1, "bisect", "program"), (1023, 100, "radix", "launch"), (300, 300, "bisect", "launch"),
-               (64, 17, "bitonic", "program"), (200, 50, "radix", "program"), (700, 333, "bisect", "rank")]
+               (64, 17, "bitonic", "program"), (200, 50, "radix", "program"), (700, 333, "bisect", "rank"),
+               (1023, 100, "digits", "program"), (300, 300, "bracket", "launch"), (700, 333, "bracket", "program")]
 
 
 @pytest.mark.parametrize("n,k,select,sort_with", EXACT_CASES)
@@ -61,7 +62,7 @@ def test_exact_topk_with_capped_registers_equals_torch(sorted_):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("select", ["bisect", "radix"])
+@pytest.mark.parametrize("select", ["bisect", "radix", "digits", "bracket"])
 def test_exact_topk_special_values_and_ties(dtype, select):
     x = special_rows(dtype, 500)
     for largest, sorted_ in ((True, True), (False, False)):
@@ -78,7 +79,8 @@ NAN_PAYLOADS = {torch.float32: (0x7FC0_1234, -0x003F_EDCC), torch.float16: (0x7E
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("select,sort_with,sorted_", [("bisect", "program", True), ("radix", "launch", True),
                                                       ("bitonic", "program", True), ("bisect", "program", False),
-                                                      ("bisect", "rank", True)])
+                                                      ("bisect", "rank", True), ("digits", "program", True),
+                                                      ("bracket", "program", False)])
 def test_values_are_the_inputs_bit_for_bit(dtype, select, sort_with, sorted_):
     """Values rebuilt from keys: -0.0 stays -0.0, each NaN keeps its own payload and sign."""
     x = torch.randn(2, 200)

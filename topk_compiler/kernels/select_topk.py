@@ -8,6 +8,10 @@ ways to select, picked by the cost model (``SELECT``):
 * ``bisect`` (1): the k-th largest key by bisection over its bits, one block-wide count per bit.
 * ``radix`` (2): the k-th largest key by 8-bit digits, one ``tl.histogram`` per digit (2 for
   16-bit keys, 4 for 32-bit ones) instead of one count per bit.
+* ``digits`` (3): a threshold two bits a block-wide count, stopping where exactly k keys lie at
+  or above it (``kth_key_by_digits``).
+* ``bracket`` (4): a threshold searched between two of the candidates' keys
+  (``kth_key_bracketed``).
 
 After ``bisect``/``radix`` the keys above the threshold, and as many ties as needed, are
 compacted in candidate order with a single prefix sum (above and tied counts packed in one
@@ -39,7 +43,13 @@ from topk_compiler.kernels import cdiv, next_pow2
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import nan_key, order_key, value_of_key
 
-SELECT_METHODS = {"bitonic": 0, "bisect": 1, "radix": 2}
+SELECT_METHODS = {"bitonic": 0, "bisect": 1, "radix": 2, "digits": 3, "bracket": 4}
+# Rounds of the bracketed search (``kth_key_bracketed``) that cut its span in value before key
+# order. Simulated on random normal fp32 buckets of 16 x 14336, k=1434 (the kernel's arithmetic
+# in numpy): 4 took 5.5 rounds on average and 7.3 at the slowest of 16 buckets (8 buckets: 6.1
+# and 7.5), where the digits take 8.2 and 10.4 (8.8 and 10.5), and cutting in key order alone
+# 7.6 and 10.6.
+BRACKET_VALUE_ROUNDS = tl.constexpr(4)
 SORT_WITH = ("program", "launch", "rank")
 # The rank sort's tile: each program ranks RANK_BLOCK_I entries against RANK_BLOCK_J others a step.
 RANK_BLOCK_I = 64
@@ -423,11 +433,22 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
         tl.store(values_row_ptr + o, values_of(top_keys, top_idx, in_k, x_row_ptr, KEY_BITS, LARGEST), mask=in_k)
         threshold = tl.min(tl.where(in_k, top_keys, 2147483647), axis=0)
     else:
-        if SELECT == 1:
-            threshold = kth_key_bisect(keys, k, KEY_BITS)
+        if SELECT < 3:
+            if SELECT == 1:
+                threshold = kth_key_bisect(keys, k, KEY_BITS)
+            else:
+                threshold = kth_key_radix(keys, k, KEY_BITS)
+            need = k - tl.sum((keys > threshold).to(tl.int32), axis=0)
         else:
-            threshold = kth_key_radix(keys, k, KEY_BITS)
-        need = k - tl.sum((keys > threshold).to(tl.int32), axis=0)
+            if SELECT == 3:
+                threshold, at_or_above = kth_key_by_digits(keys, k, KEY_BITS, 2)
+            elif K_POW2 < keys.shape[0]:
+                threshold, at_or_above = kth_key_bracketed(keys, k, KEY_BITS, K_POW2, BRACKET_VALUE_ROUNDS)
+            else:
+                threshold, at_or_above = kth_key_bracketed(keys, k, KEY_BITS, keys.shape[0], BRACKET_VALUE_ROUNDS)
+            need = k
+            if at_or_above != k:  # ties straddle the threshold: count the keys above it
+                need = k - tl.sum((keys > threshold).to(tl.int32), axis=0)
         zero = tl.zeros([], dtype=tl.int32)
         chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
         if not SORTED:

@@ -47,8 +47,9 @@ from topk_compiler.kernels import cdiv, chains_launches, next_pow2, smallest_buc
 from topk_compiler.kernels.bucket_layout import element_index
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
-from topk_compiler.kernels.select_topk import (compact_positions, entry_pad, index_entry, key_pad, kth_key_bracketed,
-                                               kth_key_by_digits, pack32, top_entries, unpack_index_entry, values_of)
+from topk_compiler.kernels.select_topk import (BRACKET_VALUE_ROUNDS, compact_positions, entry_pad, index_entry, key_pad,
+                                               kth_key_bracketed, kth_key_by_digits, pack32, top_entries,
+                                               unpack_index_entry, values_of)
 
 # A bucket is held in registers: at most this many slots (16 keys a thread at 8 warps).
 MAX_SLOTS = 4096
@@ -61,11 +62,6 @@ SELECTS = ("bisect", "bitonic")
 # (``kth_key_by_digits``), or between the least of its groups' largest keys and its largest
 # (``kth_key_bracketed``).
 SEARCHES = ("digits", "bracket")
-# Rounds of the bracketed search that cut its span in value before key order. Simulated on
-# random normal fp32 buckets of 16 x 14336, k=1434 (the kernel's arithmetic in numpy): 4 took
-# 5.5 rounds on average and 7.3 at the slowest of 16 buckets (8 buckets: 6.1 and 7.5), where the
-# digits take 8.2 and 10.4 (8.8 and 10.5), and cutting in key order alone 7.6 and 10.6.
-BRACKET_VALUE_ROUNDS = tl.constexpr(4)
 # Most entries a bucket's bitonic network keeps (the fused kernel's bound, plan.MAX_BITONIC_K).
 MAX_NETWORK_KB = 256
 
