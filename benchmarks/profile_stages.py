@@ -314,15 +314,14 @@ def wide(x, k, record):
             record(f"wide:select:w{warps}:bitonic", b, kb, lambda r=network, e=entries: r.select(x, e))
 
 
-def shares(x, k, record):
+def shares(x, k, record, sweep=True):
     """The wide buckets that each keep their share of k (``WideShareTopk``, unsorted: one launch)
-    at every bucket count whose recall reaches 0.95, at the planner's warps and at 2, 4, 8 and 16
-    (one warp spills at 8 and 16 buckets of 16 x 14336 fp32 on sm_90), and at the planner's warps
-    over contiguous buckets (``:contiguous``: coalesced loads, where interleaved buckets read every
-    b-th element); and at each warp count searching each bucket's threshold between two of its
-    keys (``:bracket``, ``kth_key_bracketed``) instead of by digits.
-    4-bit digits were slower at every bucket and warp count on an H100
-    (profile_stages_h100_shares_skip_count_1feb989.json)."""
+    at every bucket count whose recall reaches 0.95, at the planner's warps searching each
+    bucket's threshold by digits (as it runs) and between two of its keys (``:bracket``,
+    ``kth_key_bracketed``). With ``sweep``, also at 2, 4, 8 and 16 warps (one warp spills at 8 and
+    16 buckets of 16 x 14336 fp32 on sm_90) and over contiguous buckets (``:contiguous``:
+    coalesced loads, where interleaved buckets read every b-th element). 4-bit digits were slower
+    at every bucket and warp count on an H100 (profile_stages_h100_shares_skip_count_1feb989.json)."""
     from topk_compiler.kernels.wide_bucket_topk import WideShareTopk
     from topk_compiler.lowering.layouts import LAYOUT_IDS
     from topk_compiler.lowering.plan import share_bucketings, share_warps
@@ -331,14 +330,24 @@ def shares(x, k, record):
     processors = torch.cuda.get_device_properties(x.device).multi_processor_count
     for b, kb, recall in share_bucketings(rows, n, k, 0.95, "interleaved", processors):
         planned = share_warps(triton.next_power_of_2(-(-n // b)))
-        for warps in [planned] + [w for w in (2, 4, 8, 16) if w != planned]:
-            run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps)
-            record(f"shares:w{warps}:unsorted:recall={recall:.3f}", b, kb, lambda r=run: r(x))
-            run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps, search="bracket")
-            record(f"shares:w{warps}:bracket", b, kb, lambda r=run: r(x))
-        run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=planned,
-                            layout_id=LAYOUT_IDS["contiguous"])
-        record(f"shares:w{planned}:contiguous", b, kb, lambda r=run: r(x))
+        for warps in [planned] + [w for w in (2, 4, 8, 16) if sweep and w != planned]:
+            for search in ("digits", "bracket") if warps == planned or sweep else ():
+                run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps, search=search)
+                name = f"shares:w{warps}:unsorted:recall={recall:.3f}" if search == "digits" else \
+                    f"shares:w{warps}:bracket"
+                record(name, b, kb, lambda r=run: r(x))
+        if sweep:
+            run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=planned,
+                                layout_id=LAYOUT_IDS["contiguous"])
+            record(f"shares:w{planned}:contiguous", b, kb, lambda r=run: r(x))
+
+
+def share_rows(rows, n, k, dtype) -> list[dict]:
+    """``shares`` without its sweep, on a fresh input: the planned warps, by digits and bracketed."""
+    x = torch.randn(rows, n, device="cuda", dtype=dtype)
+    out = []
+    shares(x, k, lambda variant, b, kb, fn: out.append(timed_row(x, k, b, kb, variant, fn, recall=True)), sweep=False)
+    return out
 
 
 def certified(x, k, record):
@@ -605,7 +614,7 @@ def selects(shapes=None) -> list[dict]:
     return out
 
 
-PARTS = ("topk", "wide", "registers", "selects", "hire", "host")
+PARTS = ("topk", "wide", "shares", "registers", "selects", "hire", "host")
 
 
 def main(argv=None):
@@ -624,6 +633,10 @@ def main(argv=None):
         parts["wide"] = [row for rows, n, k, dtype, bucketings, focus in SHAPES
                          if not args.shapes or f"{rows}x{n}" in args.shapes
                          for row in topk_stages(rows, n, k, dtype, bucketings, focus, wide_only=True)]
+    if "shares" in args.only:
+        parts["shares"] = [row for rows, n, k, dtype, bucketings, focus in SHAPES
+                           if rows < 132 and focus == "select" and (not args.shapes or f"{rows}x{n}" in args.shapes)
+                           for row in share_rows(rows, n, k, dtype)]
     if "registers" in args.only:
         parts["registers"] = register_caps(args.shapes)
     if "selects" in args.only:
