@@ -45,10 +45,10 @@ from topk_compiler.kernels.order_key import nan_key, order_key, value_of_key
 
 SELECT_METHODS = {"bitonic": 0, "bisect": 1, "radix": 2, "digits": 3, "bracket": 4}
 # Rounds of the bracketed search (``kth_key_bracketed``) that cut its span in value before key
-# order. Simulated on random normal fp32 buckets of 16 x 14336, k=1434 (the kernel's arithmetic
-# in numpy): 4 took 5.5 rounds on average and 7.3 at the slowest of 16 buckets (8 buckets: 6.1
-# and 7.5), where the digits take 8.2 and 10.4 (8.8 and 10.5), and cutting in key order alone
-# 7.6 and 10.6.
+# order. On random normal fp32 buckets of 16 x 14336, k=1434, 16 buckets (a call: 256 of them),
+# 4 took 5.7 rounds on average and 9.9 at a call's slowest bucket, where the digits take 8.4 and
+# 12.4 and cutting in key order alone 7.8 and 12.9; 8 buckets: 6.3 and 9.9 against 8.9 and 12.4
+# (benchmarks/simulate_threshold_rounds.py: the kernels' arithmetic replayed in numpy).
 BRACKET_VALUE_ROUNDS = tl.constexpr(4)
 SORT_WITH = ("program", "launch", "rank")
 # The rank sort's tile: each program ranks RANK_BLOCK_I entries against RANK_BLOCK_J others a step.
