@@ -204,6 +204,9 @@ def families() -> dict:
         "fused, k=2048 of 32768, sorted, registers capped": (lambda: fused_bucketed_topk(
             _bf16(2, 32768), 2048, num_buckets=1024, per_bucket_k=4, largest=True, sorted=True, num_warps=8,
             max_registers=64), False),
+        "fused fp32, k=100 of 65536, unsorted, bracketed and by digits": (lambda: [fused_bucketed_topk(
+            torch.empty(2, 65536), 100, num_buckets=1024, per_bucket_k=1, largest=True, sorted=False, select=select,
+            num_warps=4) for select in ("bracket", "digits")], True),
         "fused, k=64, bitonic, one warp": (lambda: fused_bucketed_topk(
             torch.empty(2, 8192, dtype=torch.float16), 64, num_buckets=256, per_bucket_k=1, largest=True,
             sorted=True, select="bitonic", num_warps=1), True),
@@ -222,6 +225,10 @@ def families() -> dict:
             torch.empty(2, 14336), 1434, num_buckets=8, largest=True), True),
         "wide buckets bf16, k=2048 of 65536, 32 shares, shuffled": (lambda: wide_share_topk(
             _bf16(2, 65536), 2048, num_buckets=32, largest=False, layout_id=1, seed=3), True),
+        "wide buckets fp32, k=1434 of 14336, 16 shares, bracketed": (lambda: wide_share_topk(
+            torch.empty(2, 14336), 1434, num_buckets=16, largest=True, num_warps=4, search="bracket"), True),
+        "wide buckets bf16, k=2048 of 65536, 32 shares, bracketed": (lambda: wide_share_topk(
+            _bf16(2, 65536), 2048, num_buckets=32, largest=True, search="bracket"), True),
         "split, radix, sort launch": (lambda: split_bucketed_topk(
             torch.empty(2, 65536), 256, num_buckets=1024, per_bucket_k=2, segments=8, largest=False, sorted=True,
             select="radix", sort_with="launch"), False),

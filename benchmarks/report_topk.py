@@ -65,7 +65,9 @@ def plan_text(plan: dict) -> str:
         return f"exact ({plan['kernel']})"
     warps = f" w={plan['num_warps']}" if "num_warps" in plan else ""
     cap = f" r={plan['max_registers']}" if plan.get("max_registers") else ""
-    return f"{plan['kernel']} b={plan['num_buckets']} kb={plan['per_bucket_k']} seg={plan['segments']}{warps}{cap}"
+    search = " bracket" if plan.get("select") == "bracket" else ""  # the share kernel's threshold
+    return (f"{plan['kernel']} b={plan['num_buckets']} kb={plan['per_bucket_k']} seg={plan['segments']}{warps}{cap}"
+            f"{search}")
 
 
 def _one_line(text: str) -> str:

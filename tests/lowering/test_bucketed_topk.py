@@ -422,14 +422,15 @@ def test_a_wide_bucket_plan_runs_the_wide_kernel():
 
 
 def test_a_share_plan_runs_the_share_kernel():
-    """Each bucket keeps its share of k, in any layout: the reference's values, unsorted."""
+    """Each bucket keeps its share of k, in any layout, its threshold found by digits or bracketed:
+    the reference's values, unsorted."""
     from topk_compiler.lowering import bucketed_topk as op_module
     from topk_compiler.lowering.bucketed_reference import bucketed_topk_torch
     from topk_compiler.lowering.plan import TopkPlan
 
     x = torch.randn(2, 700).to(KERNEL_DEVICE)
-    shares = TopkPlan("bucketed", "shares", num_buckets=8, per_bucket_k=38, num_warps=4)
-    for layout in ("interleaved", "shuffled", "contiguous"):
+    for layout, select in (("interleaved", "bisect"), ("shuffled", "bracket"), ("contiguous", "bisect")):
+        shares = TopkPlan("bucketed", "shares", num_buckets=8, per_bucket_k=38, select=select, num_warps=4)
         values, indices = op_module._run(x, 300, True, False, shares, layout, 5)
         expected = bucketed_topk_torch(x, 300, largest=True, sorted=True, num_buckets=8, per_bucket_k=0,
                                        layout=layout, seed=5, shares=True)

@@ -133,7 +133,8 @@ def _prepare(x2d: torch.Tensor, k: int, largest: bool, sorted: bool, plan: TopkP
 
         assert not sorted, "the share kernel's output is unsorted"
         return wide_kernels.WideShareTopk(x2d, k, num_buckets=plan.num_buckets, largest=largest,
-                                          num_warps=plan.num_warps, **layout_args)
+                                          num_warps=plan.num_warps,
+                                          search="bracket" if plan.select == "bracket" else "digits", **layout_args)
     if plan.kernel == "fused":
         return bucketed_kernels.prepare_fused_bucketed_topk(x2d, k, num_warps=plan.num_warps,
                                                             max_registers=plan.max_registers, **bucketing,

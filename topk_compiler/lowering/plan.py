@@ -131,8 +131,9 @@ class TopkPlan:
         num_buckets, per_bucket_k: the bucketing (bucketed and filtered only).
         segments: programs per row of the split kernel's stage 1 (of the split filtered
             kernel's bound).
-        select: how the k-th largest key is found: "bisect" (one count per key bit), "radix" (one
-            histogram per 8-bit digit) or "bitonic" (a top-k network that also sorts).
+        select: how the k-th largest key is found: "bisect" (one count per key bit; by digits in
+            the wide kernels), "radix" (one histogram per 8-bit digit), "bitonic" (a top-k network
+            that also sorts) or, for the share kernel, "bracket" (``SHARE_SELECTS``).
         sort_with: with sorted output, where the k selected are sorted: "program" (in the
             selecting program), "launch" (a separate launch of ``sort_warps`` warps per row) or
             "rank" (a separate launch placing each entry at its rank, many programs per row).
@@ -352,6 +353,14 @@ def wide_bucketings(rows: int, n: int, k: int, recall_target: float, layout: str
         yield b, lo, recall_of(n, k, b, lo, layout)
 
 
+# How the share kernel finds a bucket's threshold: by digits ("bisect"), or between two of its
+# keys ("bracket", ``select_topk.kth_key_bracketed``): 2.5 fewer block-wide counts at a call's
+# slowest bucket on random normal rows of 16 x 14336 fp32 k=1434, replayed in numpy
+# (benchmarks/results/simulate_threshold_rounds.json), not yet timed on a GPU. The model prices
+# both alike and lists digits first; the first call on the device races them.
+SHARE_SELECTS = ("bisect", "bracket")
+
+
 def share_bucketings(rows: int, n: int, k: int, recall_target: float, layout: str, processors: int,
                      sorted_: bool = False):
     """(num_buckets, largest share, recall) for the wide buckets that each keep their share of k
@@ -471,8 +480,9 @@ def _ranked(rows, n, k, dtype, device, recall_target, layout, sorted_, forced):
             for b, share, recall in share_bucketings(rows, n, k, recall_target, layout, profile.processors,
                                                      sorted_):
                 t = cost_model.shares_time(rows, n, k, b, elem, profile)
-                approx.append(TopkPlan("bucketed", "shares", b, share, 1, "bisect", "program",
-                                       share_warps(next_pow2(cdiv(n, b))), 1, recall, _us(t), torch_us))
+                for select in SHARE_SELECTS:
+                    approx.append(TopkPlan("bucketed", "shares", b, share, 1, select, "program",
+                                           share_warps(next_pow2(cdiv(n, b))), 1, recall, _us(t), torch_us))
     return sorted(approx, key=lambda p: p.predicted_us), exact
 
 
