@@ -167,6 +167,18 @@ def test_exact_selection_sorting_in_its_program_with_entries_in_the_index_row(dt
         assert_exact(values, indices, x, k, True, sorted_=True)
 
 
+def key_rows(key_bits: int, m: int) -> torch.Tensor:
+    """Five rows of ``m`` int64 keys of ``key_bits``: random over every key, ties among six, half
+    of each extreme key, one key, and random over a narrow range."""
+    lo, hi = -(2 ** (key_bits - 1)) + 1, 2 ** (key_bits - 1) - 1
+    keys = torch.randint(lo, hi, (5, m), dtype=torch.int64)
+    keys[1] = torch.randint(-3, 3, (m,))
+    keys[2, :m // 2], keys[2, m // 2:] = lo, hi
+    keys[3] = 7
+    keys[4] = torch.randint(1000, 1040, (m,))
+    return keys
+
+
 @triton.jit
 def _kth_key_kernel(keys_ptr, out_ptr, k, m, NS: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
     row = tl.program_id(0)
@@ -187,12 +199,8 @@ def test_thresholds_part_the_top_k_from_the_rest(key_bits, digit_bits):
     above T it returns. On rows of ties, of
     the extreme keys, and of fewer candidates than the block (padding below every key); the
     random row of 32-bit keys stops early (k = 1 and 37: T below the k-th key)."""
-    lo, hi = -(2 ** (key_bits - 1)) + 1, 2 ** (key_bits - 1) - 1
     m = 100
-    keys = torch.randint(lo, hi, (5, m), dtype=torch.int64)
-    keys[1] = torch.randint(-3, 3, (m,))
-    keys[2, :50], keys[2, 50:] = lo, hi
-    keys[3] = 7
+    keys = key_rows(key_bits, m)
     for k in (1, 37, m):
         out = torch.empty(5, 3, dtype=torch.int32, device=KERNEL_DEVICE)
         _kth_key_kernel[(5,)](keys.to(torch.int32).to(KERNEL_DEVICE), out, k, m, NS=128, KEY_BITS=key_bits,
@@ -227,20 +235,15 @@ def test_bracketed_thresholds_part_the_top_k_from_the_rest(key_bits, groups, val
     100 keys in 128 slots: it widens), cutting its span in key order, in value for a few rounds, or
     in value throughout. Rows of random keys, of ties, of the extreme keys (the keys of NaN and
     -inf among 32-bit ones), of one key, of keys over a narrow range, and of random normal floats."""
-    lo, hi = -(2 ** (key_bits - 1)) + 1, 2 ** (key_bits - 1) - 1
     m = 100
-    keys = torch.randint(lo, hi, (7, m), dtype=torch.int64)
-    keys[1] = torch.randint(-3, 3, (m,))
-    keys[2, :50], keys[2, 50:] = lo, hi
-    keys[3] = 7
-    keys[4] = torch.randint(1000, 1040, (m,))
+    floats = torch.stack([torch.randn(m), torch.randn(m) * 1e-30])
+    floats[0, :3] = torch.tensor([float("nan"), float("-inf"), float("inf")])
+    keys = key_rows(key_bits, m)
     if key_bits == 32:
-        keys[5] = order_keys(torch.randn(m), largest=True).to(torch.int64)
-        keys[5, :3] = order_keys(torch.tensor([float("nan"), float("-inf"), float("inf")]), largest=True)
-        keys[6] = order_keys(torch.randn(m) * 1e-30, largest=False).to(torch.int64)
+        keys = torch.cat([keys, order_keys(floats[:1], largest=True), order_keys(floats[1:], largest=False)])
     for k in (1, 2, 37, 99, m):
-        out = torch.empty(7, 2, dtype=torch.int32, device=KERNEL_DEVICE)
-        _bracketed_kernel[(7,)](keys.to(torch.int32).to(KERNEL_DEVICE), out, k, m, NS=128, KEY_BITS=key_bits,
+        out = torch.empty(len(keys), 2, dtype=torch.int32, device=KERNEL_DEVICE)
+        _bracketed_kernel[(len(keys),)](keys.to(torch.int32).to(KERNEL_DEVICE), out, k, m, NS=128, KEY_BITS=key_bits,
                                 GROUPS=groups, VALUE_ROUNDS=value_rounds)
         threshold = out.cpu()[:, 0:1].to(torch.int64)
         assert ((keys > threshold).sum(1) <= k).all() and ((keys >= threshold).sum(1) >= k).all()
