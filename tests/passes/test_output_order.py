@@ -109,6 +109,12 @@ def sparse_decoder(x):
     return F.embedding_bag(i, W2T, per_sample_weights=a.relu(), mode="sum"), F.embedding_bag(i, EMB, mode="max")
 
 
+def picked_by_row_and_index(x):
+    v, i = x.topk(8)
+    rows = torch.arange(3).unsqueeze(1)
+    return (x[rows, i] * v).sum(-1), (EMB.t()[:, i] * v).sum(-1)  # [3] and [6, 3]
+
+
 def own_axis_then_sum(x):
     v, i = x.topk(8)
     rows = W2T[i].softmax(-1).amax(-1)  # over the gathered rows' own axis: still permuted
@@ -119,7 +125,7 @@ UNOBSERVED = [  # (function, exact)
     (sae, True), (scatter_then_matmul, True), (scatter_add_of_casts, True), (mask_of_selected, True),
     (gathered_rows_weighted, False), (gathered_rows_contracted, False), (embedding_bag, False),
     (expected_value, False), (largest_and_any, True), (along_rows, True), (three_dims, False), (one_row, False),
-    (own_axis_then_sum, False), (sparse_decoder, False),
+    (own_axis_then_sum, False), (sparse_decoder, False), (picked_by_row_and_index, False),
 ]
 
 ORDER_DEPENDENT = [
@@ -133,6 +139,8 @@ ORDER_DEPENDENT = [
     lambda x: torch.zeros_like(x).scatter(-1, x.topk(8).indices, torch.arange(8.0).expand(3, 8)),
     lambda x: torch.gather(COLUMNS, 0, x.topk(8).indices).sum(-1),  # row i[r, j] of column j
     lambda x: (x.topk(8).values * x[:, :8]).sum(-1),
+    lambda x: (x[torch.arange(3).unsqueeze(1), x.topk(8).indices] * torch.arange(8.0)).sum(-1),
+    lambda x: COLUMNS[x.topk(8).indices, torch.arange(8)].sum(-1),  # a row by index, a column by place
     lambda x: F.embedding_bag(x.topk(8).indices, W2T, per_sample_weights=torch.arange(8.0).expand(3, 8), mode="sum"),
 ]
 

@@ -4,7 +4,7 @@
 (16 x 14336 fp32, k=1434 at recall 0.95 on an H100: 17.7 us sorted against 11.0 unsorted,
 ``benchmarks/results/bench_topk_h100_quick_1feb989.md``). Many models never look at that order:
 a TopK sparse autoencoder scatters the k values into zeros, a sparse FFN sums the rows its
-indices gather weighted by its values, a sampler normalises the k probabilities and sums them.
+indices gather weighted by its values (a sampler drawing one of the k does observe it).
 ``unobserved_order`` follows the values and indices through the graph and says whether every
 path ends in such an operation, so that the rewrite can plan the site unsorted.
 
@@ -13,7 +13,8 @@ each row along the reduced axis, the same for both. A node *carries* π when its
 from permuted outputs, is its sorted value with one axis permuted by π; elementwise operations,
 gathers by the indices and softmax along the reduced axis pass π on. A node is *free* of π when
 its value does not change: a scatter by the indices (each row's indices are distinct, so every
-target is written once whatever the order), a reduction or a contraction over the reduced axis.
+target is written once whatever the order), a reduction or a contraction over the reduced axis,
+an ``embedding_bag`` whose bags are the rows.
 Any other use (the graph's output, a slice, a sort, a cumulative sum, an op not listed here)
 observes the order, and the site stays sorted. Sums and contractions give the same result up
 to the order of their floating-point additions; ``UnobservedOrder.exact`` says whether every
@@ -189,13 +190,18 @@ class _Analysis:
     # -- the operations ------------------------------------------------------------------------
 
     def _pointwise(self, node):
-        """Elementwise: every carrier operand must put the same top-k axes at the same positions
-        of the result, and every other tensor must have size 1 where the permuted axis lies."""
+        """Elementwise: the operands broadcast (``_broadcast``) to the result's axes."""
         out = example_value(node)
         if not isinstance(out, torch.Tensor):
             return None
-        rank = out.dim()
         operands = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        axes = self._broadcast(operands, out.dim())
+        return None if axes is None else _Carrier(axes)
+
+    def _broadcast(self, operands, rank: int) -> tuple[int | None, ...] | None:
+        """The top-k axes of ``operands`` broadcast together to ``rank`` axes: every carrier must
+        put the same top-k axes at the same positions, and every other tensor must have size 1
+        where the permuted axis lies; None where they do not, or none is a carrier."""
         layouts = {self._aligned(a, rank) for a in operands if self._carries(a)}
         if len(layouts) != 1:
             return None
@@ -210,7 +216,7 @@ class _Analysis:
             at = position - (rank - other.dim())
             if at >= 0 and other.shape[at] != 1:
                 return None
-        return _Carrier(axes)
+        return axes
 
     def _cast(self, node):
         source = node.args[0]
@@ -305,17 +311,34 @@ class _Analysis:
         return self._free(name, False)
 
     def _indexed_rows(self, node):
-        """``table[indices]`` or ``embedding(indices, table)``: a row of the table per index."""
+        """``table[indices]``, ``table[:, rows, indices]`` (full slices, then index tensors that
+        broadcast together, e.g. an ``arange`` of the rows beside the indices) or
+        ``embedding(indices, table)``: the table's entries picked by index, in the indices' order."""
         if node.target is F.embedding:
             index, table = node.args[0], self._arg(node, 1, "weight")
+            if len(node.args) != 2 or node.kwargs:
+                return None
         else:
             table, index = node.args
-        if not self._carries(index) or self._carries(table) or len(node.args) != 2 or node.kwargs:
-            return None
         rows = example_value(table)
-        if not isinstance(rows, torch.Tensor) or rows.dim() < 1:
+        if self._carries(table) or not isinstance(rows, torch.Tensor):
             return None
-        return _Carrier(self.carriers[index].axes + (None,) * (rows.dim() - 1))
+        index = index if isinstance(index, tuple) else (index,)
+        leading = 0
+        while leading < len(index) and index[leading] == slice(None):
+            leading += 1
+        tensors = index[leading:]
+        if not tensors or not all(isinstance(t, torch.fx.Node) for t in tensors) or rows.dim() < len(index):
+            return None
+        values = [example_value(t) for t in tensors]
+        # Integer indices only: a boolean mask picks a data-dependent, flattened set.
+        if not all(isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool
+                   for v in values):
+            return None
+        axes = self._broadcast(list(tensors), max(v.dim() for v in values))
+        if axes is None:
+            return None
+        return _Carrier((None,) * leading + axes + (None,) * (rows.dim() - len(index)))
 
     def _gather(self, node):
         """``gather(table, dim, index)`` along the permuted axis of ``index``."""
