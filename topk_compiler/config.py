@@ -144,7 +144,9 @@ class TopkPassConfig:
             the approximation on model quality, e.g. on a CPU machine).
         skip_unobserved_sort: run a site unsorted where it asks for sorted output but nothing
             downstream can observe the order (a scatter into zeros, a weighted sum of gathered
-            rows; ``passes/output_order.py``). Only at recall targets below 1.
+            rows; ``passes/output_order.py``). At recall target 1 only where the result is then
+            bit for bit the same (a scatter, not a sum), up to which of values tied at the k-th
+            is selected.
     """
 
     enabled: bool = True

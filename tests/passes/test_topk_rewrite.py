@@ -268,13 +268,27 @@ def test_a_site_whose_order_nothing_observes_runs_unsorted():
     assert topk_nodes(gm)[0].args[4] is True and "sorted" not in report[0].details
 
 
-def test_an_exact_site_keeps_its_order_and_a_site_kept_as_torch_topk_drops_it():
+def test_an_exact_site_drops_its_order_only_where_results_stay_bit_for_bit():
     x = torch.randn(*BIG)
     gm, report, out = passes_on(scatter_of_topk, x, recall_target=1.0)
     (node,) = topk_nodes(gm)
+    assert node.target is torch.topk and node.kwargs["sorted"] is False and "scatter" in report[0].details["sorted"]
+    assert torch.equal(out, scatter_of_topk(x))
+
+    def weighted_sum(x):
+        v, i = torch.topk(x, 64)
+        return (v * i).sum(-1)  # a sum: equal only up to rounding in another order
+
+    gm, report, out = passes_on(weighted_sum, x, recall_target=1.0)
+    (node,) = topk_nodes(gm)
     assert node.target is torch.topk and "sorted" not in node.kwargs and "sorted" not in report[0].details
+    assert torch.equal(out, weighted_sum(x))
+
+
+def test_a_site_kept_as_torch_topk_drops_its_order():
     # On a CPU torch.topk is predicted faster than the bucketed op: the site stays torch.topk,
     # asked for its outputs unsorted, and computes what the model did.
+    x = torch.randn(*BIG)
     gm, report, out = passes_on(scatter_of_topk, x, recall_target=0.9)
     (node,) = topk_nodes(gm)
     assert not report[0].rewritten and node.target is torch.topk and node.kwargs["sorted"] is False

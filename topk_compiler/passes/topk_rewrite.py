@@ -12,8 +12,9 @@ the reason recorded.
 
 A site asked for sorted output whose order nothing downstream can observe
 (``output_order.unobserved_order``: a scatter into zeros, a weighted sum of gathered rows) is
-planned and run unsorted when its recall target is below 1 (``skip_unobserved_sort``); an exact
-site keeps torch.topk's order, since which of tied values it selects may differ unsorted.
+planned and run unsorted (``skip_unobserved_sort``). An exact site (recall target 1) is so only
+where every path ends bit for bit the same in any order (a scatter, ``amax``), not in a sum:
+exact means torch.topk's outputs, up to which of values tied at the k-th it selects.
 """
 
 from __future__ import annotations
@@ -130,8 +131,10 @@ class TopkRewritePass(ApproxTopkPass):
             return keep("nothing to approximate (k = 0 or k = n)")
 
         order = None
-        if sorted_ and recall_target < 1.0 and self.config.skip_unobserved_sort:
+        if sorted_ and self.config.skip_unobserved_sort:
             order = unobserved_order(node, dim)
+            if order is not None and recall_target >= 1.0 and not order.exact:
+                order = None
         if order is not None:
             sorted_ = False
             info["details"] = {"sorted": f"no (its order is not observed: it ends in {order})"}
