@@ -293,3 +293,41 @@ def test_a_site_kept_as_torch_topk_drops_its_order():
     (node,) = topk_nodes(gm)
     assert not report[0].rewritten and node.target is torch.topk and node.kwargs["sorted"] is False
     assert torch.equal(out, scatter_of_topk(x))
+
+
+def test_an_unobserved_order_is_found_through_symbolic_shapes():
+    """With dynamic=True the shapes the analysis broadcasts are symbolic (rows s0, length s1)."""
+    table = torch.randn(5000, 5)
+
+    def decoded(x):
+        v, i = torch.topk(x, 64)
+        rows = torch.arange(x.shape[0]).unsqueeze(1)
+        return torch.zeros_like(x).scatter(-1, i, v.relu()), (x[rows, i] * v).sum(-1), (v[..., None] * table[i]).sum(1)
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["report"] = run_passes(gm, example_inputs, ApproxTopkConfig.from_options(ALWAYS))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(decoded, backend=backend, dynamic=True)
+    for n in (4096, 5000):
+        compiled(torch.randn(3, n))
+    (decision,) = seen["report"]
+    assert decision.shape[1].startswith("s") and decision.rewritten
+    # v[..., None] is a slice of the values: it observes the order, and the site keeps its sort.
+    assert "sorted" not in decision.details
+
+    def scattered_and_gathered(x):
+        v, i = torch.topk(x, 64)
+        rows = torch.arange(x.shape[0]).unsqueeze(1)
+        return torch.zeros_like(x).scatter(-1, i, v.relu()), (x[rows, i] * v).sum(-1), \
+            (v.unsqueeze(-1) * table[i]).sum(1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(scattered_and_gathered, backend=backend, dynamic=True)
+    for n in (4096, 5000):
+        compiled(torch.randn(3, n))
+    (decision,) = seen["report"]
+    assert decision.shape[1].startswith("s") and decision.details["sorted"].endswith("it ends in scatter, sum)")
