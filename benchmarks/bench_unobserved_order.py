@@ -24,14 +24,10 @@ from pathlib import Path
 import torch
 
 import topk_compiler
-from benchmarks.bench_topk import DTYPES, environment, measure_copy, time_us
+from benchmarks.bench_topk import DTYPES, Shape, environment, hbm_floor_us, measure_copy, time_us
 
-SHAPES = (  # rows, n, k, dtype
-    (16, 14336, 1434, "fp32"),
-    (1024, 32768, 2048, "bf16"),
-    (64, 131072, 2048, "bf16"),
-    (4096, 4096, 512, "bf16"),
-)
+SHAPES = (Shape(16, 14336, 1434, "fp32"), Shape(1024, 32768, 2048, "bf16"), Shape(64, 131072, 2048, "bf16"),
+          Shape(4096, 4096, 512, "bf16"))
 RECALL_TARGET = 0.95
 VARIANTS = {
     "inductor": None,
@@ -59,9 +55,10 @@ def recall_of(out: torch.Tensor, x: torch.Tensor, k: int) -> float:
     return out.gather(-1, true).ne(0).float().mean().item()
 
 
-def bench_shape(rows: int, n: int, k: int, dtype: str, bandwidth: float, device: torch.device) -> dict:
-    x = torch.randn(rows, n, device=device, dtype=DTYPES[dtype])
-    record = {"shape": f"{rows}x{n} k={k} {dtype}", "floor_us": x.numel() * x.element_size() / bandwidth * 1e6,
+def bench_shape(shape: Shape, bandwidth: float, device: torch.device) -> dict:
+    k = shape.k
+    x = torch.randn(shape.rows, shape.n, device=device, dtype=DTYPES[shape.dtype])
+    record = {"shape": shape.name, "floor_us": hbm_floor_us(shape, bandwidth),
               "torch.topk": time_us(lambda: torch.topk(x, k), device)["median_us"],
               "torch.topk unsorted": time_us(lambda: torch.topk(x, k, sorted=False), device)["median_us"]}
     for name, variant in VARIANTS.items():
@@ -74,7 +71,7 @@ def bench_shape(rows: int, n: int, k: int, dtype: str, bandwidth: float, device:
         recall = recall_of(out, x, k)
         record[name] = {**time_us(lambda: model(x), device), "recall": recall, "report": report}
         record[name]["x_floor"] = record[name]["median_us"] / record["floor_us"]
-    print(json.dumps({key: value for key, value in record.items()}, default=str)[:600], flush=True)
+    print(json.dumps(record, default=str)[:600], flush=True)
     return record
 
 
@@ -102,10 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bandwidth = measure_copy(device, 1024**3 if device.type == "cuda" else 2**26)["read_write_bytes_per_s"]
     start = time.time()
-    shapes = [s for s in SHAPES if not args.shapes or f"{s[0]}x{s[1]}" in args.shapes]
+    shapes = [s for s in SHAPES if not args.shapes or f"{s.rows}x{s.n}" in args.shapes]
     report = {"environment": {**environment(device, bandwidth), "command": shlex.join(
         ["python3", "-m", "benchmarks.bench_unobserved_order", *(sys.argv[1:] if argv is None else argv)])},
-        "shapes": [bench_shape(*s, bandwidth, device) for s in shapes]}
+        "shapes": [bench_shape(s, bandwidth, device) for s in shapes]}
     report["seconds"] = round(time.time() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_unobserved_order.json").write_text(json.dumps(report, indent=1) + "\n")

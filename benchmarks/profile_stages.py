@@ -331,7 +331,7 @@ def shares(x, k, record, sweep=True):
     for b, kb, recall in share_bucketings(rows, n, k, 0.95, "interleaved", processors):
         planned = share_warps(triton.next_power_of_2(-(-n // b)))
         for warps in [planned] + [w for w in (2, 4, 8, 16) if sweep and w != planned]:
-            for search in ("digits", "bracket") if warps == planned or sweep else ():
+            for search in ("digits", "bracket"):
                 run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps, search=search)
                 name = f"shares:w{warps}:unsorted:recall={recall:.3f}" if search == "digits" else \
                     f"shares:w{warps}:bracket"

@@ -152,9 +152,8 @@ def _quarter_points(lo, hi, by_value):
     span = hi - lo
     first, second, third = lo + span // 4, lo + span // 2, lo + span * 3 // 4
     if by_value:
-        least, most = lo.to(tl.int32), (hi - 1).to(tl.int32)
-        low = (least ^ ((least >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-        width = (most ^ ((most >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True) - low
+        low = value_of_key(lo.to(tl.int32), tl.float32, True)
+        width = value_of_key((hi - 1).to(tl.int32), tl.float32, True) - low
         a = order_key(low + width * 0.25, True).to(tl.int64)
         b = order_key(low + width * 0.5, True).to(tl.int64)
         c = order_key(low + width * 0.75, True).to(tl.int64)
@@ -200,6 +199,25 @@ def kth_key_bracketed(keys, k, KEY_BITS: tl.constexpr, GROUPS: tl.constexpr, VAL
             hi = tl.where(j == 3, hi, tl.where(j == 2, third, tl.where(j == 1, second, first)))
             lo = tl.where(j == 0, lo, tl.where(j == 1, first, tl.where(j == 2, second, third)))
     return lo.to(tl.int32), at_or_above
+
+
+@triton.jit
+def threshold_and_ties(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr, GROUPS: tl.constexpr):
+    """(T, need): a threshold for the top k keys, found between two keys (``kth_key_bracketed``)
+    with GROUPS > 0, else by digits (``kth_key_by_digits``), and how many of T's ties join the
+    keys above it (``compact_positions``). Where exactly k keys lie at or above T (the rounds
+    stopped early, or no tie straddles it) every tie is kept: one block-wide count fewer on the
+    program's chain. At 16 x 14336 fp32 k=1434 on an H100 the share kernel took 10.5 us (16
+    buckets, 4 warps) and 11.9 (8, 8) against 11.5 and 12.5 counting every time
+    (benchmarks/results/profile_stages_h100_shares_skip_count_1feb989.json)."""
+    if GROUPS > 0:
+        threshold, at_or_above = kth_key_bracketed(keys, k, KEY_BITS, GROUPS, BRACKET_VALUE_ROUNDS)
+    else:
+        threshold, at_or_above = kth_key_by_digits(keys, k, KEY_BITS, DIGIT_BITS)
+    need = k
+    if at_or_above != k:
+        need = k - tl.sum((keys > threshold).to(tl.int32), axis=0)
+    return threshold, need
 
 
 @triton.jit
@@ -439,16 +457,11 @@ def select_and_store(keys, idx, k, x_row_ptr, values_row_ptr, indices_row_ptr, o
             else:
                 threshold = kth_key_radix(keys, k, KEY_BITS)
             need = k - tl.sum((keys > threshold).to(tl.int32), axis=0)
+        elif SELECT == 3:
+            threshold, need = threshold_and_ties(keys, k, KEY_BITS, 2, 0)
         else:
-            if SELECT == 3:
-                threshold, at_or_above = kth_key_by_digits(keys, k, KEY_BITS, 2)
-            elif K_POW2 < keys.shape[0]:
-                threshold, at_or_above = kth_key_bracketed(keys, k, KEY_BITS, K_POW2, BRACKET_VALUE_ROUNDS)
-            else:
-                threshold, at_or_above = kth_key_bracketed(keys, k, KEY_BITS, keys.shape[0], BRACKET_VALUE_ROUNDS)
-            need = k
-            if at_or_above != k:  # ties straddle the threshold: count the keys above it
-                need = k - tl.sum((keys > threshold).to(tl.int32), axis=0)
+            # Groups of at least k (the bracket then holds the top k), at most the candidates.
+            threshold, need = threshold_and_ties(keys, k, KEY_BITS, 2, min(K_POW2, keys.shape[0]))
         zero = tl.zeros([], dtype=tl.int32)
         chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
         if not SORTED:

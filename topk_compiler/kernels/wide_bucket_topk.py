@@ -47,9 +47,8 @@ from topk_compiler.kernels import cdiv, chains_launches, next_pow2, smallest_buc
 from topk_compiler.kernels.bucket_layout import element_index
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
-from topk_compiler.kernels.select_topk import (BRACKET_VALUE_ROUNDS, compact_positions, entry_pad, index_entry, key_pad,
-                                               kth_key_bracketed, kth_key_by_digits, pack32, top_entries,
-                                               unpack_index_entry, values_of)
+from topk_compiler.kernels.select_topk import (compact_positions, entry_pad, index_entry, key_pad, pack32,
+                                               threshold_and_ties, top_entries, unpack_index_entry, values_of)
 
 # A bucket is held in registers: at most this many slots (16 keys a thread at 8 warps).
 MAX_SLOTS = 4096
@@ -81,20 +80,9 @@ def _bucket(x_ptr, row, q, n, slots, seed, x_row_stride, NUM_BUCKETS: tl.constex
 @triton.jit
 def _bucket_top(keys, count, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr, GROUPS: tl.constexpr):
     """(chosen, position) of the bucket's top ``count`` keys: those above its count-th largest
-    key, then the first ties, at positions 0 ... count - 1 in slot order. GROUPS > 0: the
-    threshold searched between two keys (``kth_key_bracketed``), else by digits."""
-    if GROUPS > 0:
-        threshold, at_or_above = kth_key_bracketed(keys, count, KEY_BITS, GROUPS, BRACKET_VALUE_ROUNDS)
-    else:
-        threshold, at_or_above = kth_key_by_digits(keys, count, KEY_BITS, DIGIT_BITS)
-    # Where exactly ``count`` keys lie at or above the threshold (the rounds stopped early, or no
-    # tie straddles it) every tie is kept: one block-wide count fewer on the program's chain. At
-    # 16 x 14336 fp32 k=1434 on an H100 the share kernel took 10.5 us (16 buckets, 4 warps) and
-    # 11.9 (8, 8) against 11.5 and 12.5 counting every time
-    # (benchmarks/results/profile_stages_h100_shares_skip_count_1feb989.json).
-    need = count
-    if at_or_above != count:
-        need = count - tl.sum((keys > threshold).to(tl.int32), axis=0)
+    key, then the first ties, at positions 0 ... count - 1 in slot order; its threshold found as
+    ``threshold_and_ties`` says (GROUPS > 0: bracketed, else by digits)."""
+    threshold, need = threshold_and_ties(keys, count, KEY_BITS, DIGIT_BITS, GROUPS)
     zero = tl.zeros([], dtype=tl.int32)
     chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
     return chosen, position

@@ -172,12 +172,10 @@ class _Analysis:
             return node.args[position]
         return node.kwargs.get(keyword, default)
 
-    def _aligned(self, arg, rank: int) -> tuple[int | None, ...] | None:
-        """A carrier's axes right-aligned to ``rank`` axes (broadcasting), None for non-carriers."""
-        carrier = self.carriers.get(arg)
-        if carrier is None:
-            return None
-        return (None,) * (rank - len(carrier.axes)) + carrier.axes
+    def _aligned(self, carrier: torch.fx.Node, rank: int) -> tuple[int | None, ...]:
+        """A carrier's axes right-aligned to ``rank`` axes, as broadcasting aligns them."""
+        axes = self.carriers[carrier].axes
+        return (None,) * (rank - len(axes)) + axes
 
     def _reduced_position(self, axes) -> int | None:
         return axes.index(self.reduced) if self.reduced in axes else None
