@@ -18,8 +18,8 @@ loads in flight per lane instead of 4, ``:w<n>`` = n warps a program):
   threshold 1, 2 (as it runs) or 4 bits per count; ``:bitonic``, and ``wide:bitonic`` whole, keeping
   each bucket's top by a bitonic network); ``shares:...:unsorted``: the wide buckets each keeping
   their share of k (``WideShareTopk``: one launch, unsorted) at every bucket count reaching recall
-  0.95, at the planner's warps, 4, 8 and 16, ``:d4`` 4 bits a count (at 8a87819 also sorted by
-  the rank sort after it).
+  0.95, at the planner's warps, 2, 4, 8 and 16, by digits and ``:bracket``, and over contiguous
+  buckets (at 8a87819 also sorted by the rank sort after it, and ``:d4`` 4 bits a count).
   At 6b9091a this also timed that kernel with thresholds of 12-20 leading key bits only
   (``_share_prefix_kernel``; profile_stages_h200_shares_variants.json), not adopted: see
   benchmarks/results/measurements.md.
@@ -314,11 +314,11 @@ def wide(x, k, record):
             record(f"wide:select:w{warps}:bitonic", b, kb, lambda r=network, e=entries: r.select(x, e))
 
 
-def shares(x, k, record, sweep=True):
+def shares(x, k, record):
     """The wide buckets that each keep their share of k (``WideShareTopk``, unsorted: one launch)
     at every bucket count whose recall reaches 0.95, at the planner's warps searching each
     bucket's threshold by digits (as it runs) and between two of its keys (``:bracket``,
-    ``kth_key_bracketed``). With ``sweep``, also at 2, 4, 8 and 16 warps (one warp spills at 8 and
+    ``kth_key_bracketed``), also at 2, 4, 8 and 16 warps (one warp spills at 8 and
     16 buckets of 16 x 14336 fp32 on sm_90) and over contiguous buckets (``:contiguous``:
     coalesced loads, where interleaved buckets read every b-th element). 4-bit digits were slower
     at every bucket and warp count on an H100 (profile_stages_h100_shares_skip_count_1feb989.json)."""
@@ -330,23 +330,24 @@ def shares(x, k, record, sweep=True):
     processors = torch.cuda.get_device_properties(x.device).multi_processor_count
     for b, kb, recall in share_bucketings(rows, n, k, 0.95, "interleaved", processors):
         planned = share_warps(triton.next_power_of_2(-(-n // b)))
-        for warps in [planned] + [w for w in (2, 4, 8, 16) if sweep and w != planned]:
+        for warps in [planned] + [w for w in (2, 4, 8, 16) if w != planned]:
             for search in ("digits", "bracket"):
                 run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=warps, search=search)
                 name = f"shares:w{warps}:unsorted:recall={recall:.3f}" if search == "digits" else \
                     f"shares:w{warps}:bracket"
                 record(name, b, kb, lambda r=run: r(x))
-        if sweep:
+        for search in ("digits", "bracket"):
             run = WideShareTopk(x, k, num_buckets=b, largest=True, num_warps=planned,
-                                layout_id=LAYOUT_IDS["contiguous"])
-            record(f"shares:w{planned}:contiguous", b, kb, lambda r=run: r(x))
+                                layout_id=LAYOUT_IDS["contiguous"], search=search)
+            record(f"shares:w{planned}:contiguous" + (":bracket" if search == "bracket" else ""), b, kb,
+                   lambda r=run: r(x))
 
 
 def share_rows(rows, n, k, dtype) -> list[dict]:
-    """``shares`` without its sweep, on a fresh input: the planned warps, by digits and bracketed."""
+    """``shares`` with its sweep of warps and layouts, on a fresh input, with recall."""
     x = torch.randn(rows, n, device="cuda", dtype=dtype)
     out = []
-    shares(x, k, lambda variant, b, kb, fn: out.append(timed_row(x, k, b, kb, variant, fn, recall=True)), sweep=False)
+    shares(x, k, lambda variant, b, kb, fn: out.append(timed_row(x, k, b, kb, variant, fn, recall=True)))
     return out
 
 
