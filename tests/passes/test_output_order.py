@@ -121,11 +121,25 @@ def own_axis_then_sum(x):
     return (rows * v).sum(-1)
 
 
+def positions_in_order(x):
+    return x.topk(8).indices.sort(-1).values  # sparse attention reads its selected keys in order
+
+
+def values_sorted_again(x):
+    v, _ = torch.sort(x.topk(8, largest=False).values, dim=1, descending=True)
+    return v
+
+
+def rows_sorted_by_msort(x):
+    return torch.msort(x.t().topk(2, dim=0).indices)
+
+
 UNOBSERVED = [  # (function, exact)
     (sae, True), (scatter_then_matmul, True), (scatter_add_of_casts, True), (mask_of_selected, True),
     (gathered_rows_weighted, False), (gathered_rows_contracted, False), (embedding_bag, False),
     (expected_value, False), (largest_and_any, True), (along_rows, True), (three_dims, False), (one_row, False),
     (own_axis_then_sum, False), (sparse_decoder, False), (picked_by_row_and_index, False),
+    (positions_in_order, True), (values_sorted_again, False), (rows_sorted_by_msort, True),
 ]
 
 ORDER_DEPENDENT = [
@@ -142,6 +156,9 @@ ORDER_DEPENDENT = [
     lambda x: (x[torch.arange(3).unsqueeze(1), x.topk(8).indices] * torch.arange(8.0)).sum(-1),
     lambda x: COLUMNS[x.topk(8).indices, torch.arange(8)].sum(-1),  # a row by index, a column by place
     lambda x: F.embedding_bag(x.topk(8).indices, W2T, per_sample_weights=torch.arange(8.0).expand(3, 8), mode="sum"),
+    lambda x: x.topk(8).values.sort(-1).indices,  # places in the top-k's order
+    lambda x: (lambda s: s.values + s.indices)(x.topk(8).indices.sort(-1)),
+    lambda x: x.topk(8).indices.sort(0).values,  # across rows, each permuted differently
 ]
 
 
@@ -174,8 +191,8 @@ def test_the_verdict_names_where_the_outputs_end():
 
 
 def test_a_use_the_analysis_does_not_know_counts_as_observing():
-    # sort's values would not change, but its indices would: any op not listed observes.
-    verdicts, _ = verdicts_and_shuffled(lambda x: x.topk(8).values.sort(-1).values, X)
+    # flip would only reverse the order, but any op not listed observes it.
+    verdicts, _ = verdicts_and_shuffled(lambda x: x.topk(8).values.flip(-1).sum(-1), X)
     assert verdicts == [None]
     verdicts, _ = verdicts_and_shuffled(lambda x: torch.topk(x, 8), X)
     assert verdicts == [None]

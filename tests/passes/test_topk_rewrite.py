@@ -285,6 +285,25 @@ def test_an_exact_site_drops_its_order_only_where_results_stay_bit_for_bit():
     assert torch.equal(out, weighted_sum(x))
 
 
+def test_indices_sorted_by_position_leave_the_top_k_unsorted_even_where_exact():
+    def attended_positions(x):
+        return torch.topk(x, 64).indices.sort(dim=-1).values  # a sparse-attention index list
+
+    x = torch.randn(*BIG)
+    gm, report, out = passes_on(attended_positions, x, recall_target=1.0)
+    (node,) = topk_nodes(gm)
+    assert node.target is torch.topk and node.kwargs["sorted"] is False
+    assert "it ends in sort" in report[0].details["sorted"]
+    assert torch.equal(out, attended_positions(x))
+
+    gm, report, out = passes_on(attended_positions, x, **ALWAYS)
+    (op,) = topk_nodes(gm)
+    assert op.target is torch.ops.topk_compiler.bucketed_topk.default and op.args[4] is False
+    exact = attended_positions(x)
+    recall = torch.stack([torch.isin(row, want).float().mean() for row, want in zip(out, exact)]).mean()
+    assert bool((out[:, 1:] > out[:, :-1]).all()) and recall >= 0.85  # expected 0.9
+
+
 def test_a_site_kept_as_torch_topk_drops_its_order():
     # On a CPU torch.topk is predicted faster than the bucketed op: the site stays torch.topk,
     # asked for its outputs unsorted, and computes what the model did.

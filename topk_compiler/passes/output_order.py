@@ -14,8 +14,8 @@ from permuted outputs, is its sorted value with one axis permuted by π; element
 gathers by the indices and softmax along the reduced axis pass π on. A node is *free* of π when
 its value does not change: a scatter by the indices (each row's indices are distinct, so every
 target is written once whatever the order), a reduction or a contraction over the reduced axis,
-an ``embedding_bag`` whose bags are the rows.
-Any other use (the graph's output, a slice, a sort, a cumulative sum, an op not listed here)
+an ``embedding_bag`` whose bags are the rows, a sort along the reduced axis whose sorted values
+alone are used. Any other use (the graph's output, a slice, a cumulative sum, an op not listed here)
 observes the order, and the site stays sorted. Sums and contractions give the same result up
 to the order of their floating-point additions; ``UnobservedOrder.exact`` says whether every
 path ends in an operation whose result is bit for bit the same.
@@ -61,6 +61,8 @@ _SCATTER_FUNCTIONS = {torch.scatter: "scatter", torch.scatter_add: "scatter_add"
 _MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
 _MATMUL_METHODS = {"matmul", "bmm"}
 _GATHER_FUNCTIONS = {torch.gather, torch.take_along_dim}
+_SORT_FUNCTIONS = {torch.sort: "sort", torch.msort: "msort"}
+_SORT_METHODS = {"sort", "msort"}
 _SIZE_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
 
 
@@ -160,6 +162,8 @@ class _Analysis:
             return self._gather(node)
         if fn is F.embedding_bag:
             return self._embedding_bag(node)
+        if fn in _SORT_FUNCTIONS or method in _SORT_METHODS:
+            return self._sort(node, _SORT_FUNCTIONS.get(fn, method))
         return None
 
     # -- helpers -------------------------------------------------------------------------------
@@ -351,7 +355,6 @@ class _Analysis:
             return None
         return _Carrier(axes)
 
-
     def _embedding_bag(self, node):
         """``embedding_bag(indices, table, per_sample_weights=values)`` with a row's k as its bag
         (sparse autoencoders' decoders): a sum, mean or max over the permuted axis."""
@@ -367,6 +370,26 @@ class _Analysis:
         if weights is not None and (not self._carries(weights) or self.carriers[weights].axes != axes):
             return None
         return self._free(f"embedding_bag({mode})", mode == "max")
+
+
+    def _sort(self, node, sort: str):
+        """A sort along the permuted axis whose sorted values alone are used (sparse attention sorts
+        its selected indices by position): they depend on each row's set, not its order. The
+        sort's own indices (places in its input) would show the order."""
+        source = node.args[0]
+        if not self._carries(source) or any(self._carries(a) for a in node.all_input_nodes if a is not source):
+            return None
+        axes = self.carriers[source].axes
+        along = 0 if sort == "msort" else self._arg(node, 1, "dim", -1)
+        if not isinstance(along, int) or axes[along % len(axes)] != self.reduced:
+            return None
+        if sort == "sort" and any(user.target is not operator.getitem or user.args[1] != 0 for user in node.users):
+            return None
+        # Integers sort to the same bits; floats equal as numbers, but a sort may place -0.0
+        # beside 0.0, or NaNs of different payloads, in the order it met them.
+        source_value = example_value(source)
+        exact = isinstance(source_value, torch.Tensor) and not source_value.is_floating_point()
+        return self._free(sort, exact)
 
 
 _FREE = object()
