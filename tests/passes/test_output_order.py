@@ -134,12 +134,18 @@ def rows_sorted_by_msort(x):
     return torch.msort(x.t().topk(2, dim=0).indices)
 
 
+def weights_broadcast(x):
+    v, i = x.topk(8)
+    return (v[..., None] * W2T[i]).sum(1)
+
+
 UNOBSERVED = [  # (function, exact)
     (sae, True), (scatter_then_matmul, True), (scatter_add_of_casts, True), (mask_of_selected, True),
     (gathered_rows_weighted, False), (gathered_rows_contracted, False), (embedding_bag, False),
     (expected_value, False), (largest_and_any, True), (along_rows, True), (three_dims, False), (one_row, False),
     (own_axis_then_sum, False), (sparse_decoder, False), (picked_by_row_and_index, False),
     (positions_in_order, True), (values_sorted_again, False), (rows_sorted_by_msort, True),
+    (weights_broadcast, False),
 ]
 
 ORDER_DEPENDENT = [
@@ -159,6 +165,11 @@ ORDER_DEPENDENT = [
     lambda x: x.topk(8).values.sort(-1).indices,  # places in the top-k's order
     lambda x: (lambda s: s.values + s.indices)(x.topk(8).indices.sort(-1)),
     lambda x: x.topk(8).indices.sort(0).values,  # across rows, each permuted differently
+    lambda x: x.topk(8).values[:, :4].sum(-1),
+    lambda x: x.topk(8).values[..., None, 2:].sum(-1),
+    lambda x: x.topk(8).values[1:, ..., -1],
+    lambda x: (lambda v, i: torch.zeros(2, 64).scatter(-1, i[:2], v[::2]))(*x.topk(8)),  # rows paired wrongly
+    lambda x: (lambda v, i: torch.zeros(64).scatter(0, i[0], v[1]))(*x.topk(8)),
 ]
 
 

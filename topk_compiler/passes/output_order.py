@@ -156,6 +156,8 @@ class _Analysis:
             return self._scatter(node, _SCATTER_FUNCTIONS.get(fn, method))
         if fn in _MATMUL_FUNCTIONS or method in _MATMUL_METHODS:
             return self._matmul(node, name)
+        if fn is operator.getitem and self._carries(node.args[0]):
+            return self._basic_index(node)
         if fn is operator.getitem or fn is F.embedding:
             return self._indexed_rows(node)
         if fn in _GATHER_FUNCTIONS or method in ("gather", "take_along_dim"):
@@ -311,6 +313,26 @@ class _Analysis:
         if (None,) * (width - len(batch_left)) + batch_left != (None,) * (width - len(batch_right)) + batch_right:
             return None
         return self._free(name, False)
+
+    def _basic_index(self, node):
+        """``carrier[..., None]``: full slices, None and Ellipsis only, which add axes of its own.
+        A place or a part of the permuted axis shows the order; rows picked or sliced would no
+        longer line up with the other outputs' rows, which the axes do not record."""
+        source, index = node.args
+        index = index if isinstance(index, tuple) else (index,)
+        if not all(item is None or item is Ellipsis or item == slice(None) for item in index):
+            return None
+        axes = self.carriers[source].axes
+        explicit = sum(item is not None and item is not Ellipsis for item in index)
+        if explicit > len(axes) or sum(item is Ellipsis for item in index) > 1:
+            return None
+        if Ellipsis not in index:
+            index = (*index, Ellipsis)
+        at = index.index(Ellipsis)
+        index = (*index[:at], *(slice(None),) * (len(axes) - explicit), *index[at + 1:])
+        kept = iter(axes)
+        return _Carrier(tuple(None if item is None else next(kept) for item in index),
+                        self.carriers[source].indices)
 
     def _indexed_rows(self, node):
         """``table[indices]``, ``table[:, rows, indices]`` (full slices, then index tensors that
