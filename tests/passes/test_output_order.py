@@ -139,13 +139,18 @@ def weights_broadcast(x):
     return (v[..., None] * W2T[i]).sum(1)
 
 
+def transposed(x):
+    v, i = x.topk(8)
+    return torch.zeros(64, 3).scatter(0, i.t(), v.transpose(0, 1)), (torch.permute(v, (1, 0)) * 2).sum(0)
+
+
 UNOBSERVED = [  # (function, exact)
     (sae, True), (scatter_then_matmul, True), (scatter_add_of_casts, True), (mask_of_selected, True),
     (gathered_rows_weighted, False), (gathered_rows_contracted, False), (embedding_bag, False),
     (expected_value, False), (largest_and_any, True), (along_rows, True), (three_dims, False), (one_row, False),
     (own_axis_then_sum, False), (sparse_decoder, False), (picked_by_row_and_index, False),
     (positions_in_order, True), (values_sorted_again, False), (rows_sorted_by_msort, True),
-    (weights_broadcast, False),
+    (weights_broadcast, False), (transposed, False),
 ]
 
 ORDER_DEPENDENT = [
@@ -170,6 +175,8 @@ ORDER_DEPENDENT = [
     lambda x: x.topk(8).values[1:, ..., -1],
     lambda x: (lambda v, i: torch.zeros(2, 64).scatter(-1, i[:2], v[::2]))(*x.topk(8)),  # rows paired wrongly
     lambda x: (lambda v, i: torch.zeros(64).scatter(0, i[0], v[1]))(*x.topk(8)),
+    lambda x: x.topk(8).values.t()[0],
+    lambda x: x.topk(8).values.permute(1, 0).cumsum(0)[-2],
 ]
 
 

@@ -61,6 +61,9 @@ _SCATTER_FUNCTIONS = {torch.scatter: "scatter", torch.scatter_add: "scatter_add"
 _MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
 _MATMUL_METHODS = {"matmul", "bmm"}
 _GATHER_FUNCTIONS = {torch.gather, torch.take_along_dim}
+_AXES_ORDER_FUNCTIONS = {torch.permute: "permute", torch.transpose: "transpose", torch.swapaxes: "transpose",
+                         torch.swapdims: "transpose", torch.t: "t"}
+_AXES_ORDER_METHODS = {"permute", "transpose", "t"}
 _SORT_FUNCTIONS = {torch.sort: "sort", torch.msort: "msort"}
 _SORT_METHODS = {"sort", "msort"}
 _SIZE_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
@@ -148,6 +151,8 @@ class _Analysis:
             return self._cast(node)
         if method == "unsqueeze" or fn is torch.unsqueeze:
             return self._unsqueeze(node)
+        if fn in _AXES_ORDER_FUNCTIONS or method in _AXES_ORDER_METHODS:
+            return self._reorder_axes(node, _AXES_ORDER_FUNCTIONS.get(fn, method))
         if fn in _SOFTMAX_FUNCTIONS or method in _SOFTMAX_METHODS:
             return self._softmax(node)
         if fn in _REDUCTION_FUNCTIONS or method in _EXACT_REDUCTIONS | _ROUNDED_REDUCTIONS:
@@ -237,6 +242,29 @@ class _Analysis:
         axes = list(self.carriers[source].axes)
         axes.insert(where % (len(axes) + 1), None)
         return _Carrier(tuple(axes), self.carriers[source].indices)
+
+    def _reorder_axes(self, node, how: str):
+        """``permute``/``transpose``/``t``: the same elements, their axes in another order."""
+        source = node.args[0]
+        if not self._carries(source):
+            return None
+        axes = self.carriers[source].axes
+        rank = len(axes)
+        if how == "t":
+            order = list(range(rank))[::-1]
+        elif how == "transpose":
+            first, second = self._arg(node, 1, "dim0"), self._arg(node, 2, "dim1")
+            if not isinstance(first, int) or not isinstance(second, int):
+                return None
+            order = list(range(rank))
+            order[first % rank], order[second % rank] = order[second % rank], order[first % rank]
+        else:
+            order = node.args[1:] if len(node.args) > 1 else (self._arg(node, 1, "dims"),)
+            if len(order) == 1 and isinstance(order[0], (tuple, list)):
+                order = order[0]  # permute((1, 0)) as well as permute(1, 0)
+            if len(order) != rank or not all(isinstance(d, int) for d in order):
+                return None
+        return _Carrier(tuple(axes[d % rank] for d in order), self.carriers[source].indices)
 
     def _softmax(self, node):
         source, along = node.args[0], self._arg(node, 1, "dim")
