@@ -144,13 +144,31 @@ def transposed(x):
     return torch.zeros(64, 3).scatter(0, i.t(), v.transpose(0, 1)), (torch.permute(v, (1, 0)) * 2).sum(0)
 
 
+def written_by_rows(x):
+    v, i = x.topk(8)
+    buf = torch.zeros_like(x)
+    buf[torch.arange(x.shape[0]).unsqueeze(1), i] = v.exp()
+    counts = torch.zeros(5, 3, 64)
+    counts[:, torch.arange(3)[:, None], i] += 1.0
+    one = torch.zeros(64)
+    one[x[0].topk(8).indices] = 2.0
+    return buf, counts, one
+
+
+def written_by_place(x):
+    v, i = x.topk(8)
+    buf = torch.zeros_like(x)
+    buf[torch.arange(3)[:, None], i] = torch.arange(8.0)  # each place's own number
+    return buf
+
+
 UNOBSERVED = [  # (function, exact)
     (sae, True), (scatter_then_matmul, True), (scatter_add_of_casts, True), (mask_of_selected, True),
     (gathered_rows_weighted, False), (gathered_rows_contracted, False), (embedding_bag, False),
     (expected_value, False), (largest_and_any, True), (along_rows, True), (three_dims, False), (one_row, False),
     (own_axis_then_sum, False), (sparse_decoder, False), (picked_by_row_and_index, False),
     (positions_in_order, True), (values_sorted_again, False), (rows_sorted_by_msort, True),
-    (weights_broadcast, False), (transposed, False),
+    (weights_broadcast, False), (transposed, False), (written_by_rows, True),
 ]
 
 ORDER_DEPENDENT = [
@@ -177,6 +195,7 @@ ORDER_DEPENDENT = [
     lambda x: (lambda v, i: torch.zeros(64).scatter(0, i[0], v[1]))(*x.topk(8)),
     lambda x: x.topk(8).values.t()[0],
     lambda x: x.topk(8).values.permute(1, 0).cumsum(0)[-2],
+    written_by_place,
 ]
 
 
@@ -206,6 +225,24 @@ def test_the_verdict_names_where_the_outputs_end():
     assert [str(v) for v in verdicts] == ["scatter_", "sum"]
     verdicts, _ = verdicts_and_shuffled(lambda x: x.topk(8).values.sum() * x.topk(8).values.size(-1), X)
     assert [str(v) for v in verdicts] == ["sum", ""]  # a size observes no order
+
+
+def test_a_write_whose_rows_may_share_a_target_observes_the_order():
+    def rows_not_known_distinct(x):
+        v, i = x.topk(8)
+        buf = torch.zeros(1, 64)
+        buf[torch.zeros(3, 1, dtype=torch.long), i] = v  # every row into row 0: the last write wins
+        return buf
+
+    def a_row_axis_without_its_rows(x):
+        v, i = x.view(3, 4, 16).topk(4)
+        buf = torch.zeros(3, 16)
+        buf[torch.arange(3)[:, None, None], i] = v  # the 4 rows of each of the 3 share its targets
+        return buf
+
+    for fn in (rows_not_known_distinct, a_row_axis_without_its_rows):
+        verdicts, _ = verdicts_and_shuffled(fn, X)
+        assert verdicts == [None]
 
 
 def test_a_use_the_analysis_does_not_know_counts_as_observing():

@@ -351,3 +351,19 @@ def test_an_unobserved_order_is_found_through_symbolic_shapes():
         compiled(torch.randn(3, n))
     (decision,) = seen["report"]
     assert decision.shape[1].startswith("s") and decision.details["sorted"].endswith("it ends in scatter, sum)")
+
+    def written_by_rows(x):
+        v, i = torch.topk(x, 64)
+        out = torch.zeros_like(x)
+        out[torch.arange(x.shape[0])[:, None], i] = v
+        return out
+
+    torch._dynamo.reset()
+    compiled = torch.compile(written_by_rows, backend=backend, dynamic=True)
+    for rows, n in ((3, 4096), (5, 5000)):
+        x = torch.randn(rows, n)
+        out = compiled(x)
+        kept = out != 0
+        assert torch.equal(out[kept], x[kept]) and bool((kept.sum(1) == 64).all())
+    (decision,) = seen["report"]
+    assert decision.shape[0].startswith("s") and decision.details["sorted"].endswith("it ends in setitem)")

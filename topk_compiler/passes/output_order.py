@@ -8,17 +8,18 @@ indices gather weighted by its values (a sampler drawing one of the k does obser
 ``unobserved_order`` follows the values and indices through the graph and says whether every
 path ends in such an operation, so that the rewrite can plan the site unsorted.
 
-The argument: unsorted, the op returns ``(values[π], indices[π])`` for some permutation π of
-each row along the reduced axis, the same for both. A node *carries* π when its value, computed
-from permuted outputs, is its sorted value with one axis permuted by π; elementwise operations,
-gathers by the indices and softmax along the reduced axis pass π on. A node is *free* of π when
-its value does not change: a scatter by the indices (each row's indices are distinct, so every
-target is written once whatever the order), a reduction or a contraction over the reduced axis,
-an ``embedding_bag`` whose bags are the rows, a sort along the reduced axis whose sorted values
-alone are used. Any other use (the graph's output, a slice, a cumulative sum, an op not listed here)
-observes the order, and the site stays sorted. Sums and contractions give the same result up
-to the order of their floating-point additions; ``UnobservedOrder.exact`` says whether every
-path ends in an operation whose result is bit for bit the same.
+The argument: unsorted, the op returns ``(values[π], indices[π])`` for some permutation π of each
+row along the reduced axis, the same for both. A node *carries* π when its value, computed from
+permuted outputs, is its sorted value with one axis permuted by π; elementwise operations, gathers
+by the indices and softmax along the reduced axis pass π on. A node is *free* of π when its value
+does not change: a scatter by the indices, or a write ``out[rows, indices] = values`` (each row's
+indices are distinct, so every target is written once whatever the order), a reduction or a
+contraction over the reduced axis, an ``embedding_bag`` whose bags are the rows, a sort along the
+reduced axis whose sorted values alone are used. Any other use (the graph's output, a slice of the
+reduced axis, a cumulative sum, an op not listed here) observes the order, and the site stays
+sorted. Sums and contractions give the same result up to the order of their floating-point
+additions; ``UnobservedOrder.exact`` says whether every path ends in an operation whose result is
+bit for bit the same.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from topk_compiler.passes.base import example_value
 _POINTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.neg,
     operator.pos, operator.abs, operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne,
-    operator.and_, operator.or_, operator.invert,
+    operator.and_, operator.or_, operator.invert, operator.iadd, operator.isub, operator.imul, operator.itruediv,
     torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.pow, torch.neg, torch.abs, torch.exp,
     torch.log, torch.log1p, torch.expm1, torch.sqrt, torch.rsqrt, torch.square, torch.sign, torch.sigmoid,
     torch.tanh, torch.relu, torch.clamp, torch.clip, torch.maximum, torch.minimum, torch.where, torch.nan_to_num,
@@ -161,6 +162,8 @@ class _Analysis:
             return self._scatter(node, _SCATTER_FUNCTIONS.get(fn, method))
         if fn in _MATMUL_FUNCTIONS or method in _MATMUL_METHODS:
             return self._matmul(node, name)
+        if fn is operator.setitem:
+            return self._setitem(node)
         if fn is operator.getitem and self._carries(node.args[0]):
             return self._basic_index(node)
         if fn is operator.getitem or fn is F.embedding:
@@ -361,6 +364,64 @@ class _Analysis:
         kept = iter(axes)
         return _Carrier(tuple(None if item is None else next(kept) for item in index),
                         self.carriers[source].indices)
+
+    def _setitem(self, node):
+        """``base[rows, indices] = values`` (after full slices): a scatter by the indices, where
+        ``rows`` are ``arange``s lined up with the top-k's rows (each row's targets its own), or
+        ``base[indices] = values`` of a 1-D top-k. ``values``: permuted as the indices, or a number."""
+        base, index, value = node.args
+        index = index if isinstance(index, tuple) else (index,)
+        leading = 0
+        while leading < len(index) and index[leading] == slice(None):
+            leading += 1
+        tensors = index[leading:]
+        if self._carries(base) or not tensors or not all(isinstance(t, torch.fx.Node) for t in tensors):
+            return None
+        targets = [t for t in tensors if self._carries(t)]
+        if len(targets) != 1 or not self.carriers[targets[0]].indices:
+            return None
+        axes = self.carriers[targets[0]].axes
+        shape = example_value(targets[0]).shape
+        covered = set()
+        for selector in tensors:
+            if selector is targets[0]:
+                continue
+            along = self._rows_of_arange(selector, shape)
+            if along is None or axes[along] in (None, self.reduced):
+                return None
+            covered.add(axes[along])
+        if covered != {a for a in axes if a is not None and a != self.reduced}:
+            return None  # a row axis without its arange: two rows could write one target
+        if isinstance(value, torch.fx.Node):
+            written = (None,) * leading + axes  # the full slices' axes, then the indices'
+            if not self._carries(value) or self._aligned(value, len(written)) != written:
+                return None
+        elif not isinstance(value, (int, float, bool)):
+            return None
+        return self._free("setitem", True)
+
+    @staticmethod
+    def _rows_of_arange(selector: torch.fx.Node, shape) -> int | None:
+        """The axis of ``shape`` along which ``selector``, an ``arange`` viewed with size-1 axes
+        about it (``arange(n)[:, None]``, ``.unsqueeze(1)``, ``.view(-1, 1)``), runs over all of it."""
+        node = selector
+        while node.op in ("call_method", "call_function") and node.target in (
+                "unsqueeze", torch.unsqueeze, "view", "reshape", torch.reshape, operator.getitem):
+            if node.target is operator.getitem and not all(
+                    item is None or item == slice(None)
+                    for item in (node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],))):
+                return None
+            node = node.args[0]
+        if node.target is not torch.arange:
+            return None
+        picked = example_value(selector)
+        if not isinstance(picked, torch.Tensor) or picked.dim() > len(shape):
+            return None
+        sizes = (1,) * (len(shape) - picked.dim()) + tuple(picked.shape)
+        running = [d for d, size in enumerate(sizes) if size != 1]
+        if len(running) != 1 or sizes[running[0]] != shape[running[0]]:
+            return None
+        return running[0]
 
     def _indexed_rows(self, node):
         """``table[indices]``, ``table[:, rows, indices]`` (full slices, then index tensors that
