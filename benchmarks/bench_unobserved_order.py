@@ -1,12 +1,13 @@
-"""A TopK activation compiled whole: Inductor alone, approx_topk keeping torch.topk's sort, and
-approx_topk running the site unsorted because nothing downstream observes the order
-(``passes/output_order.py``, option ``skip_unobserved_sort``).
+"""Top-k sites whose order nothing observes, compiled whole: Inductor alone, approx_topk keeping
+torch.topk's sort, and approx_topk running the site unsorted (``passes/output_order.py``, option
+``skip_unobserved_sort``).
 
-The model is the activation of a TopK sparse autoencoder or sparse FFN: the k largest of each row
-scattered into zeros. Each variant is compiled with ``mode="reduce-overhead"`` (CUDA graphs) and
-timed by do_bench (L2 flushed) on calls of the compiled model, beside the HBM floor (the input
-read once) and torch.topk alone. Recall is the fraction of each row's true top k whose place in
-the output is nonzero.
+Two models: the activation of a TopK sparse autoencoder or sparse FFN (the k largest of each row
+scattered into zeros), and a sparse-attention index list (the k largest of each row's scores, their
+positions sorted ascending). Each variant is compiled with ``mode="reduce-overhead"`` (CUDA graphs)
+and timed by do_bench (L2 flushed) on calls of the compiled model, beside the HBM floor (the input
+read once) and torch.topk alone. Recall is the fraction of each row's true top k that the output
+keeps (a nonzero in its place; its position in the list).
 
     PYTHONPATH=. python3 -m benchmarks.bench_unobserved_order [--shapes 16x14336 ...] [--out DIR]
 """
@@ -26,8 +27,10 @@ import torch
 import topk_compiler
 from benchmarks.bench_topk import DTYPES, Shape, environment, hbm_floor_us, measure_copy, time_us
 
-SHAPES = (Shape(16, 14336, 1434, "fp32"), Shape(1024, 32768, 2048, "bf16"), Shape(64, 131072, 2048, "bf16"),
-          Shape(4096, 4096, 512, "bf16"))
+ACTIVATION, INDEX_LIST = "TopK activation", "index list"
+CASES = ((ACTIVATION, Shape(16, 14336, 1434, "fp32")), (ACTIVATION, Shape(1024, 32768, 2048, "bf16")),
+         (ACTIVATION, Shape(64, 131072, 2048, "bf16")), (ACTIVATION, Shape(4096, 4096, 512, "bf16")),
+         (INDEX_LIST, Shape(1024, 32768, 2048, "bf16")), (INDEX_LIST, Shape(64, 131072, 2048, "bf16")))
 RECALL_TARGET = 0.95
 VARIANTS = {
     "inductor": None,
@@ -41,34 +44,42 @@ def topk_activation(h: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(h).scatter(-1, indices, values)
 
 
-def compiled(variant: dict | None, k: int):
+def index_list(h: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(h, k).indices.sort(dim=-1).values
+
+
+MODELS = {ACTIVATION: topk_activation, INDEX_LIST: index_list}
+
+
+def compiled(model_name: str, variant: dict | None, k: int):
     torch.compiler.reset()
-    model = lambda h: topk_activation(h, k)  # noqa: E731
+    model = lambda h: MODELS[model_name](h, k)  # noqa: E731
     if variant is None:
         return torch.compile(model, mode="reduce-overhead", dynamic=False)
     options = {"recall_target": RECALL_TARGET, "mode": "reduce-overhead", **variant}
     return torch.compile(model, backend="approx_topk", options=options, dynamic=False)
 
 
-def recall_of(out: torch.Tensor, x: torch.Tensor, k: int) -> float:
+def recall_of(model_name: str, out: torch.Tensor, x: torch.Tensor, k: int) -> float:
     true = torch.topk(x, k).indices
-    return out.gather(-1, true).ne(0).float().mean().item()
+    kept = out.ne(0) if model_name == ACTIVATION else torch.zeros_like(x, dtype=torch.bool).scatter(-1, out, True)
+    return kept.gather(-1, true).float().mean().item()
 
 
-def bench_shape(shape: Shape, bandwidth: float, device: torch.device) -> dict:
+def bench_case(model_name: str, shape: Shape, bandwidth: float, device: torch.device) -> dict:
     k = shape.k
     x = torch.randn(shape.rows, shape.n, device=device, dtype=DTYPES[shape.dtype])
-    record = {"shape": shape.name, "floor_us": hbm_floor_us(shape, bandwidth),
+    record = {"model": model_name, "shape": shape.name, "floor_us": hbm_floor_us(shape, bandwidth),
               "torch.topk": time_us(lambda: torch.topk(x, k), device)["median_us"],
               "torch.topk unsorted": time_us(lambda: torch.topk(x, k, sorted=False), device)["median_us"]}
     for name, variant in VARIANTS.items():
-        model = compiled(variant, k)
+        model = compiled(model_name, variant, k)
         report = None if variant is None else str(topk_compiler.explain(
-            lambda h: topk_activation(h, k), x, recall_target=RECALL_TARGET, mode="reduce-overhead", **variant))
+            lambda h: MODELS[model_name](h, k), x, recall_target=RECALL_TARGET, mode="reduce-overhead", **variant))
         for _ in range(3):  # compile, record the CUDA graph, replay
             out = model(x)
         # Before the next replay overwrites it.
-        recall = recall_of(out, x, k)
+        recall = recall_of(model_name, out, x, k)
         record[name] = {**time_us(lambda: model(x), device), "recall": recall, "report": report}
         record[name]["x_floor"] = record[name]["median_us"] / record["floor_us"]
     print(json.dumps(record, default=str)[:600], flush=True)
@@ -77,16 +88,17 @@ def bench_shape(shape: Shape, bandwidth: float, device: torch.device) -> dict:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    lines = [f"# A TopK activation compiled whole ({env['device']}, torch {env['torch']}, triton {env['triton']}, "
-             f"{env['date']})", "", f"Command: `{env['command']}`", "",
-             "`zeros_like(h).scatter(-1, i, v)` of `v, i = torch.topk(h, k)`, compiled with "
+    lines = [f"# Top-k sites whose order nothing observes, compiled whole ({env['device']}, torch {env['torch']}, "
+             f"triton {env['triton']}, {env['date']})", "", f"Command: `{env['command']}`", "",
+             f"{ACTIVATION}: `zeros_like(h).scatter(-1, i, v)` of `v, i = torch.topk(h, k)`; {INDEX_LIST}: "
+             "`torch.topk(h, k).indices.sort(dim=-1).values`. Compiled with "
              f"`mode=\"reduce-overhead\"`; approx_topk at recall target {RECALL_TARGET}. Median of do_bench "
              "(L2 flushed) over calls of the compiled model; ×F = times the HBM floor; r = recall.", "",
-             "| shape | floor | torch.topk (sorted / unsorted) | " + " | ".join(VARIANTS) + " |",
-             "|---|---|---|" + "---|" * len(VARIANTS)]
-    for r in report["shapes"]:
+             "| model | shape | floor | torch.topk (sorted / unsorted) | " + " | ".join(VARIANTS) + " |",
+             "|---|---|---|---|" + "---|" * len(VARIANTS)]
+    for r in report["cases"]:
         cells = [f"{r[v]['median_us']:.1f} µs · {r[v]['x_floor']:.1f}×F · r {r[v]['recall']:.3f}" for v in VARIANTS]
-        lines.append(f"| {r['shape']} | {r['floor_us']:.2f} µs | {r['torch.topk']:.1f} / "
+        lines.append(f"| {r['model']} | {r['shape']} | {r['floor_us']:.2f} µs | {r['torch.topk']:.1f} / "
                      f"{r['torch.topk unsorted']:.1f} µs | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -99,10 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bandwidth = measure_copy(device, 1024**3 if device.type == "cuda" else 2**26)["read_write_bytes_per_s"]
     start = time.time()
-    shapes = [s for s in SHAPES if not args.shapes or f"{s.rows}x{s.n}" in args.shapes]
+    cases = [(m, s) for m, s in CASES if not args.shapes or f"{s.rows}x{s.n}" in args.shapes]
     report = {"environment": {**environment(device, bandwidth), "command": shlex.join(
         ["python3", "-m", "benchmarks.bench_unobserved_order", *(sys.argv[1:] if argv is None else argv)])},
-        "shapes": [bench_shape(s, bandwidth, device) for s in shapes]}
+        "cases": [bench_case(m, s, bandwidth, device) for m, s in cases]}
     report["seconds"] = round(time.time() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_unobserved_order.json").write_text(json.dumps(report, indent=1) + "\n")
