@@ -15,6 +15,7 @@ keeps (a nonzero in its place; its position in the list).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -52,9 +53,8 @@ def index_list(h: torch.Tensor, k: int) -> torch.Tensor:
 MODELS = {ACTIVATION: topk_activation, INDEX_LIST: index_list}
 
 
-def compiled(model_name: str, variant: dict | None, k: int):
+def compiled(model, variant: dict | None):
     torch.compiler.reset()
-    model = lambda h: MODELS[model_name](h, k)  # noqa: E731
     if variant is None:
         return torch.compile(model, mode="reduce-overhead", dynamic=False)
     options = {"recall_target": RECALL_TARGET, "mode": "reduce-overhead", **variant}
@@ -73,10 +73,11 @@ def bench_case(model_name: str, shape: Shape, bandwidth: float, device: torch.de
     record = {"model": model_name, "shape": shape.name, "floor_us": hbm_floor_us(shape, bandwidth),
               "torch.topk": time_us(lambda: torch.topk(x, k), device)["median_us"],
               "torch.topk unsorted": time_us(lambda: torch.topk(x, k, sorted=False), device)["median_us"]}
+    uncompiled = functools.partial(MODELS[model_name], k=k)
     for name, variant in VARIANTS.items():
-        model = compiled(model_name, variant, k)
+        model = compiled(uncompiled, variant)
         report = None if variant is None else str(topk_compiler.explain(
-            lambda h: MODELS[model_name](h, k), x, recall_target=RECALL_TARGET, mode="reduce-overhead", **variant))
+            uncompiled, x, recall_target=RECALL_TARGET, mode="reduce-overhead", **variant))
         for _ in range(3):  # compile, record the CUDA graph, replay
             out = model(x)
         # Before the next replay overwrites it.

@@ -186,6 +186,10 @@ class _Analysis:
             return node.args[position]
         return node.kwargs.get(keyword, default)
 
+    def _others_carry(self, node, *operands) -> bool:
+        """Whether an input of ``node`` other than ``operands`` is a carrier."""
+        return any(self._carries(a) for a in node.all_input_nodes if a not in operands)
+
     def _aligned(self, carrier: torch.fx.Node, rank: int) -> tuple[int | None, ...]:
         """A carrier's axes right-aligned to ``rank`` axes, as broadcasting aligns them."""
         axes = self.carriers[carrier].axes
@@ -234,7 +238,7 @@ class _Analysis:
         source = node.args[0]
         if not self._carries(source):
             return _FREE  # a carrier only lends its dtype or device
-        if any(self._carries(a) for a in node.all_input_nodes if a is not source):
+        if self._others_carry(node, source):
             return None
         return self.carriers[source]
 
@@ -284,7 +288,7 @@ class _Analysis:
 
     def _reduction(self, node, reduction: str):
         source = node.args[0]
-        if not self._carries(source) or any(self._carries(a) for a in node.all_input_nodes if a is not source):
+        if not self._carries(source) or self._others_carry(node, source):
             return None
         axes = self.carriers[source].axes
         dims = self._arg(node, 1, "dim")
@@ -323,7 +327,7 @@ class _Analysis:
                 return None
         elif not isinstance(source, (int, float, bool)):
             return None
-        if any(self._carries(a) for a in node.all_input_nodes if a not in (index, source)):
+        if self._others_carry(node, index, source):
             return None
         return self._free(scatter, True)
 
@@ -351,7 +355,7 @@ class _Analysis:
         longer line up with the other outputs' rows, which the axes do not record."""
         source, index = node.args
         index = index if isinstance(index, tuple) else (index,)
-        if not all(item is None or item is Ellipsis or item == slice(None) for item in index):
+        if not _only_new_axes(index):
             return None
         axes = self.carriers[source].axes
         explicit = sum(item is not None and item is not Ellipsis for item in index)
@@ -371,10 +375,7 @@ class _Analysis:
         ``base[indices] = values`` of a 1-D top-k. ``values``: permuted as the indices, or a number."""
         base, index, value = node.args
         index = index if isinstance(index, tuple) else (index,)
-        leading = 0
-        while leading < len(index) and index[leading] == slice(None):
-            leading += 1
-        tensors = index[leading:]
+        leading, tensors = _after_full_slices(index)
         if self._carries(base) or not tensors or not all(isinstance(t, torch.fx.Node) for t in tensors):
             return None
         targets = [t for t in tensors if self._carries(t)]
@@ -407,9 +408,8 @@ class _Analysis:
         node = selector
         while node.op in ("call_method", "call_function") and node.target in (
                 "unsqueeze", torch.unsqueeze, "view", "reshape", torch.reshape, operator.getitem):
-            if node.target is operator.getitem and not all(
-                    item is None or item == slice(None)
-                    for item in (node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],))):
+            if node.target is operator.getitem and not _only_new_axes(
+                    node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)):
                 return None
             node = node.args[0]
         if node.target is not torch.arange:
@@ -437,10 +437,7 @@ class _Analysis:
         if self._carries(table) or not isinstance(rows, torch.Tensor):
             return None
         index = index if isinstance(index, tuple) else (index,)
-        leading = 0
-        while leading < len(index) and index[leading] == slice(None):
-            leading += 1
-        tensors = index[leading:]
+        leading, tensors = _after_full_slices(index)
         if not tensors or not all(isinstance(t, torch.fx.Node) for t in tensors) or rows.dim() < len(index):
             return None
         values = [example_value(t) for t in tensors]
@@ -482,13 +479,12 @@ class _Analysis:
             return None
         return self._free(f"embedding_bag({mode})", mode == "max")
 
-
     def _sort(self, node, sort: str):
         """A sort along the permuted axis whose sorted values alone are used (sparse attention sorts
         its selected indices by position): they depend on each row's set, not its order. The
         sort's own indices (places in its input) would show the order."""
         source = node.args[0]
-        if not self._carries(source) or any(self._carries(a) for a in node.all_input_nodes if a is not source):
+        if not self._carries(source) or self._others_carry(node, source):
             return None
         axes = self.carriers[source].axes
         along = 0 if sort == "msort" else self._arg(node, 1, "dim", -1)
@@ -501,6 +497,19 @@ class _Analysis:
         source_value = example_value(source)
         exact = isinstance(source_value, torch.Tensor) and not source_value.is_floating_point()
         return self._free(sort, exact)
+
+
+def _after_full_slices(index: tuple) -> tuple[int, tuple]:
+    """(how many full slices ``index`` starts with, the items after them)."""
+    leading = 0
+    while leading < len(index) and index[leading] == slice(None):
+        leading += 1
+    return leading, index[leading:]
+
+
+def _only_new_axes(index: tuple) -> bool:
+    """Whether ``index`` only keeps axes whole (full slices, Ellipsis) and adds size-1 ones (None)."""
+    return all(item is None or item is Ellipsis or item == slice(None) for item in index)
 
 
 _FREE = object()
