@@ -6,8 +6,17 @@ the NaN key gives back its value bit for bit (``value_of_key``), so selected val
 gathered from the input again.
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+# On the GPU every NaN is first made the canonical NaN (0x7FFFFFFF, positive) by one ``max.NaN``
+# with -inf, whose key is the NaN key: one instruction an element where folding NaNs by their
+# bits takes three (a mask, a compare, a select). LLVM drops ``tl.maximum(v, -inf)`` as an
+# identity, hence the inline PTX. The interpreter runs no PTX, so it folds by the bits; Triton
+# itself reads TRITON_INTERPRET when it decorates, as here.
+_CANONICAL_NAN_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -18,21 +27,39 @@ def order_key(v, LARGEST: tl.constexpr):
     the type's minimum (see ``key_pad``) free for padding.
     """
     if v.dtype == tl.float32:
-        bits = v.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        key = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, key)
+        if _CANONICAL_NAN_PTX:
+            bits = _canonical_nan(v).to(tl.int32, bitcast=True)
+            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        else:
+            bits = v.to(tl.int32, bitcast=True)
+            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+            key = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, key)
     elif v.dtype == tl.float16:
         bits = v.to(tl.int16, bitcast=True).to(tl.int32)
         key = bits ^ ((bits >> 15) & 0x7FFF)
         key = tl.where((bits & 0x7FFF) > 0x7C00, 0x7FFF, key)
     else:
         tl.static_assert(v.dtype == tl.bfloat16, "order_key: fp32, fp16 or bf16 only")
-        bits = v.to(tl.int16, bitcast=True).to(tl.int32)
-        key = bits ^ ((bits >> 15) & 0x7FFF)
-        key = tl.where((bits & 0x7FFF) > 0x7F80, 0x7FFF, key)
+        if _CANONICAL_NAN_PTX:
+            # bf16 widens to fp32 exactly (its bits, shifted); the canonical NaN's high half is
+            # 0x7FFF, the 16-bit NaN key.
+            bits = _canonical_nan(v.to(tl.float32)).to(tl.int32, bitcast=True) >> 16
+            key = bits ^ ((bits >> 15) & 0x7FFF)
+        else:
+            bits = v.to(tl.int16, bitcast=True).to(tl.int32)
+            key = bits ^ ((bits >> 15) & 0x7FFF)
+            key = tl.where((bits & 0x7FFF) > 0x7F80, 0x7FFF, key)
     if not LARGEST:
         key = -key
     return key
+
+
+@triton.jit
+def _canonical_nan(v):
+    """fp32 ``v`` with every NaN, whatever its sign and payload, made 0x7FFFFFFF (PTX's
+    ``max.NaN`` returns the canonical NaN); -0.0 and subnormals kept."""
+    return tl.inline_asm_elementwise("max.NaN.f32 $0, $1, 0fFF800000;", "=r,r", [v], dtype=tl.float32,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
