@@ -93,6 +93,30 @@ def test_every_finish_and_unroll_equals_reference(rows, n, k, b, kb, dtype, sele
     assert_matches_reference(values, indices, ref_values, x, sorted_=True)
 
 
+@pytest.mark.parametrize("kb", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("largest", [True, False])
+def test_four_entries_merged_at_once_equal_one_at_a_time(kb, dtype, largest):
+    """At kb 4 and 8 an unroll of 4 or 8 merges four entries into a lane's slots at once; one
+    entry a step pushes them one at a time. Both keep each bucket's kb first entries, ties going
+    to the earlier slot, so the results are the same bit for bit: here with many ties, NaNs of
+    both signs, infinities and a masked tail (n not a multiple of the buckets)."""
+    x = torch.randint(-6, 7, (3, 1100)).float()
+    x[0, ::29] = float("nan")
+    x[1, 3::31] = -float("nan")
+    x[2, ::37] = float("-inf")
+    x[2, 5::41] = float("inf")
+    x = x.to(dtype).to(KERNEL_DEVICE)
+    ref_values, _ = reference(x, 120, 32, kb, "interleaved", largest)
+    one_at_a_time = fused_bucketed_topk(x, 120, num_buckets=32, per_bucket_k=kb, largest=largest, sorted=True,
+                                        unroll=1)
+    for unroll in (4, 8):
+        values, indices = fused_bucketed_topk(x, 120, num_buckets=32, per_bucket_k=kb, largest=largest, sorted=True,
+                                              unroll=unroll)
+        assert_matches_reference(values, indices, ref_values, x, sorted_=True, largest=largest)
+        assert torch.equal(indices.cpu(), one_at_a_time[1].cpu())
+
+
 @pytest.mark.parametrize("sorted_", [True, False])
 def test_capped_registers_equal_reference(sorted_):
     """A cap on the registers (which the interpreter ignores) spills on a GPU; the results must
