@@ -596,18 +596,18 @@ SELECT_PLANS = [(1024, 32768, 2048, torch.bfloat16, 1024, 4, 8, 64), (64, 131072
                 (4096, 4096, 512, torch.bfloat16, 256, 4, 2, 64), (1024, 65536, 100, torch.float32, 1024, 1, 4, 0)]
 
 
-def selects(shapes=None) -> list[dict]:
+def selects(shapes=None, methods=("bisect", "digits", "bracket")) -> list[dict]:
     """The fused kernel at each plan of SELECT_PLANS, sorted and unsorted, finding the k-th
     survivor key by bisection (one block-wide count a bit, as it runs), by digits (two bits a
     count, stopping where exactly k lie at or above) and between two survivor keys
-    (``kth_key_bracketed``); ``shapes``: only those ("ROWSxN")."""
+    (``kth_key_bracketed``); ``shapes``: only those ("ROWSxN"); ``methods``: only those."""
     out = []
     for rows, n, k, dtype, b, kb, warps, cap in SELECT_PLANS:
         if shapes and f"{rows}x{n}" not in shapes:
             continue
         x = torch.randn(rows, n, device="cuda", dtype=dtype)
         for sorted_ in (False, True):
-            for select in ("bisect", "digits", "bracket"):
+            for select in methods:
                 out.append(timed_row(x, k, b, kb, f"{'sorted' if sorted_ else 'unsorted'}:{select}:w{warps}:r{cap}",
                                      lambda s=select, o=sorted_: fused_bucketed_topk(
                                          x, k, num_buckets=b, per_bucket_k=kb, largest=True, sorted=o, select=s,
@@ -623,6 +623,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--shapes", nargs="+", metavar="ROWSxN", help="top-k shapes to profile (default: all)")
+    parser.add_argument("--selects", nargs="+", choices=("bisect", "digits", "bracket"),
+                        default=["bisect", "digits", "bracket"], help="selections the selects part times")
     args = parser.parse_args(argv)
     start = time.time()
     parts = {}
@@ -641,7 +643,7 @@ def main(argv=None):
     if "registers" in args.only:
         parts["registers"] = register_caps(args.shapes)
     if "selects" in args.only:
-        parts["selects"] = selects(args.shapes)
+        parts["selects"] = selects(args.shapes, args.selects)
     if "hire" in args.only:
         parts["hire_ffn"] = hire_ffn_kernels()
     if "host" in args.only:
