@@ -35,6 +35,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.language import target_info
 
 from topk_compiler.kernels.launch import LAUNCH_OPTIONS
 
@@ -133,9 +134,26 @@ def waits(code: list[tuple[int, str]]) -> dict:
             "shuffles": sum(op.startswith("SHFL") for op in opcodes)}
 
 
+@contextlib.contextmanager
+def _hopper_as_current_target():
+    """Kernels that ask ``target_info`` for the GPU they compile for (``cuda_capability_geq``)
+    get Hopper, as on the device; on this machine there is none to ask."""
+    def hopper():
+        return HOPPER
+
+    hopper.__triton_builtin__ = True  # as the function it stands in for, for Triton's dependency hash
+    saved = target_info.current_target
+    target_info.current_target = hopper
+    try:
+        yield
+    finally:
+        target_info.current_target = saved
+
+
 def compile_launch(fn, args, kwargs) -> dict:
     signature, constexprs, attrs, options = _signature(fn, args, kwargs)
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=HOPPER, options=options)
+    with _hopper_as_current_target():
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=HOPPER, options=options)
     code = _instructions(kernel.asm["cubin"])
     return {"kernel": fn.__name__, **_resource_usage(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
             "num_warps": options.get("num_warps", 4), "load_loops": load_loops(code), **waits(code),

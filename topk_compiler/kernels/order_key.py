@@ -6,17 +6,9 @@ the NaN key gives back its value bit for bit (``value_of_key``), so selected val
 gathered from the input again.
 """
 
-import os
-
 import triton
 import triton.language as tl
-
-# On the GPU every NaN is first made the canonical NaN (0x7FFFFFFF, positive) by one ``max.NaN``
-# with -inf, whose key is the NaN key: one instruction an element where folding NaNs by their
-# bits takes three (a mask, a compare, a select). LLVM drops ``tl.maximum(v, -inf)`` as an
-# identity, hence the inline PTX. The interpreter runs no PTX, so it folds by the bits; Triton
-# itself reads TRITON_INTERPRET when it decorates, as here.
-_CANONICAL_NAN_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+from triton.language.target_info import cuda_capability_geq
 
 
 @triton.jit
@@ -27,7 +19,7 @@ def order_key(v, LARGEST: tl.constexpr):
     the type's minimum (see ``key_pad``) free for padding.
     """
     if v.dtype == tl.float32:
-        if _CANONICAL_NAN_PTX:
+        if cuda_capability_geq(8, 0):
             bits = _canonical_nan(v).to(tl.int32, bitcast=True)
             key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
         else:
@@ -40,7 +32,7 @@ def order_key(v, LARGEST: tl.constexpr):
         key = tl.where((bits & 0x7FFF) > 0x7C00, 0x7FFF, key)
     else:
         tl.static_assert(v.dtype == tl.bfloat16, "order_key: fp32, fp16 or bf16 only")
-        if _CANONICAL_NAN_PTX:
+        if cuda_capability_geq(8, 0):
             # bf16 widens to fp32 exactly (its bits, shifted); the canonical NaN's high half is
             # 0x7FFF, the 16-bit NaN key.
             bits = _canonical_nan(v.to(tl.float32)).to(tl.int32, bitcast=True) >> 16
@@ -57,7 +49,11 @@ def order_key(v, LARGEST: tl.constexpr):
 @triton.jit
 def _canonical_nan(v):
     """fp32 ``v`` with every NaN, whatever its sign and payload, made 0x7FFFFFFF (PTX's
-    ``max.NaN`` returns the canonical NaN); -0.0 and subnormals kept."""
+    ``max.NaN``, sm_80 and later, returns the canonical NaN); -0.0 and subnormals kept.
+
+    One instruction an element where finding NaNs by their bits takes three (a mask, a compare,
+    a select). LLVM would drop ``tl.maximum(v, -inf)`` as an identity, hence the inline PTX.
+    The interpreter, which runs no PTX, and GPUs before sm_80 find NaNs by their bits."""
     return tl.inline_asm_elementwise("max.NaN.f32 $0, $1, 0fFF800000;", "=r,r", [v], dtype=tl.float32,
                                      is_pure=True, pack=1)
 
