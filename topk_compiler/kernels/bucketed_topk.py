@@ -75,6 +75,16 @@ def _exchange(a, b):
 
 
 @triton.jit
+def _sort_bitonic4(a, b, c, d):
+    """A bitonic sequence of four, sorted descending (two half-cleaners)."""
+    a, c = _exchange(a, c)
+    b, d = _exchange(b, d)
+    a, b = _exchange(a, b)
+    c, d = _exchange(c, d)
+    return a, b, c, d
+
+
+@triton.jit
 def _merge4(e0, e1, e2, e3, r0, r1, r2, r3, r4, r5, r6, r7, KB: tl.constexpr):
     """Four entries into the per-lane sorted slots r0 >= r1 >= ... of KB = 4 or 8 at once: the
     four sorted (five exchanges), then merged as a bitonic sequence. At KB = 4 that is 22 min/max
@@ -94,14 +104,8 @@ def _merge4(e0, e1, e2, e3, r0, r1, r2, r3, r4, r5, r6, r7, KB: tl.constexpr):
         r1, r5 = _exchange(r1, r5)
         r2, r6 = _exchange(r2, r6)
         r3, r7 = _exchange(r3, r7)
-        r4, r6 = _exchange(r4, r6)
-        r5, r7 = _exchange(r5, r7)
-        r4, r5 = _exchange(r4, r5)
-        r6, r7 = _exchange(r6, r7)
-    r0, r2 = _exchange(r0, r2)
-    r1, r3 = _exchange(r1, r3)
-    r0, r1 = _exchange(r0, r1)
-    r2, r3 = _exchange(r2, r3)
+        r4, r5, r6, r7 = _sort_bitonic4(r4, r5, r6, r7)
+    r0, r1, r2, r3 = _sort_bitonic4(r0, r1, r2, r3)
     return r0, r1, r2, r3, r4, r5, r6, r7
 
 

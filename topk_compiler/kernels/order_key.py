@@ -18,13 +18,13 @@ def order_key(v, LARGEST: tl.constexpr):
     16-bit inputs give keys in [-32767, 32767] and fp32 in [-(2**31 - 1), 2**31 - 1], which leaves
     the type's minimum (see ``key_pad``) free for padding.
     """
+    canonical = cuda_capability_geq(8, 0)
     if v.dtype == tl.float32:
-        if cuda_capability_geq(8, 0):
-            bits = _canonical_nan(v).to(tl.int32, bitcast=True)
-            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        else:
-            bits = v.to(tl.int32, bitcast=True)
-            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        if canonical:
+            v = _canonical_nan(v)
+        bits = v.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        if not canonical:
             key = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, key)
     elif v.dtype == tl.float16:
         bits = v.to(tl.int16, bitcast=True).to(tl.int32)
@@ -32,14 +32,14 @@ def order_key(v, LARGEST: tl.constexpr):
         key = tl.where((bits & 0x7FFF) > 0x7C00, 0x7FFF, key)
     else:
         tl.static_assert(v.dtype == tl.bfloat16, "order_key: fp32, fp16 or bf16 only")
-        if cuda_capability_geq(8, 0):
+        if canonical:
             # bf16 widens to fp32 exactly (its bits, shifted); the canonical NaN's high half is
             # 0x7FFF, the 16-bit NaN key.
             bits = _canonical_nan(v.to(tl.float32)).to(tl.int32, bitcast=True) >> 16
-            key = bits ^ ((bits >> 15) & 0x7FFF)
         else:
             bits = v.to(tl.int16, bitcast=True).to(tl.int32)
-            key = bits ^ ((bits >> 15) & 0x7FFF)
+        key = bits ^ ((bits >> 15) & 0x7FFF)
+        if not canonical:
             key = tl.where((bits & 0x7FFF) > 0x7F80, 0x7FFF, key)
     if not LARGEST:
         key = -key
