@@ -9,7 +9,11 @@ and timed by do_bench (L2 flushed) on calls of the compiled model, beside the HB
 read once) and torch.topk alone. Recall is the fraction of each row's true top k that the output
 keeps (a nonzero in its place; its position in the list).
 
-    PYTHONPATH=. python3 -m benchmarks.bench_unobserved_order [--shapes 16x14336 ...] [--out DIR]
+With ``--profile`` each variant's record also lists the device time of each kernel a call runs
+(torch.profiler over graph replays): the top-k's own kernels beside the scatter, the sort and the
+copy of the input into the graph's static buffer that ``reduce-overhead`` makes.
+
+    PYTHONPATH=. python3 -m benchmarks.bench_unobserved_order [--shapes 16x14336 ...] [--profile] [--out DIR]
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def recall_of(model_name: str, out: torch.Tensor, x: torch.Tensor, k: int) -> fl
     return kept.gather(-1, true).float().mean().item()
 
 
-def bench_case(model_name: str, shape: Shape, bandwidth: float, device: torch.device) -> dict:
+def bench_case(model_name: str, shape: Shape, bandwidth: float, device: torch.device, profile: bool = False) -> dict:
     k = shape.k
     x = torch.randn(shape.rows, shape.n, device=device, dtype=DTYPES[shape.dtype])
     record = {"model": model_name, "shape": shape.name, "floor_us": hbm_floor_us(shape, bandwidth),
@@ -84,7 +88,14 @@ def bench_case(model_name: str, shape: Shape, bandwidth: float, device: torch.de
         recall = recall_of(model_name, out, x, k)
         record[name] = {**time_us(lambda: model(x), device), "recall": recall, "report": report}
         record[name]["x_floor"] = record[name]["median_us"] / record["floor_us"]
+        if profile and device.type == "cuda":
+            from benchmarks.profile_stages import kernel_times
+
+            record[name]["kernels"] = kernel_times(lambda: model(x))
     print(json.dumps(record, default=str)[:600], flush=True)
+    for name in VARIANTS:
+        for kernel in record[name].get("kernels", []):
+            print(f"  {name}: {kernel['us_per_op']:8.1f} us x{kernel['calls_per_op']:.0f} {kernel['name'][:90]}", flush=True)
     return record
 
 
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     parser.add_argument("--shapes", nargs="+", metavar="ROWSxN", help="shapes to run (default: all)")
+    parser.add_argument("--profile", action="store_true", help="also record each kernel's device time a call")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bandwidth = measure_copy(device, 1024**3 if device.type == "cuda" else 2**26)["read_write_bytes_per_s"]
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cases": []}
     args.out.mkdir(parents=True, exist_ok=True)
     for model_name, shape in cases:
-        report["cases"].append(bench_case(model_name, shape, bandwidth, device))
+        report["cases"].append(bench_case(model_name, shape, bandwidth, device, args.profile))
         report["seconds"] = round(time.time() - start, 1)
         (args.out / "bench_unobserved_order.json").write_text(json.dumps(report, indent=1) + "\n")
         (args.out / "bench_unobserved_order.md").write_text(markdown(report))
