@@ -6,12 +6,13 @@ Two models: the activation of a TopK sparse autoencoder or sparse FFN (the k lar
 scattered into zeros), and a sparse-attention index list (the k largest of each row's scores, their
 positions sorted ascending). Each variant is compiled with ``mode="reduce-overhead"`` (CUDA graphs)
 and timed by do_bench (L2 flushed) on calls of the compiled model, beside the HBM floor (the input
-read once) and torch.topk alone. Recall is the fraction of each row's true top k that the output
-keeps (a nonzero in its place; its position in the list).
+read once) and torch.topk alone. The input is marked a static address, as a model's activations
+made inside the graph would be: the CUDA graph reads it in place rather than copying it into a
+buffer of its own at every call (the run of 1d7c454 did not mark it). Recall is the fraction of
+each row's true top k that the output keeps (a nonzero in its place; its position in the list).
 
 With ``--profile`` each variant's record also lists the device time of each kernel a call runs
-(torch.profiler over graph replays): the top-k's own kernels beside the scatter, the sort and the
-copy of the input into the graph's static buffer that ``reduce-overhead`` makes.
+(torch.profiler over graph replays): the top-k's own kernels beside the fill, the scatter and the sort.
 
     PYTHONPATH=. python3 -m benchmarks.bench_unobserved_order [--shapes 16x14336 ...] [--profile] [--out DIR]
 """
@@ -74,6 +75,7 @@ def recall_of(model_name: str, out: torch.Tensor, x: torch.Tensor, k: int) -> fl
 def bench_case(model_name: str, shape: Shape, bandwidth: float, device: torch.device, profile: bool = False) -> dict:
     k = shape.k
     x = torch.randn(shape.rows, shape.n, device=device, dtype=DTYPES[shape.dtype])
+    torch._dynamo.mark_static_address(x, guard=True)
     record = {"model": model_name, "shape": shape.name, "floor_us": hbm_floor_us(shape, bandwidth),
               "torch.topk": time_us(lambda: torch.topk(x, k), device)["median_us"],
               "torch.topk unsorted": time_us(lambda: torch.topk(x, k, sorted=False), device)["median_us"]}
