@@ -241,6 +241,8 @@ def families() -> dict:
             _bf16(2, 65536), 2048, num_buckets=32, per_bucket_k=68, largest=True, select="bitonic"), True),
         "wide buckets fp32, k=1434 of 14336, 8 shares": (lambda: wide_share_topk(
             torch.empty(2, 14336), 1434, num_buckets=8, largest=True), True),
+        "wide buckets fp32, k=1434 of 14336, 16 shares, counts sharing an int32": (lambda: wide_share_topk(
+            torch.empty(2, 14336), 1434, num_buckets=16, largest=True, num_warps=4), True),
         "wide buckets bf16, k=2048 of 65536, 32 shares, shuffled": (lambda: wide_share_topk(
             _bf16(2, 65536), 2048, num_buckets=32, largest=False, layout_id=1, seed=3), True),
         "wide buckets fp32, k=1434 of 14336, 16 shares, bracketed": (lambda: wide_share_topk(

@@ -8,8 +8,9 @@ import triton.language as tl
 
 from tests.conftest import KERNEL_DEVICE
 from tests.kernels.test_bucketed_topk import FINISHES
-from topk_compiler.kernels.select_topk import (exact_topk, key_pad, kth_key_bisect, kth_key_bracketed,
-                                               kth_key_by_digits, new_outputs, select_topk, sort_selected)
+from topk_compiler.kernels.select_topk import (count_fields, exact_topk, key_pad, kth_key_bisect,
+                                               kth_key_bracketed, kth_key_by_digits, new_outputs, select_topk,
+                                               sort_selected)
 from topk_compiler.lowering.order_keys import order_keys
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -180,31 +181,36 @@ def key_rows(key_bits: int, m: int) -> torch.Tensor:
 
 
 @triton.jit
-def _kth_key_kernel(keys_ptr, out_ptr, k, m, NS: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+def _kth_key_kernel(keys_ptr, out_ptr, k, m, NS: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                    FIELD_BITS: tl.constexpr):
     row = tl.program_id(0)
     f = tl.arange(0, NS)
     keys = tl.load(keys_ptr + row * m + f, mask=f < m, other=key_pad(KEY_BITS))
     tl.store(out_ptr + 3 * row, kth_key_bisect(keys, k, KEY_BITS))
-    threshold, at_or_above = kth_key_by_digits(keys, k, KEY_BITS, DIGIT_BITS)
+    threshold, at_or_above = kth_key_by_digits(keys, k, KEY_BITS, DIGIT_BITS, FIELD_BITS)
     tl.store(out_ptr + 3 * row + 1, threshold)
     tl.store(out_ptr + 3 * row + 2, at_or_above)
 
 
 @pytest.mark.parametrize("key_bits", [16, 32])
-@pytest.mark.parametrize("digit_bits", [2, 4])
-def test_thresholds_part_the_top_k_from_the_rest(key_bits, digit_bits):
+@pytest.mark.parametrize("digit_bits,packed", [(2, False), (2, True), (4, False)])
+def test_thresholds_part_the_top_k_from_the_rest(key_bits, digit_bits, packed):
     """Bisection returns the k-th largest key; the search by digits a threshold T with at most k
     keys above it and at least k at or above it (the k-th key, or one below it where exactly k
     lie at or above), so the keys above T then T's first ties are the top k, with the count at or
     above T it returns. On rows of ties, of
     the extreme keys, and of fewer candidates than the block (padding below every key); the
-    random row of 32-bit keys stops early (k = 1 and 37: T below the k-th key)."""
-    m = 100
+    random row of 32-bit keys stops early (k = 1 and 37: T below the k-th key). ``packed``: the
+    digits' counts share one int32 in fields of 7 bits, which 127 keys fill (a row of equal keys
+    counts 127 at every digit it reaches)."""
+    m = 127 if packed else 100
     keys = key_rows(key_bits, m)
+    field_bits = count_fields(digit_bits, m) if packed else 0
+    assert field_bits == (7 if packed else 0)
     for k in (1, 37, m):
         out = torch.empty(5, 3, dtype=torch.int32, device=KERNEL_DEVICE)
         _kth_key_kernel[(5,)](keys.to(torch.int32).to(KERNEL_DEVICE), out, k, m, NS=128, KEY_BITS=key_bits,
-                              DIGIT_BITS=digit_bits)
+                              DIGIT_BITS=digit_bits, FIELD_BITS=field_bits)
         expected = keys.sort(dim=1, descending=True).values[:, k - 1].to(torch.int32)
         assert torch.equal(out.cpu()[:, 0], expected)
         by_digits = out.cpu()[:, 1:2].to(torch.int64)
@@ -212,6 +218,17 @@ def test_thresholds_part_the_top_k_from_the_rest(key_bits, digit_bits):
         assert torch.equal(out.cpu()[:, 2].to(torch.int64), (keys >= by_digits).sum(1))
         if key_bits == 32 and k < m:
             assert by_digits[0, 0] < expected[0]
+        if packed:
+            separate = torch.empty_like(out)
+            _kth_key_kernel[(5,)](keys.to(torch.int32).to(KERNEL_DEVICE), separate, k, m, NS=128, KEY_BITS=key_bits,
+                                  DIGIT_BITS=digit_bits, FIELD_BITS=0)
+            assert torch.equal(out, separate)
+
+
+def test_counts_share_an_int32_only_where_no_field_can_carry():
+    assert count_fields(2, 896) == 10 and count_fields(2, 1023) == 10  # 3 fields of 10 bits
+    assert count_fields(2, 1024) == 0 and count_fields(2, 1792) == 0  # 1024 needs 11 bits: 33
+    assert count_fields(1, 4096) == 13 and count_fields(4, 3) == 2 and count_fields(4, 4) == 0
 
 
 @triton.jit
