@@ -9,8 +9,9 @@ dtypes, 32-bit ints marked divisible by 16 where they are, as Triton specialises
 keyword constexprs and ``num_warps`` the compile options. ``triton.compile`` then runs down to a
 cubin with the ptxas that ships with Triton; nothing is launched. Each launch reports its
 registers, spills, shared memory, the instruction count of each loop that loads from global
-memory (``load_loops``, from the disassembly), its instructions, block-wide barriers and warp
-shuffles (``waits``: what a latency-bound program waits on), and its layout conversions (each a
+memory (``load_loops``, from the disassembly), each loop that loads nothing (``round_loops``: a
+threshold search's rounds), its instructions, block-wide barriers and warp shuffles (``waits``:
+what a latency-bound program waits on), and its layout conversions (each a
 round trip of a tensor through shared memory, or shuffles, between two ops that Triton gave
 different register layouts, e.g. a vector load feeding a scattered store).
 
@@ -108,18 +109,34 @@ def _instructions(cubin: bytes) -> list[tuple[int, str]]:
     return [(int(a, 16), ins) for a, ins in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", _cuobjdump(cubin, "-sass"))]
 
 
-def load_loops(code: list[tuple[int, str]]) -> list[int]:
-    """Instructions in each loop that loads from global memory (a backward branch and the code back
-    to its target): the per-step cost of a streaming loop, readable without a GPU."""
+def _loops(code: list[tuple[int, str]]) -> list[list[str]]:
+    """The instructions of each loop: a backward branch and the code back to its target."""
     address = [a for a, _ in code]
     loops = []
     for i, (_, instruction) in enumerate(code):
         target = re.search(r"\bBRA\s+(?:`?\(?[^)]*\)?\s*)?0x([0-9a-f]+)", instruction)
         if target and int(target.group(1), 16) < address[i] and int(target.group(1), 16) in address:
-            body = [ins for _, ins in code[address.index(int(target.group(1), 16)):i + 1]]
-            if any(re.search(r"\bLDG\b", ins) for ins in body):
-                loops.append(len(body))
+            loops.append([ins for _, ins in code[address.index(int(target.group(1), 16)):i + 1]])
     return loops
+
+
+def load_loops(code: list[tuple[int, str]]) -> list[int]:
+    """Instructions in each loop that loads from global memory: the per-step cost of a streaming
+    loop, readable without a GPU."""
+    return [len(body) for body in _loops(code) if any(re.search(r"\bLDG\b", ins) for ins in body)]
+
+
+def round_loops(code: list[tuple[int, str]]) -> list[dict]:
+    """Each loop that loads nothing from global memory (a threshold search's rounds): its
+    instructions, warp shuffles, block-wide barriers and warp sums (``REDUX``), one round's chain."""
+    rounds = []
+    for body in _loops(code):
+        if not any(re.search(r"\bLDG\b", ins) for ins in body):
+            opcodes = [_opcode(ins) for ins in body]
+            rounds.append({"instructions": len(opcodes), "shuffles": sum(op.startswith("SHFL") for op in opcodes),
+                           "barriers": sum(op.startswith("BAR") for op in opcodes),
+                           "warp_sums": sum(op.startswith("REDUX") for op in opcodes)})
+    return rounds
 
 
 def _opcode(instruction: str) -> str:
@@ -156,7 +173,8 @@ def compile_launch(fn, args, kwargs) -> dict:
         kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=HOPPER, options=options)
     code = _instructions(kernel.asm["cubin"])
     return {"kernel": fn.__name__, **_resource_usage(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
-            "num_warps": options.get("num_warps", 4), "load_loops": load_loops(code), **waits(code),
+            "num_warps": options.get("num_warps", 4), "load_loops": load_loops(code), "round_loops": round_loops(code),
+            **waits(code),
             "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout")}
 
 

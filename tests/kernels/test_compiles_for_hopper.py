@@ -59,3 +59,15 @@ def test_stage_two_keeps_stage_one_resident(families_output):
     assert unsorted["registers"] <= 104
     (capped,) = _launches(families_output, "fused, k=2048 of 32768, sorted, registers capped")
     assert capped["registers"] <= 64
+
+
+def test_share_kernel_sums_a_rounds_counts_once(families_output):
+    """A threshold round by digits in buckets under 1024 slots sums its three counts as fields of
+    one int32: a warp's sum is one ``redux.sum`` and a round shorter than one that counts each
+    digit apart (buckets of 1792 slots, whose counts do not fit: every key in four lanes, shuffle
+    trees)."""
+    (packed,) = _launches(families_output, "wide buckets fp32, k=1434 of 14336, 16 shares, counts sharing an int32")
+    (separate,) = _launches(families_output, "wide buckets fp32, k=1434 of 14336, 8 shares")
+    (packed_round,), (separate_round,) = packed["round_loops"], separate["round_loops"]
+    assert packed_round["warp_sums"] >= 1 and packed_round["shuffles"] < separate_round["shuffles"]
+    assert packed_round["instructions"] < separate_round["instructions"]
