@@ -6,10 +6,11 @@ Two models: the activation of a TopK sparse autoencoder or sparse FFN (the k lar
 scattered into zeros), and a sparse-attention index list (the k largest of each row's scores, their
 positions sorted ascending). Each variant is compiled with ``mode="reduce-overhead"`` (CUDA graphs)
 and timed by do_bench (L2 flushed) on calls of the compiled model, beside the HBM floor (the input
-read once) and torch.topk alone. The input is marked a static address, as a model's activations
-made inside the graph would be: the CUDA graph reads it in place rather than copying it into a
-buffer of its own at every call (the run of 1d7c454 did not mark it). Recall is the fraction of
-each row's true top k that the output keeps (a nonzero in its place; its position in the list).
+read once), torch.topk alone and our op alone (unsorted, replayed in a CUDA graph, where a GPU runs
+it). The input is marked a static address, as a model's activations made inside the graph would be:
+the CUDA graph reads it in place rather than copying it into a buffer of its own at every call (the
+run of 1d7c454 did not mark it). Recall is the fraction of each row's true top k that the output
+keeps (a nonzero in its place; its position in the list).
 
 With ``--profile`` each variant's record also lists the device time of each kernel a call runs
 (torch.profiler over graph replays): the top-k's own kernels beside the fill, the scatter and the sort.
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 import topk_compiler
-from benchmarks.bench_topk import DTYPES, Shape, environment, hbm_floor_us, measure_copy, time_us
+from benchmarks.bench_topk import DTYPES, Shape, environment, graph_replay, hbm_floor_us, measure_copy, time_us
 
 ACTIVATION, INDEX_LIST = "TopK activation", "index list"
 # In the order they run: a run cut short keeps the cases done (each is written as it ends).
@@ -79,6 +80,12 @@ def bench_case(model_name: str, shape: Shape, bandwidth: float, device: torch.de
     record = {"model": model_name, "shape": shape.name, "floor_us": hbm_floor_us(shape, bandwidth),
               "torch.topk": time_us(lambda: torch.topk(x, k), device)["median_us"],
               "torch.topk unsorted": time_us(lambda: torch.topk(x, k, sorted=False), device)["median_us"]}
+    if device.type == "cuda":
+        # The op alone, unsorted, replayed as the compiled model is: what the rest of the graph
+        # adds to a call is the model's time beyond it.
+        op = functools.partial(topk_compiler.approx_topk, x, k, sorted=False, recall_target=RECALL_TARGET)
+        op()
+        record["approx_topk unsorted, replayed"] = time_us(graph_replay(op), device)["median_us"]
     uncompiled = functools.partial(MODELS[model_name], k=k)
     for name, variant in VARIANTS.items():
         model = compiled(uncompiled, variant)
@@ -109,12 +116,15 @@ def markdown(report: dict) -> str:
              "`torch.topk(h, k).indices.sort(dim=-1).values`. Compiled with "
              f"`mode=\"reduce-overhead\"`; approx_topk at recall target {RECALL_TARGET}. Median of do_bench "
              "(L2 flushed) over calls of the compiled model; ×F = times the HBM floor; r = recall.", "",
-             "| model | shape | floor | torch.topk (sorted / unsorted) | " + " | ".join(VARIANTS) + " |",
-             "|---|---|---|---|" + "---|" * len(VARIANTS)]
+             "| model | shape | floor | torch.topk (sorted / unsorted) | approx_topk alone (unsorted) | "
+             + " | ".join(VARIANTS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(VARIANTS)]
     for r in report["cases"]:
         cells = [f"{r[v]['median_us']:.1f} µs · {r[v]['x_floor']:.1f}×F · r {r[v]['recall']:.3f}" for v in VARIANTS]
+        alone = r.get("approx_topk unsorted, replayed")
         lines.append(f"| {r['model']} | {r['shape']} | {r['floor_us']:.2f} µs | {r['torch.topk']:.1f} / "
-                     f"{r['torch.topk unsorted']:.1f} µs | " + " | ".join(cells) + " |")
+                     f"{r['torch.topk unsorted']:.1f} µs | {'-' if alone is None else f'{alone:.1f} µs'} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
