@@ -8,9 +8,9 @@ import triton.language as tl
 
 from tests.conftest import KERNEL_DEVICE
 from tests.kernels.test_bucketed_topk import FINISHES
-from topk_compiler.kernels.select_topk import (count_fields, exact_topk, key_pad, kth_key_bisect,
-                                               kth_key_bracketed, kth_key_by_digits, new_outputs, select_topk,
-                                               sort_selected)
+from topk_compiler.kernels.select_topk import (compact_positions_by_column, count_fields, exact_topk, key_pad,
+                                               kth_key_bisect, kth_key_bracketed, kth_key_by_digits, new_outputs,
+                                               select_topk, sort_selected)
 from topk_compiler.lowering.order_keys import order_keys
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -223,6 +223,33 @@ def test_thresholds_part_the_top_k_from_the_rest(key_bits, digit_bits, packed):
             _kth_key_kernel[(5,)](keys.to(torch.int32).to(KERNEL_DEVICE), separate, k, m, NS=128, KEY_BITS=key_bits,
                                   DIGIT_BITS=digit_bits, FIELD_BITS=0)
             assert torch.equal(out, separate)
+
+
+@triton.jit
+def _by_column_kernel(keys_ptr, out_ptr, threshold, need, NS: tl.constexpr, COLUMNS: tl.constexpr):
+    f = tl.arange(0, NS)
+    keys = tl.load(keys_ptr + f)
+    chosen, position = compact_positions_by_column(keys, threshold, need, COLUMNS)
+    tl.store(out_ptr + f, tl.where(chosen, position, -1))
+
+
+@pytest.mark.parametrize("columns", [1, 32, 128, 256])
+def test_compaction_by_column_numbers_the_chosen_column_by_column(columns):
+    """Keys above the threshold, then its first ``need`` ties, numbered 0, 1, ... in the order of
+    the [256 / columns, columns] view's columns (key c, c + columns, ... before c + 1): on a row
+    with many ties at the threshold, and on one with none of them chosen."""
+    ns = 256
+    keys = torch.randint(-3, 4, (ns,), dtype=torch.int32)
+    order = torch.arange(ns).reshape(ns // columns, columns).T.reshape(-1)  # slots, column by column
+    for threshold, need in ((1, 5), (0, 0), (-4, 0)):
+        out = torch.empty(ns, dtype=torch.int32, device=KERNEL_DEVICE)
+        _by_column_kernel[(1,)](keys.to(KERNEL_DEVICE), out, threshold, need, NS=ns, COLUMNS=columns)
+        in_order = keys[order]
+        ties_seen = torch.cumsum((in_order == threshold).int(), 0) - (in_order == threshold).int()
+        chosen = (in_order > threshold) | ((in_order == threshold) & (ties_seen < need))
+        expected = torch.full((ns,), -1, dtype=torch.int32)
+        expected[order[chosen]] = torch.arange(int(chosen.sum()), dtype=torch.int32)
+        assert torch.equal(out.cpu(), expected)
 
 
 def test_counts_share_an_int32_only_where_no_field_can_carry():

@@ -323,6 +323,29 @@ def compact_positions(keys, threshold, need, above_base, tied_base):
 
 
 @triton.jit
+def compact_positions_by_column(keys, threshold, need, COLUMNS: tl.constexpr):
+    """``compact_positions`` of one block (no bases), numbering the chosen keys column by column
+    of its [n / COLUMNS, COLUMNS] view (keys c, c + COLUMNS, ... before c + 1), so another
+    order of the same selection. With COLUMNS the block's threads, a thread's keys are a column:
+    Triton holds a 1-D block that loads no two adjacent keys (a wide bucket's strided slots) as
+    keys t, t + threads, ... of thread t, and scanned it as n / threads warp-wide scans, one a
+    register (40 shuffles for a bucket of 1024 slots over 4 warps). Here a thread counts its
+    column, one scan over the threads' counts places the columns, and each key's place in its
+    column is counted in the thread."""
+    ROWS: tl.constexpr = keys.shape[0] // COLUMNS
+    above = keys > threshold
+    tied = keys == threshold
+    packed = tl.reshape(above.to(tl.int32) + (tied.to(tl.int32) << 16), [ROWS, COLUMNS])
+    column = tl.sum(packed, axis=0)
+    before = tl.cumsum(packed, axis=0) - packed + (tl.cumsum(column, axis=0) - column)[None, :]
+    before = tl.reshape(before, [keys.shape[0]])
+    above_before = before & 0xFFFF
+    tied_before = before >> 16
+    chosen = above | (tied & (tied_before < need))
+    return chosen, above_before + tl.minimum(tied_before, need)
+
+
+@triton.jit
 def order_entry(keys, position, ORDER32: tl.constexpr):
     """Packed (key, output position) that sorts descending into torch.topk's order; a tie goes
     to the earlier position. int32 for 16-bit keys (positions < 2**16), else int64."""

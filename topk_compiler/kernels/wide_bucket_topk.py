@@ -47,8 +47,9 @@ from topk_compiler.kernels import cdiv, chains_launches, next_pow2, smallest_buc
 from topk_compiler.kernels.bucket_layout import element_index
 from topk_compiler.kernels.launch import Launch
 from topk_compiler.kernels.order_key import order_key
-from topk_compiler.kernels.select_topk import (compact_positions, count_fields, entry_pad, index_entry, key_pad, pack32,
-                                               threshold_and_ties, top_entries, unpack_index_entry, values_of)
+from topk_compiler.kernels.select_topk import (compact_positions, compact_positions_by_column, count_fields,
+                                               entry_pad, index_entry, key_pad, pack32, threshold_and_ties, top_entries,
+                                               unpack_index_entry, values_of)
 
 # A bucket is held in registers: at most this many slots (16 keys a thread at 8 warps).
 MAX_SLOTS = 4096
@@ -79,14 +80,18 @@ def _bucket(x_ptr, row, q, n, slots, seed, x_row_stride, NUM_BUCKETS: tl.constex
 
 @triton.jit
 def _bucket_top(keys, count, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr, GROUPS: tl.constexpr,
-                FIELD_BITS: tl.constexpr):
+                FIELD_BITS: tl.constexpr, COLUMNS: tl.constexpr):
     """(chosen, position) of the bucket's top ``count`` keys: those above its count-th largest
-    key, then the first ties, at positions 0 ... count - 1 in slot order; its threshold found as
-    ``threshold_and_ties`` says (GROUPS > 0: bracketed, else by digits)."""
+    key, then the first ties, at positions 0 ... count - 1: in the order of
+    ``compact_positions_by_column`` with COLUMNS > 0 (the program's threads), else in slot order;
+    its threshold found as ``threshold_and_ties`` says (GROUPS > 0: bracketed, else by digits)."""
     threshold, need = threshold_and_ties(keys, count, KEY_BITS, DIGIT_BITS, GROUPS, FIELD_BITS)
-    zero = tl.zeros([], dtype=tl.int32)
-    chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
-    return chosen, position
+    if COLUMNS > 0:
+        return compact_positions_by_column(keys, threshold, need, COLUMNS)
+    else:
+        zero = tl.zeros([], dtype=tl.int32)
+        chosen, position, _, _ = compact_positions(keys, threshold, need, zero, zero)
+        return chosen, position
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -96,7 +101,8 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
                        NUM_BUCKETS: tl.constexpr, SLOTS_POW2: tl.constexpr, KB_POW2: tl.constexpr,
                        LAYOUT: tl.constexpr, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr,
                        PACK32: tl.constexpr, DIGIT_BITS: tl.constexpr, GROUPS: tl.constexpr,
-                       FIELD_BITS: tl.constexpr, NETWORK: tl.constexpr, CHAINED: tl.constexpr):
+                       FIELD_BITS: tl.constexpr, COLUMNS: tl.constexpr, NETWORK: tl.constexpr,
+                       CHAINED: tl.constexpr):
     """Program (row, q): bucket q's top ``per_bucket_k`` entries, sorted descending, at
     q * per_bucket_k ... of the row's entries (every bucket holds that many elements at least:
     the launcher checks). CHAINED: the merge may launch at once (it waits for these writes)."""
@@ -113,7 +119,7 @@ def _bucket_top_kernel(x_ptr, entries_ptr,                        # pointers
         # Padding slots rank last: the lowest key, and index 0 so that it stays out of the key's bits.
         top = top_entries(index_entry(keys, tl.where(valid, idx, 0), PACK32), KB_POW2)
     else:
-        chosen, position = _bucket_top(keys, per_bucket_k, KEY_BITS, DIGIT_BITS, GROUPS, FIELD_BITS)
+        chosen, position = _bucket_top(keys, per_bucket_k, KEY_BITS, DIGIT_BITS, GROUPS, FIELD_BITS, COLUMNS)
         # Compacted to the bucket's place, then sorted there (every load before any store).
         tl.store(out + position, index_entry(keys, idx, PACK32), mask=chosen)
         tl.debug_barrier()
@@ -130,7 +136,7 @@ def _bucket_share_kernel(x_ptr, values_ptr, indices_ptr,  # pointers
                          x_row_stride, out_row_stride,     # strides
                          NUM_BUCKETS: tl.constexpr, SLOTS_POW2: tl.constexpr, LAYOUT: tl.constexpr,
                          LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr,
-                         GROUPS: tl.constexpr, FIELD_BITS: tl.constexpr):
+                         GROUPS: tl.constexpr, FIELD_BITS: tl.constexpr, COLUMNS: tl.constexpr):
     """Program (row, q): bucket q's top ``share`` (its share of k), written to the outputs after
     the shares of the buckets before it, unsorted. Every bucket holds its share at least (the
     launcher checks)."""
@@ -140,7 +146,7 @@ def _bucket_share_kernel(x_ptr, values_ptr, indices_ptr,  # pointers
                               KEY_BITS)
     extra = k % NUM_BUCKETS
     chosen, position = _bucket_top(keys, k // NUM_BUCKETS + (q < extra).to(tl.int32), KEY_BITS, DIGIT_BITS, GROUPS,
-                                   FIELD_BITS)
+                                   FIELD_BITS, COLUMNS)
     position += q * (k // NUM_BUCKETS) + tl.minimum(q, extra)
     out = row * out_row_stride + position
     # The loaded values themselves: no key to rebuild, no NaN to load again.
@@ -206,6 +212,14 @@ def _field_bits(search: str, digit_bits: int, slots: int) -> int:
     return count_fields(digit_bits, slots) if search == "digits" else 0
 
 
+def _columns(layout_id: int, slots: int, num_warps: int) -> int:
+    """``_bucket_top``'s COLUMNS: the program's threads where a bucket's slots are strided in the
+    row (interleaved, shuffled; sm_90, 16 x 14336 fp32 in 16 buckets of 4 warps: 792 -> 544
+    instructions, 44 -> 9 shuffles); 0 for contiguous buckets, whose vector loads give a thread
+    adjacent slots, so the column view would move them (664 -> 744, 9 more barriers)."""
+    return 0 if layout_id == 2 else min(32 * num_warps, next_pow2(slots))
+
+
 def _checked_buckets(name: str, x2d: torch.Tensor, num_buckets: int, layout_id: int, digit_bits: int):
     """(rows, n, slots a bucket, key bits) of x2d in ``num_buckets`` wide buckets, after the checks
     both wide kernels make of their arguments."""
@@ -237,7 +251,8 @@ class WideShareTopk:
                              SLOTS_POW2=next_pow2(slots), LAYOUT=layout_id, LARGEST=largest,
                              KEY_BITS=key_bits, DIGIT_BITS=digit_bits,
                              GROUPS=_bracket_groups(search, slots, cdiv(k, num_buckets)),
-                             FIELD_BITS=_field_bits(search, digit_bits, slots), num_warps=num_warps)
+                             FIELD_BITS=_field_bits(search, digit_bits, slots),
+                             COLUMNS=_columns(layout_id, slots, num_warps), num_warps=num_warps)
         self._rows, self._k, self._dtype, self._device = rows, k, x2d.dtype, x2d.device
 
     def __call__(self, x2d: torch.Tensor):
@@ -283,7 +298,8 @@ class WideBucketTopk:
                              NUM_BUCKETS=num_buckets, SLOTS_POW2=next_pow2(slots), KB_POW2=kb_pow2, LAYOUT=layout_id,
                              LARGEST=largest, KEY_BITS=key_bits, PACK32=packed, DIGIT_BITS=digit_bits,
                              GROUPS=_bracket_groups(search, slots, per_bucket_k),
-                             FIELD_BITS=_field_bits(search, digit_bits, slots), NETWORK=select == "bitonic",
+                             FIELD_BITS=_field_bits(search, digit_bits, slots),
+                             COLUMNS=_columns(layout_id, slots, num_warps), NETWORK=select == "bitonic",
                              CHAINED=chained, num_warps=num_warps)
         self.merge = Launch(_merge_by_rank_kernel, (rows, num_buckets), per_bucket_k=per_bucket_k, k=k,
                             entries_row_stride=survivors, x_row_stride=x2d.stride(0), out_row_stride=k,
