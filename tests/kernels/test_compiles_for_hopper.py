@@ -71,3 +71,12 @@ def test_share_kernel_sums_a_rounds_counts_once(families_output):
     (packed_round,), (separate_round,) = packed["round_loops"], separate["round_loops"]
     assert packed_round["warp_sums"] >= 1 and packed_round["shuffles"] < separate_round["shuffles"]
     assert packed_round["instructions"] < separate_round["instructions"]
+
+
+def test_share_kernel_compacts_with_one_scan(families_output):
+    """A wide bucket's strided slots lie in a thread as keys t, t + threads, ...: numbering the
+    chosen column by column of that view takes one scan over the threads, where a prefix sum
+    over the slots took a warp-wide scan per register (44 shuffles in the whole kernel at 8 keys
+    a thread, 9 now)."""
+    (share,) = _launches(families_output, "wide buckets fp32, k=1434 of 14336, 16 shares, counts sharing an int32")
+    assert share["shuffles"] < 20
