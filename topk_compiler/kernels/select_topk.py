@@ -314,12 +314,20 @@ def compact_positions(keys, threshold, need, above_base, tied_base):
     each; blocks hold at most 2**15 candidates)."""
     above = keys > threshold
     tied = keys == threshold
-    packed = tl.cumsum(above.to(tl.int32) + (tied.to(tl.int32) << 16), axis=0)
-    above_before = above_base + (packed & 0xFFFF) - above.to(tl.int32)
-    tied_before = tied_base + (packed >> 16) - tied.to(tl.int32)
-    chosen = above | (tied & (tied_before < need))
-    position = above_before + tl.minimum(tied_before, need)
+    packed = above.to(tl.int32) + (tied.to(tl.int32) << 16)
+    chosen, position = _chosen_and_position(above, tied, tl.cumsum(packed, axis=0) - packed, need, above_base,
+                                            tied_base)
     return chosen, position, tl.sum(above.to(tl.int32), axis=0), tl.sum(tied.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _chosen_and_position(above, tied, before, need, above_base, tied_base):
+    """Which keys to keep and their places, from ``before``: each key's count of the keys above
+    the threshold (low 16 bits) and of its ties (high 16 bits) that come before it."""
+    above_before = above_base + (before & 0xFFFF)
+    tied_before = tied_base + (before >> 16)
+    chosen = above | (tied & (tied_before < need))
+    return chosen, above_before + tl.minimum(tied_before, need)
 
 
 @triton.jit
@@ -338,11 +346,8 @@ def compact_positions_by_column(keys, threshold, need, COLUMNS: tl.constexpr):
     packed = tl.reshape(above.to(tl.int32) + (tied.to(tl.int32) << 16), [ROWS, COLUMNS])
     column = tl.sum(packed, axis=0)
     before = tl.cumsum(packed, axis=0) - packed + (tl.cumsum(column, axis=0) - column)[None, :]
-    before = tl.reshape(before, [keys.shape[0]])
-    above_before = before & 0xFFFF
-    tied_before = before >> 16
-    chosen = above | (tied & (tied_before < need))
-    return chosen, above_before + tl.minimum(tied_before, need)
+    zero = tl.zeros([], dtype=tl.int32)
+    return _chosen_and_position(above, tied, tl.reshape(before, [keys.shape[0]]), need, zero, zero)
 
 
 @triton.jit
